@@ -1,0 +1,288 @@
+"""Every table's schema and units, the SPHEREx FLAGS bit registry, and our qc bits.
+
+This is the one place where column names, dtypes, units and descriptions are declared.
+Every stage builds its output table from these declarations (``empty(TABLE)``,
+``conform(df, TABLE)``), and the Parquet writer stores the units in the file metadata
+(``parquet_metadata(TABLE)``) so astropy and Polars readers get them.
+
+``spxframe.sim`` shares *only* the constants of this module (bit numbers, band ranges,
+file geometry) with the client: it never reuses the client's parsing code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+# --------------------------------------------------------------------------------------
+# Instrument and file constants (spec §2.4, §3.1, §5)
+# --------------------------------------------------------------------------------------
+
+NPIX: int = 2040  #: detector side, pixels
+PIXEL_SCALE_ARCSEC: float = 6.15  #: nominal pixel scale, arcsec / pixel
+EXPTIME_S: float = 113.5826  #: XPOSURE, seconds
+MJY_SR_TO_UJY_PER_ARCSEC2: float = 23.5044  #: µJy = MJy/sr × Ω[arcsec²] × 23.5044
+FULL_FILE_BYTES: int = 71_634_240  #: size of a QR2 L2 MEF
+PSF_SHAPE: tuple[int, int, int] = (121, 101, 101)  #: numpy shape of the PSF cube
+PSF_OVERSAMP: int = 10  #: PSF pixels per detector pixel
+PSF_ZONES_PER_SIDE: int = 11
+HDU_NAMES: tuple[str, ...] = ("PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE")
+PLANE_HDUS: tuple[str, ...] = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
+
+#: band -> (lambda_min µm, lambda_max µm, resolving power)   [DOC-P]
+BANDS: dict[str, tuple[float, float, float]] = {
+    "D1": (0.75, 1.09, 39.0),
+    "D2": (1.10, 1.62, 41.0),
+    "D3": (1.63, 2.41, 41.0),
+    "D4": (2.42, 3.82, 35.0),
+    "D5": (3.83, 4.41, 112.0),
+    "D6": (4.42, 5.00, 128.0),
+}
+#: detectors that see the same sky at the same time
+DETECTOR_PAIRS: dict[int, int] = {1: 4, 2: 5, 3: 6, 4: 1, 5: 2, 6: 3}
+
+COLLECTIONS: tuple[str, ...] = ("spherex_qr2", "spherex_qr2_deep", "spherex_qr2_cal")
+IRSA_URL: str = "https://irsa.ipac.caltech.edu"
+CLOUD_BUCKET: str = "nasa-irsa-spherex"
+CLOUD_URL: str = "https://nasa-irsa-spherex.s3.us-east-1.amazonaws.com"
+
+# --------------------------------------------------------------------------------------
+# FLAGS bits (spec §4.1) and our defaults (spec §4.2 consensus)
+# --------------------------------------------------------------------------------------
+
+FLAG_BITS: dict[str, int] = {
+    "TRANSIENT": 0,
+    "OVERFLOW": 1,
+    "SUR_ERROR": 2,
+    "PHANTOM": 4,
+    "REFERENCE": 5,
+    "NONFUNC": 6,
+    "DICHROIC": 7,
+    "MISSING_DATA": 9,
+    "HOT": 10,
+    "COLD": 11,
+    "FULLSAMPLE": 12,
+    "PHANMISS": 14,
+    "NONLINEAR": 15,
+    "PERSIST": 17,
+    "OUTLIER": 19,
+    "SOURCE": 21,
+}
+HARD_BAD_BITS: frozenset[int] = frozenset({0, 2, 6, 7, 9, 10, 11, 14, 15, 17})
+OPTIONAL_BAD_BITS: frozenset[int] = frozenset({1, 4, 5, 19})
+NEVER_REJECT_BITS: frozenset[int] = frozenset({12, 21})
+
+
+def bits_to_mask(bits: set[int] | frozenset[int] | list[int]) -> int:
+    """OR of ``1 << b`` over ``bits``; refuses SOURCE/FULLSAMPLE (never rejected)."""
+    bad = set(bits) & NEVER_REJECT_BITS
+    if bad:
+        raise ValueError(f"bits {sorted(bad)} (FULLSAMPLE/SOURCE) are informational and cannot be masked")
+    mask = 0
+    for b in bits:
+        if not 0 <= int(b) < 32:
+            raise ValueError(f"flag bit {b!r} out of range 0..31")
+        mask |= 1 << int(b)
+    return mask
+
+
+DEFAULT_BAD_MASK: int = bits_to_mask(HARD_BAD_BITS)
+
+# --------------------------------------------------------------------------------------
+# Our quality bits (photometry column ``qc``)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QcBit:
+    bit: int
+    name: str
+    doc: str
+
+    @property
+    def value(self) -> int:
+        return 1 << self.bit
+
+
+QC_BITS: tuple[QcBit, ...] = (
+    QcBit(0, "OFF_FILE", "the source position is outside this file's pixels; flux is NaN"),
+    QcBit(1, "APERTURE_EDGE", "the aperture crosses the file (cutout or detector) edge; missing pixels corrected by the PSF"),
+    QcBit(2, "MASKED_FRACTION", "more than max_masked_fraction of the PSF-weighted aperture is masked; flux NaN"),
+    QcBit(3, "FEW_BACKGROUND", "too few unmasked background pixels; background taken from the ZODI plane only"),
+    QcBit(4, "NAN_VARIANCE", "at least one aperture pixel had NaN variance and was masked"),
+    QcBit(5, "LEGACY_PSF_HEADER", "PSF zone cards in the legacy (VERSION 6.4-6.5.5, no +psffix1) order; corrected"),
+    QcBit(6, "NONPOSITIVE_FLUX", "flux <= 0: the measurement is kept, mag_ab is NaN"),
+    QcBit(7, "CUTOUT_CLIPPED", "the cutout was clipped at the detector edge (smaller than requested)"),
+    QcBit(8, "FETCH_FAILED", "the file could not be fetched; flux is NaN (see manifest error)"),
+    QcBit(9, "SATURATED", "an aperture pixel carries OVERFLOW (bit 1)"),
+    QcBit(10, "NO_PSF", "no usable PSF zone; aperture correction is NaN and flux NaN"),
+    QcBit(11, "READ_ERROR", "the file could not be read or is not a SPHEREx L2 file; flux is NaN"),
+)
+QC: dict[str, int] = {q.name: q.value for q in QC_BITS}
+
+
+def describe_qc(value: int) -> list[str]:
+    """Names of the qc bits set in ``value``."""
+    return [q.name for q in QC_BITS if int(value) & q.value]
+
+
+# --------------------------------------------------------------------------------------
+# Table schemas
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: Any  # a polars dtype
+    unit: str | None
+    description: str
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    key: tuple[str, ...]
+    columns: tuple[Column, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        return {c.name: c.dtype for c in self.columns}
+
+    def __getitem__(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+C = Column
+F64, F32, I64, I32, I16, I8, U32, STR, BOOL = (
+    pl.Float64, pl.Float32, pl.Int64, pl.Int32, pl.Int16, pl.Int8, pl.UInt32, pl.Utf8, pl.Boolean,
+)
+
+OBSERVATIONS = Table(
+    "observations",
+    ("obs_id", "detector"),
+    (
+        C("obs_id", STR, None, "observation id, e.g. 2025W18_2B_0001_1 (no detector)"),
+        C("detector", I8, None, "detector number 1-6"),
+        C("band", STR, None, "D1..D6"),
+        C("collection", STR, None, "obs_collection, e.g. spherex_qr2 or spherex_qr2_deep"),
+        C("obs_publisher_did", STR, None, "ivo://irsa.ipac/<collection>?<obs_id>/D<n>"),
+        C("t_min", F64, "d", "exposure start, MJD (UTC)"),
+        C("t_max", F64, "d", "exposure end, MJD (UTC)"),
+        C("mjd_mid", F64, "d", "mid-exposure, MJD (UTC)"),
+        C("exptime", F64, "s", "exposure time"),
+        C("em_min", F64, "um", "shortest wavelength on the detector"),
+        C("em_max", F64, "um", "longest wavelength on the detector"),
+        C("s_ra", F64, "deg", "field centre RA (ICRS)"),
+        C("s_dec", F64, "deg", "field centre Dec (ICRS)"),
+        C("s_region", STR, None, "footprint, STC-S POLYGON ICRS of the outer pixel corners"),
+        C("file_url", STR, None, "IBE URL of the full L2 MEF"),
+        C("cloud_key", STR, None, "key of the file in the public cloud bucket (may be empty when the copy lags)"),
+        C("size", I64, "byte", "file size"),
+        C("checksum", STR, None, "MD5 of the file as the archive reports it (may be empty)"),
+    ),
+)
+
+MANIFEST = Table(
+    "manifest",
+    ("source_id", "obs_id", "detector"),
+    (
+        C("source_id", STR, None, "catalog source id (as text; the catalog's dtype is restored on output)"),
+        C("obs_id", STR, None, "observation id"),
+        C("detector", I8, None, "detector number 1-6"),
+        C("band", STR, None, "D1..D6"),
+        C("ra", F64, "deg", "source RA used for planning"),
+        C("dec", F64, "deg", "source Dec used for planning"),
+        C("x_parent", F64, "pix", "predicted zero-based x in the parent (full) image"),
+        C("y_parent", F64, "pix", "predicted zero-based y in the parent (full) image"),
+        C("access", STR, None, "cutout | range | full"),
+        C("request_id", STR, None, "id of the transfer this row's pixels come from (shared by rows of one transfer)"),
+        C("url", STR, None, "the exact request URL (IBE cutout, cloud object or full file)"),
+        C("ranges", STR, None, "JSON list of [start, stop) byte ranges for access=range, else empty"),
+        C("box_x0", I32, "pix", "zero-based first column of the planned box in the parent image"),
+        C("box_y0", I32, "pix", "zero-based first row of the planned box in the parent image"),
+        C("box_nx", I32, "pix", "planned box width (after clipping to the detector)"),
+        C("box_ny", I32, "pix", "planned box height (after clipping to the detector)"),
+        C("clipped", BOOL, None, "the requested box was clipped at the detector edge"),
+        C("psf_key", STR, None, "cache key of the PSF cube (detector + calibration version) for range reads"),
+        C("predicted_bytes", I64, "byte", "predicted transfer size of this row's request (shared requests counted once per request_id)"),
+        C("path", STR, None, "local file path once fetched"),
+        C("status", STR, None, "planned | done | failed"),
+        C("bytes", I64, "byte", "bytes transferred for the request"),
+        C("attempts", I32, None, "transfer attempts made"),
+        C("error", STR, None, "last error text for failed transfers"),
+    ),
+)
+
+PHOTOMETRY = Table(
+    "photometry",
+    ("source_id", "obs_id", "detector"),
+    (
+        C("source_id", STR, None, "catalog source id"),
+        C("obs_id", STR, None, "observation id"),
+        C("detector", I8, None, "detector number 1-6"),
+        C("band", STR, None, "D1..D6"),
+        C("mjd", F64, "d", "mid-exposure time, MJD (UTC)"),
+        C("bjd_tdb", F64, "d", "barycentric mid-exposure time, BJD (TDB); from the spacecraft position X_SC/Y_SC/Z_SC when in the header, else from the Earth's position"),
+        C("wavelength", F64, "um", "central wavelength at the source's parent pixel (WCS-WAVE)"),
+        C("bandwidth", F64, "um", "bandwidth at the source's parent pixel (WCS-WAVE)"),
+        C("x", F64, "pix", "zero-based x of the source in the measured file"),
+        C("y", F64, "pix", "zero-based y of the source in the measured file"),
+        C("flux", F64, "uJy", "total point-source flux density (aperture-corrected, background-subtracted)"),
+        C("flux_err", F64, "uJy", "1-sigma error of flux, from VARIANCE and the background error"),
+        C("snr", F64, None, "flux / flux_err"),
+        C("mag_ab", F64, "mag", "AB magnitude (NaN when flux <= 0)"),
+        C("mag_ab_err", F64, "mag", "1-sigma error of mag_ab"),
+        C("background", F64, "MJy/sr", "local background residual per pixel after the scaled ZODI model"),
+        C("background_err", F64, "MJy/sr", "error of the background per pixel"),
+        C("zodi_scale", F64, None, "fitted scale of the ZODI plane to the local sky"),
+        C("aperture_radius", F64, "pix", "aperture radius"),
+        C("aperture_correction", F64, None, "total / (unmasked aperture) PSF fraction applied to the aperture sum"),
+        C("masked_fraction", F64, None, "PSF-weighted fraction of the aperture that was masked"),
+        C("pixel_area", F64, "arcsec2", "pixel solid angle at the source"),
+        C("flags", I64, None, "SPHEREx FLAGS bits OR-ed over the aperture"),
+        C("qc", I32, None, "spxframe quality bits (see spxframe.schema.QC_BITS)"),
+        C("file", STR, None, "path of the measured file"),
+    ),
+)
+
+TABLES: dict[str, Table] = {t.name: t for t in (OBSERVATIONS, MANIFEST, PHOTOMETRY)}
+
+
+def empty(table: Table) -> pl.DataFrame:
+    """An empty DataFrame with the table's columns and dtypes."""
+    return pl.DataFrame(schema=table.schema)
+
+
+def conform(df: pl.DataFrame, table: Table, *, extra: bool = True) -> pl.DataFrame:
+    """Cast ``df`` to ``table``'s dtypes, add missing columns as nulls, order columns.
+
+    Columns not in the schema are kept at the end when ``extra`` (user columns ride along).
+    """
+    exprs = []
+    for c in table.columns:
+        if c.name in df.columns:
+            exprs.append(pl.col(c.name).cast(c.dtype, strict=False))
+        else:
+            exprs.append(pl.lit(None, dtype=c.dtype).alias(c.name))
+    others = [n for n in df.columns if n not in table.names] if extra else []
+    return df.select(exprs + [pl.col(n) for n in others])
+
+
+def parquet_metadata(table: Table) -> dict[bytes, bytes]:
+    """Key-value metadata for a Parquet file: units and descriptions per column."""
+    cols = {c.name: {"unit": c.unit, "description": c.description} for c in table.columns}
+    meta = {"table": table.name, "key": list(table.key), "columns": cols,
+            "qc_bits": {q.name: {"bit": q.bit, "doc": q.doc} for q in QC_BITS},
+            "flag_bits": FLAG_BITS}
+    return {b"spxframe": json.dumps(meta).encode()}

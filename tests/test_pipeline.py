@@ -1,0 +1,172 @@
+"""lightcurves() end to end against the simulated archive: outputs, truth, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import spxframe
+from spxframe import schema
+from spxframe.errors import ArchiveUnreachable, InputError
+
+TRANSFER_ENDPOINTS = {"ibe_file", "ibe_cutout", "cloud"}
+
+
+def patch_catalog(universe, n: int, *, field: str | None = None) -> pl.DataFrame:
+    """``n`` simulated sources nearest the centre of a wide field (they share images)."""
+    src = universe.sources
+    if field is None:
+        field = [f for f in src["field"].unique().sort().to_list() if f != "deep"][0]
+    cat = universe.catalog().join(src.select("source_id", "field", "var_class"), on="source_id")
+    cat = cat.filter(pl.col("field") == field)
+    ra0, dec0 = float(cat["ra"].median()), float(cat["dec"].median())
+    d2 = ((cat["ra"] - ra0) * np.cos(np.radians(dec0))) ** 2 + (cat["dec"] - dec0) ** 2
+    return cat.with_columns(d2.alias("_d")).sort("_d").head(n).drop("_d", "field")
+
+
+def transfers(archive) -> list[dict]:
+    return [r for r in archive.log if r.get("endpoint") in TRANSFER_ENDPOINTS]
+
+
+@pytest.fixture(scope="module")
+def run(archive, universe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cat = patch_catalog(universe, 60).with_columns(pl.lit("kept").alias("my_note"))
+    archive.clear_log()
+    phot = spxframe.lightcurves(cat, "200px", archive=archive, output_dir=out, progress=False, plots=3)
+    return {"out": out, "cat": cat, "phot": phot, "log": list(archive.log)}
+
+
+def test_outputs_written_with_units(run):
+    out = run["out"]
+    for name in ("observations.parquet", "manifest.parquet", "photometry.parquet", "run.json",
+                 "results/query_summary.json", "plots/summary.png"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "plots").glob("source_*.png"))) == 3
+    from spxframe.results import to_qtable, units_from_parquet
+
+    units = units_from_parquet(out / "photometry.parquet")
+    assert units["flux"] == "uJy" and units["wavelength"] == "um" and units["mjd"] == "d"
+    qt = to_qtable(out)
+    assert str(qt["flux"].unit) == "uJy"
+    summary = json.loads((out / "results/query_summary.json").read_text())
+    assert summary["total_size_gb"] > 0 and set(summary["band_sizes"]) == set(schema.BANDS)
+    assert summary["n_sources"] == run["cat"].height
+    runinfo = json.loads((out / "run.json").read_text())
+    assert runinfo["versions"]["spxframe"] == spxframe.__version__
+    assert runinfo["parameters"]["cutout_size"] == "200,200px"
+    assert runinfo["bytes_transferred_this_run"] > 0
+
+
+def test_one_row_per_planned_measurement(run):
+    phot, out = run["phot"], run["out"]
+    man = pl.read_parquet(out / "manifest.parquet")
+    assert phot.height == man.height  # nothing lost: every planned (source, obs, det) has a row
+    assert phot.select("source_id", "obs_id", "detector").is_unique().all()
+    assert phot["source_id"].dtype == run["cat"]["source_id"].dtype  # the user's dtype is restored
+    assert (phot["my_note"] == "kept").all()  # user columns ride along
+    on_disk = pl.read_parquet(out / "photometry.parquet")
+    assert on_disk.height == phot.height
+    keys = on_disk.select("source_id", "mjd").rows()
+    assert keys == sorted(keys)  # sorted by source, then time
+
+
+def test_fluxes_match_truth(run, universe):
+    ok = run["phot"].filter(pl.col("flux").is_not_nan() & (pl.col("qc") & schema.QC["MASKED_FRACTION"] == 0))
+    assert ok.height > 0.8 * run["phot"].height
+    truth = universe.truth_flux(ok["source_id"].to_numpy(), ok["wavelength"].to_numpy(), ok["mjd"].to_numpy())
+    flux, err = ok["flux"].to_numpy(), ok["flux_err"].to_numpy()
+    clean = (ok["flags"].to_numpy() & schema.DEFAULT_BAD_MASK) == 0
+    pull = ((flux - truth) / err)[clean]
+    med = np.median(pull)
+    width = 1.4826 * np.median(np.abs(pull - med))
+    assert abs(med) < 0.2 and 0.8 < width < 1.3, (med, width)
+    bright = clean & (truth > 50 * err)
+    if bright.sum() > 10:
+        assert abs(np.median(flux[bright] / truth[bright]) - 1) < 0.02
+
+
+def test_rerun_makes_no_transfers(run, archive):
+    archive.clear_log()
+    again = spxframe.lightcurves(run["cat"], "200px", archive=archive, output_dir=run["out"], progress=False, plots=0)
+    assert archive.log == [] or transfers(archive) == []
+    assert not any(r.get("endpoint") == "tap" for r in archive.log)
+    assert again.sort("source_id", "obs_id", "detector").equals(run["phot"].sort("source_id", "obs_id", "detector"))
+
+
+def test_new_photometry_options_remeasure_without_refetch(run, archive):
+    archive.clear_log()
+    wide = spxframe.lightcurves(run["cat"], "200px", archive=archive, output_dir=run["out"],
+                                progress=False, plots=0, aperture_radius=3.0)
+    assert transfers(archive) == []
+    assert (wide["aperture_radius"].drop_nulls() == 3.0).all()
+    # put the original back for the other tests of this module
+    spxframe.lightcurves(run["cat"], "200px", archive=archive, output_dir=run["out"], progress=False, plots=0)
+
+
+@pytest.mark.parametrize("bad, word", [
+    (lambda c: c.drop("ra"), "ra"),
+    (lambda c: c.rename({"source_id": "ID"}), "source_id"),
+    (lambda c: c.with_columns(pl.when(pl.col("source_id") == pl.col("source_id").first())
+                              .then(float("nan")).otherwise(pl.col("dec")).alias("dec")), "dec"),
+    (lambda c: pl.concat([c, c.head(1)]), "duplicate"),
+    (lambda c: c.head(0), "empty"),
+])
+def test_bad_input_fails_fast_without_traffic(run, archive, tmp_path, bad, word):
+    archive.clear_log()
+    with pytest.raises(InputError) as exc:
+        spxframe.lightcurves(bad(run["cat"]), "200px", archive=archive, output_dir=tmp_path, progress=False)
+    assert word in str(exc.value).lower()
+    assert archive.log == []
+
+
+def test_bad_cutout_size_fails_fast(run, archive, tmp_path):
+    archive.clear_log()
+    with pytest.raises(ValueError, match="size"):
+        spxframe.lightcurves(run["cat"], "-3px", archive=archive, output_dir=tmp_path, progress=False)
+    assert archive.log == []
+
+
+def test_unreachable_archive_is_a_clear_error(run, tmp_path):
+    with pytest.raises(ArchiveUnreachable) as exc:
+        spxframe.lightcurves(run["cat"].head(3), "200px", archive="http://127.0.0.1:9", output_dir=tmp_path,
+                             progress=False)
+    assert "127.0.0.1:9" in str(exc.value)
+
+
+def test_interrupted_run_completes_with_identical_results(archive, universe, tmp_path):
+    cat = patch_catalog(universe, 24)
+    cat_path = tmp_path / "cat.parquet"
+    cat.write_parquet(cat_path)
+    ref = spxframe.lightcurves(cat, "200px", archive=archive, output_dir=tmp_path / "ref",
+                               progress=False, plots=0, cell_order=9)
+    out = tmp_path / "killed"
+    code = ("import spxframe, polars as pl; spxframe.lightcurves(pl.read_parquet(%r), '200px', archive=%r, "
+            "output_dir=%r, progress=False, plots=0, cell_order=9)" % (str(cat_path), archive.url, str(out)))
+    archive.faults.latency_s = 0.05  # slow enough to kill it mid-way
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "parts" / "cells").glob("*.json"))) >= 1:
+                break
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    finally:
+        archive.faults.latency_s = 0.0
+    again = spxframe.lightcurves(cat, "200px", archive=archive, output_dir=out, progress=False, plots=0,
+                                 cell_order=9)
+    cols = [c for c in ref.columns if c != "file"]
+    a = ref.select(cols).sort("source_id", "obs_id", "detector")
+    b = again.select(cols).sort("source_id", "obs_id", "detector")
+    assert a.equals(b)
+    assert not list(out.rglob("*.part"))  # no partial file survived into a finished run

@@ -21,8 +21,14 @@ from typing import Any
 log = logging.getLogger("spxframe.distributed")
 
 
-def run_cells_dask(client: Any, tasks: list, *, progress: bool = True, retries: int = 3) -> list[dict]:
-    """Run ``tasks`` (``CellTask``) on a ``dask.distributed.Client``; return their summaries."""
+def run_cells_dask(client: Any, tasks: list, *, progress: bool = True, retries: int = 3,
+                   func: Any = None) -> list[dict]:
+    """Run ``tasks`` (``CellTask``) on a ``dask.distributed.Client``; return their summaries.
+
+    ``func`` replaces :func:`spxframe.pipeline.run_cell` (fault-injection tests only).
+    A task whose worker dies is rescheduled by the scheduler; one that raises is retried
+    ``retries`` times. Either way its part is rewritten whole, so rows are never doubled.
+    """
     from dask.distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -30,7 +36,7 @@ def run_cells_dask(client: Any, tasks: list, *, progress: bool = True, retries: 
 
     if not tasks:
         return []
-    futures = client.map(run_cell, tasks, retries=retries, pure=False,
+    futures = client.map(func or run_cell, tasks, retries=retries, pure=False,
                          key=[f"spxframe-cell-{t.cell}-{t.plan_hash}-{t.measure_hash}" for t in tasks])
     summaries = []
     with tqdm(total=len(tasks), unit="cell", desc="spxframe (dask)", disable=not progress) as bar:

@@ -224,6 +224,7 @@ def lightcurves(
     cell_order: int = DEFAULT_ORDER,
     plots: int = 10,
     client: Any = None,
+    _cell_func: Any = None,
 ) -> pl.DataFrame:
     """Measure every SPHEREx L2 image of every catalog source; write and return the photometry.
 
@@ -315,7 +316,7 @@ def lightcurves(
     t0 = _time.perf_counter()
     if client is not None:
         from .distributed import run_cells_dask
-        summaries = run_cells_dask(client, tasks, progress=progress)
+        summaries = run_cells_dask(client, tasks, progress=progress, func=_cell_func)
     else:
         summaries = _run_cells_local(tasks, progress=progress)
     timings["fetch_and_measure"] = _time.perf_counter() - t0

@@ -1,0 +1,798 @@
+"""fetch(): bring the pixels a manifest asks for onto local disk, reliably and resumably.
+
+    >>> fetched = spxframe.fetch(manifest, cache_dir="run/")     # manifest from spxframe.plan()
+
+Three access methods (manifest column ``access``):
+
+- ``cutout``: GET the planned IBE cutout URL (requests, streamed to disk);
+- ``range``: byte-range reads of the cloud copy through fsspec HTTP: headers, the rows of
+  IMAGE/FLAGS/VARIANCE/ZODI covering each box (coalesced per file), WCS-WAVE; a local cutout is
+  written with the same HDUs and header changes as an IBE cutout, except the PSF HDU, which keeps
+  its header but no data and points (``PSFFILE``) at ``psf/<psf_key>.fits``, fetched once per key;
+- ``full``: the whole file, streamed to disk (MD5-checked when the archive gives one).
+
+Local layout (relative to ``cache_dir``)::
+
+    data/D<n>/<obs_id>D<n>_x<x0>_y<y0>_<nx>x<ny>.fits   cutout / range (planned box, parent pixels)
+    data/D<n>/<obs_id>D<n>_full.fits                      full file
+    psf/<psf_key>.fits                                    PSF cube (range reads)
+    <file>.ok                                             JSON sidecar written after verification
+    <file>.<pid>.<token>.part                             transfer in progress (never trusted)
+
+A file only reaches its final name after verification (size, FITS blocks, END cards, the seven
+HDUs, MD5 for full files); the ``.ok`` sidecar follows. Reruns skip verified files and clean
+stale ``.part`` files. A transfer that fails after its retry budget marks its rows
+``status='failed'`` with the error; only input/programming errors raise.
+
+Sizes are bytes, times seconds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from . import __version__, schema
+from .errors import FileFormatError, InputError
+from .rangeread import (BLOCK, PLANES, REQUIRED_HDUS, Box, ByteStore, HDU, box_row_ranges, build_cutout,
+                        coalesce, header_length, header_windows, hdu_from, padded, psf_file_bytes,
+                        quick_check, scan_fits)
+from .transfer import (Cancelled, HostLimiter, Limiters, RangeClient, RetryPolicy, TransferError,
+                       call_with_retries, default_session, pid_alive, stream_to_file)
+
+log = logging.getLogger("spxframe.fetch")
+
+USER_AGENT = f"spxframe/{__version__}"
+OBS_ID_RE = re.compile(r"^\d{4}W\d{2}_\d[A-Z]_\d{4}_\d{1,2}$")
+PSF_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_VERSION_DIR_RE = re.compile(r"/(l2b-v[0-9A-Za-z.+-]+)/")
+ACCESS = ("cutout", "range", "full")
+HEAD_BYTES = 16 * BLOCK          # first read of a range file: PRIMARY + IMAGE header (7-8 blocks)
+TAIL_BYTES = 8 * BLOCK           # last read: the WCS-WAVE header and table
+STALE_PART_S = 24 * 3600.0       # .part files older than this are removed whoever wrote them
+
+
+# --------------------------------------------------------------------------------------
+# names
+# --------------------------------------------------------------------------------------
+
+
+def local_name(obs_id: str, detector: int, box: Box | None = None, *, full: bool = False,
+               request: str | None = None) -> str:
+    """Path of a fetched file relative to ``cache_dir`` (POSIX separators).
+
+    ``obs_id`` must match the SPHEREx format (``2025W18_2B_0001_1``) and ``detector`` be 1-6, so
+    nothing the archive sends can escape ``cache_dir``. Without a box (and not full) the name
+    carries a hash of ``request``. Raises :class:`InputError`."""
+    obs_id = str(obs_id)
+    if not OBS_ID_RE.match(obs_id):
+        raise InputError(f"obs_id {obs_id!r} does not look like a SPHEREx observation id (YYYYWww_NX_LLLL_S)")
+    try:
+        det = int(detector)
+    except (TypeError, ValueError):
+        raise InputError(f"detector {detector!r} is not 1-6") from None
+    if not 1 <= det <= 6:
+        raise InputError(f"detector {detector!r} is not 1-6")
+    stem = f"{obs_id}D{det}"
+    if full:
+        name = f"{stem}_full.fits"
+    elif box is not None:
+        vals = (box.x0, box.y0, box.nx, box.ny)
+        if any(int(v) != v for v in vals) or box.x0 < 0 or box.y0 < 0 or box.nx <= 0 or box.ny <= 0 \
+                or max(vals) > 10**6:
+            raise InputError(f"bad pixel box {vals} for {stem}")
+        name = f"{stem}_x{box.x0}_y{box.y0}_{box.nx}x{box.ny}.fits"
+    else:
+        h = hashlib.sha1((request or "").encode()).hexdigest()[:16]
+        name = f"{stem}_req{h}.fits"
+    return f"data/D{det}/{name}"
+
+
+def psf_name(psf_key: str) -> str:
+    """Path of a cached PSF cube relative to ``cache_dir``; ``psf_key`` is validated."""
+    if not PSF_KEY_RE.match(psf_key or "") or ".." in psf_key:
+        raise InputError(f"psf_key {psf_key!r} is not a safe cache key")
+    return f"psf/{psf_key}.fits"
+
+
+def _inside(root: str, rel: str) -> str:
+    path = os.path.realpath(os.path.join(root, rel))
+    if not path.startswith(os.path.realpath(root) + os.sep):
+        raise InputError(f"{rel!r} would escape cache_dir {root!r}")
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# verified files: sidecars and temporary files
+# --------------------------------------------------------------------------------------
+
+
+def _sidecar(path: str) -> str:
+    return path + ".ok"
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}.{os.getpid()}.{secrets.token_hex(4)}.part"
+
+
+def _file_md5(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mark_ok(path: str, request: dict[str, Any], md5: str | None = None) -> None:
+    """Write the JSON sidecar of a verified file (atomically)."""
+    info = {"size": os.path.getsize(path), "md5": md5, "request": request,
+            "spxframe": __version__, "time": time.time()}
+    _atomic_write(_sidecar(path), json.dumps(info, sort_keys=True).encode())
+
+
+def is_verified(path: str, *, required: tuple[str, ...] = REQUIRED_HDUS, md5: str | None = None,
+                request: dict[str, Any] | None = None) -> bool:
+    """Whether ``path`` is a complete, verified file. With a sidecar: size and first card
+    (cheap). Without (e.g. killed between rename and sidecar): a full structural check (and
+    MD5 when ``md5`` is given), after which the sidecar is written."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(_sidecar(path), "rb") as f:
+            info = json.loads(f.read())
+        ok = quick_check(path, int(info["size"]))
+        if ok and md5 and info.get("md5") and info["md5"].lower() != md5.lower():
+            ok = False
+        if ok:
+            return True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        scan_fits(path, required=required)
+        digest = _file_md5(path) if md5 else None
+        if md5 and digest != md5.lower():
+            log.warning("%s: MD5 %s differs from the archive's %s; refetching", path, digest, md5)
+            return False
+    except FileFormatError as e:
+        log.warning("cached file rejected (%s); refetching", e)
+        return False
+    _mark_ok(path, request or {}, digest)
+    return True
+
+
+def clean_stale_parts(directory: str) -> int:
+    """Remove ``*.part`` files in ``directory`` left by dead processes (or older than a day).
+    Returns how many were removed."""
+    n = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    now = time.time()
+    for name in names:
+        if not name.endswith(".part"):
+            continue
+        p = os.path.join(directory, name)
+        parts = name.split(".")
+        try:
+            pid = int(parts[-3])
+        except (IndexError, ValueError):
+            pid = -1
+        try:
+            old = now - os.path.getmtime(p) > STALE_PART_S
+        except OSError:
+            continue
+        if pid == os.getpid():
+            continue
+        if old or pid <= 0 or not pid_alive(pid):
+            try:
+                os.unlink(p)
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
+# --------------------------------------------------------------------------------------
+# tasks
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One local file: its path (absolute and relative), the box and the manifest rows it serves."""
+
+    rel: str
+    path: str
+    box: Box | None
+    rows: list[int]
+    request: dict[str, Any]
+
+
+@dataclass
+class Task:
+    """One transfer: a URL (one file or cutout) and the local files made from it."""
+
+    access: str
+    url: str
+    obs_id: str
+    detector: int
+    targets: list[Target]
+    psf_key: str | None = None
+    size: int | None = None
+    md5: str | None = None
+    need_psf: bool = False
+    # results
+    bytes: int = 0
+    attempts: int = 0
+    errors: dict[str, str] = field(default_factory=dict)   # rel -> error text
+    done: set[str] = field(default_factory=set)            # rel of targets written
+
+    @property
+    def rows(self) -> list[int]:
+        return sorted(r for t in self.targets for r in t.rows)
+
+
+def _as_int(v: Any) -> int | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    if f != f:
+        return None
+    return int(round(f))
+
+
+def _row_box(r: dict[str, Any]) -> Box | None:
+    vals = [_as_int(r.get(k)) for k in ("box_x0", "box_y0", "box_nx", "box_ny")]
+    if any(v is None for v in vals):
+        return None
+    return Box(*vals)  # type: ignore[arg-type]
+
+
+def _default_psf_key(detector: int, url: str) -> str | None:
+    m = _VERSION_DIR_RE.search(url)
+    return f"D{int(detector)}_{m.group(1)}" if m else None
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="file", desc="fetch", leave=True)
+        self.nbytes = 0
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.nbytes += n
+            if self.bar is not None and time.monotonic() - self._last > 0.5:
+                self._last = time.monotonic()
+                self.bar.set_postfix_str(f"{self.nbytes / 1e6:.1f} MB", refresh=False)
+
+    def file_done(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.nbytes / 1e6:.1f} MB", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Fetcher:
+    def __init__(self, cache_dir: str, *, session: Any, fs: Any, policy: RetryPolicy,
+                 limiters: Limiters, timeout: tuple[float, float], progress: _Progress,
+                 max_gap: int) -> None:
+        self.cache_dir, self.session, self.fs, self.policy = cache_dir, session, fs, policy
+        self.limiters, self.timeout, self.progress, self.max_gap = limiters, timeout, progress, max_gap
+        self.stop = threading.Event()
+        self._psf_locks: dict[str, threading.Lock] = {}
+        self._psf_guard = threading.Lock()
+        self._layout_guess: dict[str, dict[str, int]] = {}
+
+    # ---- per task -----------------------------------------------------------------
+
+    def run(self, task: Task) -> Task:
+        counter = [0]
+
+        def on_bytes(n: int) -> None:
+            counter[0] += n
+            self.progress.add_bytes(n)
+
+        try:
+            if task.access == "range":
+                self._range(task, on_bytes)
+            else:
+                self._get(task, on_bytes)
+        except Cancelled:
+            for t in task.targets:
+                task.errors.setdefault(t.rel, "cancelled")
+        except TransferError as e:
+            task.attempts = max(task.attempts, getattr(e, "attempts", 1))
+            for t in task.targets:
+                if t.rel not in task.done:
+                    task.errors[t.rel] = str(e)
+        except (FileFormatError, InputError, OSError, KeyError, ValueError) as e:
+            for t in task.targets:
+                if t.rel not in task.done:
+                    task.errors[t.rel] = f"{type(e).__name__}: {e}"
+            log.warning("%s: %s", task.url, e)
+        task.bytes = counter[0]
+        for rel, err in task.errors.items():
+            log.warning("failed %s (%s): %s", rel, task.url, err)
+        return task
+
+    def _get(self, task: Task, on_bytes) -> None:
+        """cutout / full: one streamed GET, verified, then renamed into place."""
+        target = task.targets[0]
+        kind = "cutout" if task.access == "cutout" else "data"
+        limiter = self.limiters.get(task.url, kind)
+        tmp = _tmp_name(target.path)
+        md5 = [None]
+
+        def attempt(n: int):
+            dl = stream_to_file(self.session, task.url, tmp, timeout=self.timeout, stop=self.stop,
+                                on_bytes=on_bytes)
+            with open(tmp, "rb") as f:
+                magic = f.read(2)
+            if magic == b"\x1f\x8b":  # gzip body despite gzip=false
+                dec = tmp + ".gz.part"
+                with gzip.open(tmp, "rb") as fi, open(dec, "wb") as fo:
+                    shutil.copyfileobj(fi, fo, 1 << 20)
+                os.replace(dec, tmp)
+            digest = dl.md5 if magic != b"\x1f\x8b" else _file_md5(tmp)
+            if task.access == "full":
+                if task.size and os.path.getsize(tmp) != task.size:
+                    raise TransferError(f"size {os.path.getsize(tmp)} != archive size {task.size} for {task.url}",
+                                        transient=True)
+                if task.md5 and digest != task.md5.lower():
+                    raise TransferError(f"MD5 {digest} != archive MD5 {task.md5} for {task.url}", transient=True)
+            try:
+                scan_fits(tmp)
+            except FileFormatError as e:
+                raise TransferError(f"bad FITS from {task.url}: {e}", transient=True) from e
+            md5[0] = digest
+            return dl
+
+        try:
+            _, task.attempts = call_with_retries(attempt, policy=self.policy, limiter=limiter,
+                                                 stop=self.stop, what=task.url)
+            os.replace(tmp, target.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _mark_ok(target.path, target.request, md5[0])
+        task.done.add(target.rel)
+
+    # ---- range reads ----------------------------------------------------------------
+
+    def _psf_lock(self, key: str) -> threading.Lock:
+        with self._psf_guard:
+            return self._psf_locks.setdefault(key, threading.Lock())
+
+    def _range(self, task: Task, on_bytes) -> None:
+        rc = RangeClient(self.fs, policy=self.policy, limiters=self.limiters, stop=self.stop, on_bytes=on_bytes)
+        url = task.url
+        chunks: dict[tuple[int, int], bytes] = {}
+
+        def read(ranges: list[tuple[int, int]]) -> tuple[list[bytes], int | None]:
+            data, total, att = rc.read(url, ranges)
+            task.attempts = max(task.attempts, att)
+            for r, d in zip(ranges, data):
+                chunks[r] = d
+            return data, total
+
+        # round 1: PRIMARY + IMAGE headers
+        (head,), total = read([(0, HEAD_BYTES)])
+        if total is None:
+            raise TransferError(f"no Content-Range total size from {url}", transient=False)
+        layout: list[HDU] = []
+        pos = 0
+        while len(layout) < 2:
+            h = self._hdu_at(pos, len(layout), chunks, read, total)
+            layout.append(h)
+            pos = h.next_offset
+        # round 2: speculative windows for the later headers + the tail (WCS-WAVE)
+        guess = self._layout_guess.get(task.psf_key or "", {})
+        wins = header_windows(layout, guesses=guess)
+        wins = [(s, min(e, total)) for s, e in wins if s < total]
+        wins.append((max(pos, total - TAIL_BYTES), total))
+        read(sorted(set(wins)))
+        while pos < total:
+            h = self._hdu_at(pos, len(layout), chunks, read, total)
+            layout.append(h)
+            pos = h.next_offset
+        if pos != total:
+            raise FileFormatError(f"{url}: HDUs end at byte {pos}, file has {total}")
+        names = [h.extname for h in layout]
+        missing = [n for n in REQUIRED_HDUS if n not in names]
+        if missing:
+            raise FileFormatError(f"{url}: missing HDUs {missing} (found {names})")
+        if task.psf_key:
+            self._layout_guess[task.psf_key] = {h.extname: len(h.header) // BLOCK for h in layout[2:]}
+        by = {h.extname: h for h in layout}
+        img = by["IMAGE"]
+        width, height = img.shape[:2]
+        # round 3: box rows of the planes + data of small HDUs not yet held
+        want: list[tuple[int, int]] = []
+        boxes: dict[str, Box] = {}
+        for t in task.targets:
+            assert t.box is not None
+            b = t.box.clip(width, height)
+            if b.empty:
+                task.errors[t.rel] = f"box {t.box} lies outside the {width}x{height} image"
+                continue
+            boxes[t.rel] = b
+            for name in PLANES:
+                if by[name].shape[:2] != (width, height):
+                    raise FileFormatError(f"{url}: {name} shape {by[name].shape} != IMAGE {img.shape}")
+                want.extend(box_row_ranges(by[name], b))
+        store = ByteStore(chunks)
+        if boxes:
+            for h in layout:
+                if h.extname not in PLANES and h.extname != "PSF" and h.data_size:
+                    if not store.has(h.data_offset, h.next_offset):
+                        want.append((h.data_offset, h.next_offset))
+        if want:
+            read(coalesce(want, max_gap=self.max_gap))
+        store = ByteStore(chunks)
+        psf = by["PSF"]
+        psf_rel = psf_name(task.psf_key) if task.psf_key else None
+        if psf_rel is not None:
+            self._ensure_psf(task, psf, psf_rel, read)
+        for t in task.targets:
+            b = boxes.get(t.rel)
+            if b is None:
+                continue
+            data = build_cutout(layout, b, store, psffile=psf_rel or "")
+            tmp = _tmp_name(t.path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                scan_fits(tmp)
+                os.replace(tmp, t.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            _mark_ok(t.path, t.request, hashlib.md5(data).hexdigest())
+            task.done.add(t.rel)
+
+    def _hdu_at(self, pos: int, index: int, chunks: dict, read, total: int) -> HDU:
+        """The HDU header at ``pos`` from bytes already held, else read exactly (growing)."""
+        for (s, e), buf in sorted(chunks.items()):
+            if s <= pos < e:
+                h = hdu_from(buf, s, pos, index)
+                if h is not None:
+                    return h
+        n = 16 * BLOCK
+        while True:
+            stop = min(pos + n, total)
+            (buf,), _ = read([(pos, stop)])
+            h = hdu_from(buf, pos, pos, index)
+            if h is not None:
+                return h
+            if stop >= total:
+                raise FileFormatError(f"HDU {index} at byte {pos}: no END card before the end of the file")
+            n *= 4
+
+    def _ensure_psf(self, task: Task, psf: HDU, rel: str, read) -> None:
+        path = _inside(self.cache_dir, rel)
+        req = {"psf_key": task.psf_key, "url": task.url, "offset": psf.data_offset}
+        with self._psf_lock(rel):
+            if is_verified(path, required=("PRIMARY", "PSF"), request=req):
+                return
+            (data,), _ = read([(psf.data_offset, psf.next_offset)])
+            raw = psf_file_bytes(psf, data, task.psf_key or "")
+            tmp = _tmp_name(path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(raw)
+                scan_fits(tmp, required=("PRIMARY", "PSF"))
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            _mark_ok(path, req, hashlib.md5(raw).hexdigest())
+            log.info("cached PSF cube %s", rel)
+
+
+# --------------------------------------------------------------------------------------
+# public
+# --------------------------------------------------------------------------------------
+
+
+def _manifest_frame(manifest: Any) -> pl.DataFrame:
+    df = getattr(manifest, "manifest", manifest)
+    if not isinstance(df, pl.DataFrame):
+        try:
+            df = pl.DataFrame(df)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"manifest must be a polars DataFrame or have .manifest, got {type(manifest)!r}") from e
+    need = [c for c in ("obs_id", "detector", "access", "url") if c not in df.columns]
+    if need:
+        raise InputError(f"manifest lacks column(s) {need}")
+    return df
+
+
+def _extra_info(df: pl.DataFrame, observations: pl.DataFrame | None) -> pl.DataFrame:
+    """Add ``_size``/``_md5`` (archive size and checksum) from manifest or observations columns."""
+    def pick(frame: pl.DataFrame, names: tuple[str, ...]) -> str | None:
+        return next((n for n in names if n in frame.columns), None)
+
+    size_c = pick(df, ("size", "contentlength"))
+    md5_c = pick(df, ("checksum", "contentchecksum"))
+    df = df.with_columns(
+        (pl.col(size_c).cast(pl.Int64, strict=False) if size_c else pl.lit(None, pl.Int64)).alias("_size"),
+        (pl.col(md5_c).cast(pl.Utf8, strict=False) if md5_c else pl.lit(None, pl.Utf8)).alias("_md5"))
+    if observations is not None and len(observations):
+        s, m = pick(observations, ("size", "contentlength")), pick(observations, ("checksum", "contentchecksum"))
+        cols = [pl.col("obs_id").cast(pl.Utf8), pl.col("detector").cast(pl.Int64)]
+        cols.append((pl.col(s).cast(pl.Int64, strict=False) if s else pl.lit(None, pl.Int64)).alias("_osize"))
+        cols.append((pl.col(m).cast(pl.Utf8, strict=False) if m else pl.lit(None, pl.Utf8)).alias("_omd5"))
+        o = observations.select(cols).unique(["obs_id", "detector"])
+        df = (df.with_columns(pl.col("detector").cast(pl.Int64).alias("_det"))
+              .join(o.rename({"detector": "_det"}), on=["obs_id", "_det"], how="left", maintain_order="left")
+              .with_columns(pl.coalesce("_size", "_osize").alias("_size"), pl.coalesce("_md5", "_omd5").alias("_md5"))
+              .drop("_det", "_osize", "_omd5"))
+    return df
+
+
+def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int | None = None,
+          storage_options: dict[str, Any] | None = None, session: Any = None, progress: bool = True,
+          retries: int = 5, timeout: tuple[float, float] = (10.0, 120.0), backoff: float = 0.5,
+          max_backoff: float = 30.0, max_retry_after: float = 60.0, max_gap: int = 1 << 20,
+          observations: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Fetch every row of a manifest into ``cache_dir``; returns the manifest with ``path``,
+    ``status`` ('done' | 'failed'), ``bytes``, ``attempts`` and ``error`` filled.
+
+    Parameters
+    ----------
+    manifest
+        ``spxframe.plan()``'s result (an object with ``.manifest``) or the manifest DataFrame
+        (schema.MANIFEST columns; ``obs_id``, ``detector``, ``access``, ``url`` required; the
+        box columns for cutout/range; ``psf_key`` for range).
+    cache_dir
+        Root of the local files (created; must be writable, else :class:`InputError`).
+    max_concurrency
+        Cap on simultaneous requests per host and on worker threads. Default: 4 for IBE
+        cutouts (IRSA answers 503 beyond about 4), 8 for files and ranges. The limit adapts
+        (AIMD): halved on 503/429, grown back on success up to the cap.
+    storage_options
+        Passed to ``fsspec.filesystem('http', ...)`` for range reads (``headers``,
+        ``client_kwargs`` e.g. proxies/trace configs, auth). Our User-Agent and timeouts are
+        defaults that these override.
+    session
+        A ``requests.Session`` for cutout and full-file GETs (proxies, tokens, headers).
+    progress
+        Show a tqdm bar (files, MB).
+    retries
+        Retries per transfer after the first attempt (5xx, 408/429, timeouts, dropped
+        connections, short bodies, corrupt FITS). 4xx other than 408/429 fail at once.
+    timeout
+        (connect, read) timeouts in seconds.
+    backoff, max_backoff
+        Exponential backoff with jitter: about ``backoff × 2^(attempt-1)`` s, at most
+        ``max_backoff`` s.
+    max_retry_after
+        Upper bound (s) on a server's ``Retry-After``.
+    max_gap
+        Range reads: byte ranges closer than this (bytes) are merged into one request.
+    observations
+        Optional observations table (``size``/``checksum``) to check full files' size and MD5;
+        manifest columns ``size``/``checksum`` (or ``contentlength``/``contentchecksum``) also work.
+
+    ``bytes`` is the number of bytes received for a transfer (retries included), counted
+    once per transfer (on its first row; 0 on the other rows it serves and for cache hits);
+    ``attempts`` is the number of attempts of the transfer (0 for cache hits).
+    """
+    df = _manifest_frame(manifest)
+    if retries < 0 or max_gap < 0 or (max_concurrency is not None and max_concurrency < 1):
+        raise InputError("retries and max_gap must be >= 0 and max_concurrency >= 1")
+    try:
+        connect_s, read_s = (float(timeout[0]), float(timeout[1])) if isinstance(timeout, (tuple, list)) \
+            else (float(timeout), float(timeout))
+    except (TypeError, ValueError, IndexError):
+        raise InputError(f"timeout must be (connect, read) seconds, got {timeout!r}") from None
+    root = os.path.realpath(os.fspath(cache_dir))
+    try:
+        for d in ("data", "psf", *(f"data/D{i}" for i in range(1, 7))):
+            os.makedirs(os.path.join(root, d), exist_ok=True)
+        probe = os.path.join(root, f".write-test.{os.getpid()}.{secrets.token_hex(4)}.part")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"cache_dir {os.fspath(cache_dir)!r} is not writable: {e}") from e
+
+    df = _extra_info(df.with_row_index("_row"), observations)
+    rows = df.to_dicts()
+    n = len(rows)
+    out_path: list[str | None] = [None] * n
+    out_status = ["failed"] * n
+    out_bytes = [0] * n
+    out_att = [0] * n
+    out_err: list[str | None] = [None] * n
+
+    # ---- group rows into tasks ----
+    tasks: dict[tuple, Task] = {}
+    for i, r in enumerate(rows):
+        try:
+            access = str(r.get("access") or "").strip().lower()
+            url = str(r.get("url") or "")
+            if access not in ACCESS:
+                raise InputError(f"access {r.get('access')!r} is not one of {ACCESS}")
+            if not url.startswith(("http://", "https://")):
+                raise InputError(f"url {url!r} is not http(s)")
+            det = int(r["detector"])
+            box = _row_box(r)
+            if access == "full":
+                rel = local_name(r["obs_id"], det, full=True)
+                key = ("full", url)
+            elif access == "cutout":
+                rel = local_name(r["obs_id"], det, box, request=url)
+                key = ("cutout", url)
+            else:
+                if box is None:
+                    raise InputError("range row without a pixel box (box_x0/box_y0/box_nx/box_ny)")
+                rel = local_name(r["obs_id"], det, box)
+                key = ("range", url)
+            path = _inside(root, rel)
+        except InputError as e:
+            out_err[i] = str(e)
+            continue
+        t = tasks.get(key)
+        if t is None:
+            psf_key = r.get("psf_key") or (_default_psf_key(det, url) if access == "range" else None)
+            t = Task(access, url, str(r["obs_id"]), det, [], psf_key=psf_key,
+                     size=_as_int(r.get("_size")), md5=(r.get("_md5") or None))
+            tasks[key] = t
+        tgt = next((x for x in t.targets if x.rel == rel), None)
+        if tgt is None:
+            request = {"access": access, "url": url}
+            if box is not None and access != "full":
+                request["box"] = [box.x0, box.y0, box.nx, box.ny]
+            tgt = Target(rel, path, box, [], request)
+            t.targets.append(tgt)
+        tgt.rows.append(i)
+        out_path[i] = rel
+
+    for d in ("psf", *(f"data/D{i}" for i in range(1, 7))):
+        clean_stale_parts(os.path.join(root, d))
+
+    # ---- cache: keep verified files, queue the rest ----
+    todo: list[Task] = []
+    for t in tasks.values():
+        if t.access == "range" and t.psf_key:
+            try:
+                psf_path = _inside(root, psf_name(t.psf_key))
+            except InputError as e:
+                for tg in t.targets:
+                    for i in tg.rows:
+                        out_err[i] = str(e)
+                continue
+            t.need_psf = not is_verified(psf_path, required=("PRIMARY", "PSF"))
+        pending = []
+        for tg in t.targets:
+            req = REQUIRED_HDUS
+            if is_verified(tg.path, required=req, md5=t.md5 if t.access == "full" else None, request=tg.request):
+                for i in tg.rows:
+                    out_status[i] = "done"
+                    if str(rows[i].get("status") or "") == "done" and rows[i].get("path") in (tg.rel, tg.path):
+                        out_bytes[i] = int(rows[i].get("bytes") or 0)
+                        out_att[i] = int(rows[i].get("attempts") or 0)
+            else:
+                pending.append(tg)
+        if pending or t.need_psf:
+            t.targets = pending
+            todo.append(t)
+    n_cached = sum(1 for s in out_status if s == "done")
+    log.info("fetch: %d rows, %d transfers to do, %d rows already on disk", n, len(todo), n_cached)
+
+    # ---- run ----
+    if todo:
+        cutout_cap = max_concurrency or 4
+        data_cap = max_concurrency or 8
+        workers = max(cutout_cap, data_cap)
+        limiters = Limiters({"cutout": cutout_cap, "data": data_cap},
+                            {"cutout": min(cutout_cap, 4), "data": data_cap})
+        policy = RetryPolicy(retries=int(retries), backoff=float(backoff), max_backoff=float(max_backoff),
+                             max_retry_after=float(max_retry_after))
+        own_session = session is None
+        sess = session if session is not None else default_session(USER_AGENT, workers)
+        fs = None
+        if any(t.access == "range" for t in todo):
+            fs = _http_fs(storage_options, connect_s, read_s)
+        prog = _Progress(len(todo), progress)
+        fetcher = _Fetcher(root, session=sess, fs=fs, policy=policy, limiters=limiters,
+                           timeout=(connect_s, read_s), progress=prog, max_gap=int(max_gap))
+        # range tasks that need a PSF cube first, one per key, so others find it cached
+        todo.sort(key=lambda t: (not t.need_psf, t.access != "range"))
+        ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spxframe-fetch")
+        try:
+            futs = {ex.submit(fetcher.run, t) for t in todo}
+            while futs:
+                finished, futs = wait(futs, timeout=0.5, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    t = f.result()
+                    prog.file_done()
+                    for tg in t.targets:
+                        for i in sorted(tg.rows):
+                            out_att[i] = t.attempts
+                            if tg.rel in t.done:
+                                out_status[i], out_err[i] = "done", None
+                            else:
+                                out_status[i] = "failed"
+                                out_err[i] = t.errors.get(tg.rel, "not fetched")
+                    rows_t = t.rows
+                    if rows_t:
+                        out_bytes[rows_t[0]] = t.bytes
+        except BaseException:
+            fetcher.stop.set()
+            ex.shutdown(wait=True, cancel_futures=True)
+            prog.close()
+            raise
+        ex.shutdown(wait=True)
+        prog.close()
+        for lim in limiters.all():
+            log.info("%s: max concurrent %d, %d decreases, final limit %.1f", lim.name, lim.max_active,
+                     lim.decreases, lim.limit)
+        if own_session:
+            sess.close()
+
+    result = df.sort("_row").drop("_row", "_size", "_md5").with_columns(
+        pl.Series("path", [os.path.join(root, p) if p else None for p in out_path], dtype=pl.Utf8),
+        pl.Series("status", out_status, dtype=pl.Utf8),
+        pl.Series("bytes", out_bytes, dtype=pl.Int64),
+        pl.Series("attempts", out_att, dtype=pl.Int32),
+        pl.Series("error", out_err, dtype=pl.Utf8),
+    )
+    n_failed = sum(1 for s in out_status if s != "done")
+    if n_failed:
+        log.warning("fetch: %d of %d rows failed", n_failed, n)
+    return schema.conform(result, schema.MANIFEST)
+
+
+def _http_fs(storage_options: dict[str, Any] | None, connect_s: float, read_s: float) -> Any:
+    """``fsspec.filesystem('http')`` with our User-Agent and timeouts as overridable defaults."""
+    import aiohttp
+    import fsspec
+
+    so = dict(storage_options or {})
+    headers = {"User-Agent": USER_AGENT}
+    headers.update(so.pop("headers", None) or {})
+    ck = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)}
+    ck.update(so.pop("client_kwargs", None) or {})
+    so.setdefault("skip_instance_cache", True)
+    return fsspec.filesystem("http", headers=headers, client_kwargs=ck, **so)

@@ -1,0 +1,397 @@
+"""HTTP transfer machinery for :mod:`spxframe.fetch`: retry policy, per-host adaptive
+concurrency (AIMD), streamed downloads to temporary files (requests) and byte-range reads
+(fsspec HTTP / aiohttp), with errors classified as transient (retry) or permanent.
+
+Times are in seconds, sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+import requests
+
+log = logging.getLogger("spxframe.fetch")
+
+RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+OVERLOAD_STATUS = frozenset({429, 503})
+
+
+class Cancelled(Exception):
+    """The run was interrupted (Ctrl-C); transfers stop at the next chunk."""
+
+
+class TransferError(Exception):
+    """One attempt failed. ``transient`` says whether a retry may help."""
+
+    def __init__(self, message: str, *, transient: bool, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient, self.status, self.retry_after = transient, status, retry_after
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` (delta-seconds or HTTP-date) in seconds from now; None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        t = email.utils.parsedate_to_datetime(value)
+        return max(0.0, t.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def status_error(status: int, url: str, retry_after: str | None = None, body: str = "") -> TransferError:
+    """A :class:`TransferError` for an HTTP error status (5xx/408/429 transient, others not)."""
+    ra = parse_retry_after(retry_after)
+    msg = f"HTTP {status} for {url}"
+    if body:
+        msg += f": {body.strip()[:200]}"
+    return TransferError(msg, transient=status in RETRY_STATUS, status=status, retry_after=ra)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries with exponential backoff and full jitter.
+
+    ``retries``: retries after the first attempt; ``backoff``: base delay (s), doubled per
+    attempt up to ``max_backoff`` (s); ``Retry-After`` is honoured but capped at
+    ``max_retry_after`` (s)."""
+
+    retries: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_retry_after: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        d = random.uniform(0.5, 1.0) * min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        if retry_after is not None:
+            d = max(d, min(retry_after, self.max_retry_after) + random.uniform(0, 0.1))
+        return d
+
+
+class HostLimiter:
+    """Adaptive concurrency for one host (and request kind): AIMD.
+
+    At most ``floor(limit)`` requests run at once; the limit halves on 503/429 (once per
+    congestion event: only answers to requests started after the last decrease count) and
+    grows by ``1/limit`` per success (about +1 per round of successes) up to ``cap``."""
+
+    def __init__(self, cap: int, initial: float | None = None, name: str = "") -> None:
+        self.cap = max(1, int(cap))
+        self.limit = float(min(self.cap, initial if initial is not None else self.cap))
+        self.active = 0
+        self.name = name
+        self._cond = threading.Condition()
+        self._last_decrease = 0.0
+        self.decreases = 0
+        self.max_active = 0
+
+    @contextmanager
+    def slot(self, stop: threading.Event | None = None) -> Iterator[float]:
+        """Hold one request slot; yields the start time (s, monotonic)."""
+        with self._cond:
+            while self.active >= max(1, int(self.limit)):
+                if stop is not None and stop.is_set():
+                    raise Cancelled()
+                self._cond.wait(0.2)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        t0 = time.monotonic()
+        try:
+            yield t0
+        finally:
+            with self._cond:
+                self.active -= 1
+                self._cond.notify_all()
+
+    def success(self) -> None:
+        with self._cond:
+            self.limit = min(float(self.cap), self.limit + 1.0 / max(self.limit, 1.0))
+            self._cond.notify_all()
+
+    def overload(self, started: float) -> None:
+        with self._cond:
+            if started >= self._last_decrease:
+                self.limit = max(1.0, self.limit / 2.0)
+                self._last_decrease = time.monotonic()
+                self.decreases += 1
+                log.info("%s: server overloaded, concurrency limit now %d", self.name, int(self.limit))
+
+
+class Limiters:
+    """One :class:`HostLimiter` per (host, kind); ``kind`` is 'cutout' or 'data'."""
+
+    def __init__(self, caps: dict[str, int], initial: dict[str, float] | None = None) -> None:
+        self.caps, self.initial = caps, initial or {}
+        self._by: dict[tuple[str, str], HostLimiter] = {}
+        self._lock = threading.Lock()
+
+    def get(self, url: str, kind: str) -> HostLimiter:
+        host = urlsplit(url).netloc
+        with self._lock:
+            lim = self._by.get((host, kind))
+            if lim is None:
+                lim = HostLimiter(self.caps.get(kind, 4), self.initial.get(kind), f"{host} [{kind}]")
+                self._by[(host, kind)] = lim
+            return lim
+
+    def all(self) -> list[HostLimiter]:
+        return list(self._by.values())
+
+
+def call_with_retries(fn: Callable[[int], Any], *, policy: RetryPolicy, limiter: HostLimiter,
+                      stop: threading.Event, what: str) -> tuple[Any, int]:
+    """Run ``fn(attempt)`` under a limiter slot until it succeeds or the budget is spent.
+
+    Returns (result, attempts). Raises the last :class:`TransferError` (with
+    ``.attempts`` set) when attempts are exhausted or the error is permanent."""
+    attempt = 0
+    while True:
+        attempt += 1
+        if stop.is_set():
+            raise Cancelled()
+        started = time.monotonic()
+        try:
+            with limiter.slot(stop) as started:
+                result = fn(attempt)
+            limiter.success()
+            return result, attempt
+        except TransferError as e:
+            e.attempts = attempt  # type: ignore[attr-defined]
+            if e.status in OVERLOAD_STATUS:
+                limiter.overload(started)
+            if not e.transient or attempt > policy.retries:
+                raise
+            d = policy.delay(attempt, e.retry_after)
+            log.debug("%s: attempt %d failed (%s); retry in %.2f s", what, attempt, e, d)
+            if stop.wait(d):
+                raise Cancelled()
+
+
+# --------------------------------------------------------------------------------------
+# streamed GET to a temporary file (requests)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Download:
+    nbytes: int
+    md5: str
+    content_length: int | None
+    headers: dict[str, str]
+
+
+def stream_to_file(session: requests.Session, url: str, tmp: str, *, timeout: tuple[float, float],
+                   stop: threading.Event, on_bytes: Callable[[int], None] | None = None,
+                   chunk: int = 1 << 20) -> Download:
+    """One streamed GET of ``url`` into ``tmp`` (truncated first). Checks the status and that
+    the body length equals Content-Length; raises :class:`TransferError`."""
+    h = hashlib.md5()
+    n = 0
+    try:
+        with session.get(url, stream=True, timeout=timeout) as r:
+            if r.status_code >= 400:
+                body = ""
+                try:
+                    if int(r.headers.get("Content-Length") or 0) < 4096:
+                        body = r.text
+                except Exception:  # noqa: BLE001 — the body is only for the message
+                    pass
+                raise status_error(r.status_code, url, r.headers.get("Retry-After"), body)
+            if r.status_code != 200:
+                raise TransferError(f"unexpected HTTP {r.status_code} for {url}", transient=True,
+                                    status=r.status_code)
+            encoded = r.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
+            cl = r.headers.get("Content-Length")
+            clen = int(cl) if cl and cl.isdigit() and not encoded else None
+            with open(tmp, "wb") as f:
+                for block in r.iter_content(chunk):
+                    if stop.is_set():
+                        raise Cancelled()
+                    f.write(block)
+                    h.update(block)
+                    n += len(block)
+                    if on_bytes is not None:
+                        on_bytes(len(block))
+            if clen is not None and n != clen:
+                raise TransferError(f"short body from {url}: {n} of {clen} bytes", transient=True)
+            return Download(n, h.hexdigest(), clen, dict(r.headers))
+    except TransferError:
+        raise
+    except Cancelled:
+        raise
+    except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError) as e:
+        raise TransferError(f"{type(e).__name__} after {n} bytes from {url}: {e}", transient=True) from e
+    except requests.RequestException as e:
+        raise TransferError(f"{type(e).__name__} for {url}: {e}", transient=False) from e
+    except OSError as e:  # local disk: not something a retry fixes
+        raise TransferError(f"writing {tmp}: {e}", transient=False) from e
+
+
+# --------------------------------------------------------------------------------------
+# byte ranges (fsspec HTTP file system; its aiohttp session and storage_options)
+# --------------------------------------------------------------------------------------
+
+
+def _content_range_total(v: str | None) -> int | None:
+    if not v or "/" not in v:
+        return None
+    tot = v.rsplit("/", 1)[1].strip()
+    return int(tot) if tot.isdigit() else None
+
+
+async def _get_range(fs: Any, url: str, start: int, stop: int) -> tuple[bytes, int | None]:
+    """GET bytes [start, stop) through the fsspec HTTP file system's session and request
+    options. Returns (data, total file size from Content-Range or None)."""
+    import aiohttp
+
+    session = await fs.set_session()
+    kw = dict(fs.kwargs)
+    headers = dict(kw.pop("headers", None) or {})
+    headers["Range"] = f"bytes={start}-{stop - 1}"
+    try:
+        async with session.get(fs.encode_url(url), headers=headers, **kw) as r:
+            if r.status >= 400:
+                body = ""
+                if r.status < 500:
+                    try:
+                        body = (await r.read())[:300].decode("utf-8", "replace")
+                    except Exception:  # noqa: BLE001
+                        pass
+                raise status_error(r.status, url, r.headers.get("Retry-After"), body)
+            data = await r.read()
+            total = _content_range_total(r.headers.get("Content-Range"))
+            if r.status == 200:  # Range ignored: the whole object came back
+                total = len(data)
+                data = data[start:stop]
+            cl = r.headers.get("Content-Length")
+            if cl and cl.isdigit() and r.status == 206 and int(cl) != len(data):
+                raise TransferError(f"short range body from {url}: {len(data)} of {cl} bytes", transient=True)
+    except TransferError:
+        raise
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError,
+            aiohttp.ClientOSError, asyncio.TimeoutError, ConnectionError) as e:
+        raise TransferError(f"{type(e).__name__} reading bytes {start}-{stop} of {url}: {e}",
+                            transient=True) from e
+    except aiohttp.ClientError as e:
+        raise TransferError(f"{type(e).__name__} reading {url}: {e}", transient=True) from e
+    if len(data) != stop - start:
+        if total is not None and stop > total:
+            raise TransferError(f"range {start}-{stop} beyond the end of {url} ({total} bytes)",
+                                transient=False)
+        raise TransferError(f"short range from {url}: {len(data)} of {stop - start} bytes", transient=True)
+    return data, total
+
+
+class RangeClient:
+    """Byte-range reads of cloud objects through ``fsspec.filesystem('http', **storage_options)``.
+
+    ``read(url, ranges)`` fetches many ranges concurrently (at most ``parallel`` at once),
+    retries only the failed ones with backoff, and returns their bytes in order."""
+
+    def __init__(self, fs: Any, *, policy: RetryPolicy, limiters: Limiters, stop: threading.Event,
+                 on_bytes: Callable[[int], None] | None = None, parallel: int = 8) -> None:
+        self.fs, self.policy, self.limiters, self.stop = fs, policy, limiters, stop
+        self.on_bytes, self.parallel = on_bytes, parallel
+        self.requests = 0
+
+    def read(self, url: str, ranges: list[tuple[int, int]]) -> tuple[list[bytes], int | None, int]:
+        """Returns (bytes per range, file size if the server told it, attempts used)."""
+        from fsspec.asyn import sync
+
+        out: list[bytes | None] = [None] * len(ranges)
+        total: int | None = None
+        pending = list(range(len(ranges)))
+        limiter = self.limiters.get(url, "data")
+        attempt = 0
+        while pending:
+            attempt += 1
+            if self.stop.is_set():
+                raise Cancelled()
+
+            async def batch(idx: list[int]) -> list[Any]:
+                sem = asyncio.Semaphore(self.parallel)
+
+                async def one(i: int) -> Any:
+                    async with sem:
+                        return await _get_range(self.fs, url, *ranges[i])
+                return await asyncio.gather(*(one(i) for i in idx), return_exceptions=True)
+
+            with limiter.slot(self.stop) as started:
+                self.requests += len(pending)
+                res = sync(self.fs.loop, batch, pending)
+            failed: list[int] = []
+            worst: TransferError | None = None
+            for i, r in zip(pending, res):
+                if isinstance(r, BaseException):
+                    e = r if isinstance(r, TransferError) else TransferError(
+                        f"{type(r).__name__} reading {url}: {r}", transient=True)
+                    if not e.transient:
+                        e.attempts = attempt  # type: ignore[attr-defined]
+                        raise e
+                    failed.append(i)
+                    if worst is None or (e.retry_after or 0) > (worst.retry_after or 0) or e.status in OVERLOAD_STATUS:
+                        worst = e
+                else:
+                    data, tot = r
+                    out[i] = data
+                    total = tot if tot is not None else total
+                    if self.on_bytes is not None:
+                        self.on_bytes(len(data))
+            if worst is not None and worst.status in OVERLOAD_STATUS:
+                limiter.overload(started)
+            elif not failed:
+                limiter.success()
+            pending = failed
+            if pending:
+                assert worst is not None
+                if attempt > self.policy.retries:
+                    worst.attempts = attempt  # type: ignore[attr-defined]
+                    raise worst
+                d = self.policy.delay(attempt, worst.retry_after)
+                log.debug("%s: %d range(s) failed (%s); retry in %.2f s", url, len(pending), worst, d)
+                if self.stop.wait(d):
+                    raise Cancelled()
+        return [b for b in out if b is not None], total, attempt  # type: ignore[misc]
+
+
+def default_session(user_agent: str, pool: int) -> requests.Session:
+    """A requests Session with a connection pool of ``pool`` per host and our User-Agent."""
+    s = requests.Session()
+    ad = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=max(pool, 4), max_retries=0)
+    s.mount("http://", ad)
+    s.mount("https://", ad)
+    s.headers["User-Agent"] = user_agent
+    return s
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True

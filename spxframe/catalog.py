@@ -162,7 +162,7 @@ def normalize_catalog(catalog: Any) -> pl.DataFrame:
     if bad.height:
         ex = ", ".join(f"source_id={a!r}: dec={b!r}" for a, b in bad.select("source_id", "dec").head(5).iter_rows())
         raise InputError(f"column 'dec' has {bad.height} value(s) with |dec| > 90 deg, e.g. {ex}")
-    df = df.with_columns((pl.col("ra") % 360.0).alias("ra"))
+    df = df.with_columns(pl.when(pl.col("ra") % 360.0 >= 360.0).then(0.0).otherwise(pl.col("ra") % 360.0).alias("ra"))
     dup = df["source_id"].is_duplicated()
     if dup.any():
         ex = df.filter(dup)["source_id"].unique(maintain_order=True).head(5).to_list()

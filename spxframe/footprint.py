@@ -37,6 +37,7 @@ def to_radec(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors (..., 3) → (ra in [0, 360), dec) degrees."""
     v = v / np.linalg.norm(v, axis=-1, keepdims=True)
     ra = np.arctan2(v[..., 1], v[..., 0]) / D2R % 360.0
+    ra = np.where(ra >= 360.0, 0.0, ra)
     dec = np.arcsin(np.clip(v[..., 2], -1, 1)) / D2R
     return ra, dec
 

@@ -122,7 +122,8 @@ class CutoutCenter:
         if not self.pixel:
             if abs(self.b) > 90:
                 raise ValueError(f"cutout center Dec {self.b!r} deg is outside [-90, 90]")
-            object.__setattr__(self, "a", self.a % 360.0)
+            ra = self.a % 360.0
+            object.__setattr__(self, "a", 0.0 if ra >= 360.0 else ra)  # -1e-300 % 360 == 360
 
     @property
     def ra(self) -> float:

@@ -1,0 +1,174 @@
+"""Manifest rows for :func:`spxframe.plan.plan`: boxes, per-image access choice, URLs and ranges.
+
+Internal (owner: client-plan). All arrays are per (source, image) pair; pixels zero-based.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from urllib.parse import urlencode
+
+import numpy as np
+import polars as pl
+
+from . import schema
+from .footprint import Footprints
+from .plan import (BLOCK, HEADER_BYTES, NPIX, PSF_BYTES, ROW, CostModel, box_of, cutout_bytes,
+                   range_requests)
+from .sizes import CutoutCenter, CutoutSize
+
+log = logging.getLogger("spxframe.plan")
+METHODS = ("cutout", "shared", "range", "full")
+
+
+def cutout_url(file_url: str, ra: float, dec: float, nx: int, ny: int) -> str:
+    """IBE cutout URL: ``file_url?center=<ra>,<dec>&size=<nx>,<ny>px&gzip=false`` (query encoded)."""
+    q = urlencode({"center": f"{ra:.7f},{dec:.7f}", "size": f"{int(nx)},{int(ny)}px", "gzip": "false"})
+    return f"{file_url}?{q}"
+
+
+def _choose(df: pl.DataFrame, access: str, cost: CostModel) -> pl.DataFrame:
+    """Per image (``_fi``): the cheapest allowed method among cutout/shared/range/full."""
+    g = (df.sort(["_fi", "y0"])
+         .with_columns(pl.col("y1").cum_max().shift(1).over("_fi").alias("_prev"))
+         .with_columns(
+             (pl.col("y1") - pl.max_horizontal("y0", pl.col("_prev").fill_null(-1))).clip(0, None).alias("_cov"),
+             (pl.col("_prev").is_null() | (pl.col("y0") > pl.col("_prev") + cost.gap_rows)).alias("_new"))
+         .group_by("_fi").agg(
+             pl.len().alias("k"), pl.col("_cb").sum().alias("each_bytes"),
+             pl.col("x0").min().alias("bx0"), pl.col("x1").max().alias("bx1"),
+             pl.col("y0").min().alias("by0"), pl.col("y1").max().alias("by1"),
+             pl.col("_cov").sum().alias("rows"), pl.col("_new").sum().alias("spans"),
+             pl.first("_cloud"), pl.first("_psf")))
+    n_key = g.filter("_cloud").group_by("_psf").agg(pl.len().alias("_nk"))
+    g = g.join(n_key, on="_psf", how="left").with_columns(pl.col("_nk").fill_null(1))
+    k = g["k"].to_numpy()
+    shared_bytes = cutout_bytes(g["bx1"].to_numpy() - g["bx0"].to_numpy(), g["by1"].to_numpy() - g["by0"].to_numpy())
+    range_bytes = HEADER_BYTES + BLOCK + 4 * g["rows"].to_numpy() * ROW + PSF_BYTES / g["_nk"].to_numpy()
+    c = np.stack([cost.seconds(g["each_bytes"].to_numpy(), k, k),
+                  np.where(k > 1, cost.seconds(shared_bytes, 1, 1), np.inf),
+                  np.where(g["_cloud"].to_numpy(), cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy()), np.inf),
+                  cost.seconds(np.full(len(k), schema.FULL_FILE_BYTES), 1)], axis=1)
+    if access == "cutout":
+        c[:, 2:] = np.inf
+    elif access == "full":
+        c[:, :3] = np.inf
+    elif access == "range":  # images without a cloud copy fall back to the best cutout
+        cloud = g["_cloud"].to_numpy()
+        c[cloud, 0:2] = np.inf
+        c[:, 3] = np.inf
+        if (~cloud).any():
+            log.warning("%d image(s) have no cloud copy (empty cloud_key): planned as cutouts", int((~cloud).sum()))
+    return g.with_columns(pl.Series("method", np.array(METHODS)[np.argmin(c, axis=1)]))
+
+
+def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutSize | None,
+               center: CutoutCenter | None, access: str, cloud_url: str, cost: CostModel) -> pl.DataFrame:
+    """The manifest rows (MANIFEST columns; conform/sort done by the caller)."""
+    n = len(si)
+    o = obs[fi.tolist()] if n else obs.clear()
+    base = pl.DataFrame({
+        "source_id": cat["source_id"].cast(pl.Utf8).gather(si) if n else pl.Series([], dtype=pl.Utf8),
+        "obs_id": o["obs_id"], "detector": o["detector"], "band": o["band"],
+        "ra": ra, "dec": dec, "x_parent": x, "y_parent": y, "_fi": fi,
+        "_file": o["file_url"], "_ckey": o["cloud_key"].fill_null(""),
+    })
+    base = base.with_columns((pl.lit("D") + pl.col("detector").cast(pl.Utf8) + pl.lit("_")
+                              + pl.col("_file").str.extract(r"(l2b-v\d+-\d{4}-\d{3})").fill_null("unknown"))
+                             .alias("psf_key"))
+    if n == 0:
+        return base
+    if size is None:
+        return _full(base)
+    nx, ny = size.pixels()
+    if center is None:
+        cx, cy, cra, cdec = x, y, ra, dec
+    elif center.pixel:
+        cx, cy = np.full(n, center.x), np.full(n, center.y)
+        cra, cdec = fp.pixel_to_sky(fi, cx, cy)
+    else:
+        cra, cdec = np.full(n, center.ra), np.full(n, center.dec)
+        cx, cy = fp.sky_to_pixel(fi, cra, cdec)
+    bx0, by0 = box_of(np.nan_to_num(cx, nan=-1e9), nx), box_of(np.nan_to_num(cy, nan=-1e9), ny)
+    x0, x1 = np.clip(bx0, 0, NPIX), np.clip(bx0 + nx, 0, NPIX)
+    y0, y1 = np.clip(by0, 0, NPIX), np.clip(by0 + ny, 0, NPIX)
+    ok = (x1 > x0) & (y1 > y0) & np.isfinite(cx) & np.isfinite(cy)
+    base = base.with_columns(
+        pl.Series("x0", x0), pl.Series("x1", x1), pl.Series("y0", y0), pl.Series("y1", y1),
+        pl.Series("_cra", cra), pl.Series("_cdec", cdec), pl.Series("_ok", ok),
+        pl.Series("clipped", (x1 - x0 != nx) | (y1 - y0 != ny)),
+        pl.Series("_cb", cutout_bytes(x1 - x0, y1 - y0)),
+        (pl.col("_ckey") != "").alias("_cloud"), pl.col("psf_key").alias("_psf"))
+    bad = base.filter(~pl.col("_ok")).with_columns(
+        pl.lit("cutout").alias("access"), pl.lit("failed").alias("status"), pl.lit(0, pl.Int64).alias("predicted_bytes"),
+        pl.lit("cutout box does not overlap the detector (cutout_center off this image)").alias("error"))
+    good = base.filter(pl.col("_ok"))
+    choice = _choose(good, access, cost)
+    good = good.join(choice.select("_fi", "method", "bx0", "bx1", "by0", "by1"), on="_fi")
+    parts = [_cutouts(good.filter(pl.col("method") == "cutout"), nx, ny),
+             _shared(good.filter(pl.col("method") == "shared"), fp),
+             _ranges(good.filter(pl.col("method") == "range"), cloud_url, cost),
+             _full(good.filter(pl.col("method") == "full")), bad]
+    return pl.concat([schema.conform(p, schema.MANIFEST, extra=False) for p in parts], how="vertical_relaxed")
+
+
+def _image_prefix() -> pl.Expr:
+    return pl.col("obs_id") + pl.lit("D") + pl.col("detector").cast(pl.Utf8)
+
+
+def _box_cols(x0, y0, nx, ny) -> list[pl.Expr]:
+    return [x0.alias("box_x0"), y0.alias("box_y0"), nx.alias("box_nx"), ny.alias("box_ny")]
+
+
+def _cutouts(df: pl.DataFrame, nx: int, ny: int) -> pl.DataFrame:
+    urls = [cutout_url(f, r, d, nx, ny) for f, r, d in zip(df["_file"], df["_cra"], df["_cdec"])]
+    return df.with_columns(
+        pl.lit("cutout").alias("access"), pl.Series("url", urls, dtype=pl.Utf8),
+        (_image_prefix() + pl.lit(":cutout:") + pl.col("source_id")).alias("request_id"),
+        *_box_cols(pl.col("x0"), pl.col("y0"), pl.col("x1") - pl.col("x0"), pl.col("y1") - pl.col("y0")),
+        pl.col("_cb").alias("predicted_bytes"), pl.lit("").alias("ranges"), pl.lit("planned").alias("status"))
+
+
+def _shared(df: pl.DataFrame, fp: Footprints) -> pl.DataFrame:
+    if df.height == 0:
+        return df
+    bw, bh = (df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy()
+    cx, cy = df["bx0"].to_numpy() + bw // 2, df["by0"].to_numpy() + bh // 2
+    cra, cdec = fp.pixel_to_sky(df["_fi"].to_numpy(), cx.astype(float), cy.astype(float))
+    urls = [cutout_url(f, r, d, w, h) for f, r, d, w, h in zip(df["_file"], cra, cdec, bw, bh)]
+    return df.with_columns(
+        pl.lit("cutout").alias("access"), pl.Series("url", urls, dtype=pl.Utf8),
+        (_image_prefix() + pl.lit(":cutout:shared")).alias("request_id"),
+        *_box_cols(pl.col("bx0"), pl.col("by0"), pl.col("bx1") - pl.col("bx0"), pl.col("by1") - pl.col("by0")),
+        pl.Series("predicted_bytes", cutout_bytes(bw, bh)), pl.lit("").alias("ranges"),
+        pl.lit("planned").alias("status"))
+
+
+def _ranges(df: pl.DataFrame, cloud_url: str, cost: CostModel) -> pl.DataFrame:
+    if df.height == 0:
+        return df
+    per = df.group_by("_fi", maintain_order=True).agg(pl.col("y0"), pl.col("y1"), pl.first("psf_key"),
+                                                      pl.first("obs_id"))
+    seen: set[str] = set()
+    rng, nbytes = [], []
+    for y0s, y1s, key in zip(per["y0"].to_list(), per["y1"].to_list(), per["psf_key"].to_list()):
+        r = range_requests(list(zip(y0s, y1s)), cost.gap_rows)
+        rng.append(json.dumps(r, separators=(",", ":")))
+        nbytes.append(sum(b - a for a, b in r) + (0 if key in seen else PSF_BYTES))
+        seen.add(key)
+    per = pl.DataFrame({"_fi": per["_fi"], "ranges": rng, "predicted_bytes": pl.Series(nbytes, dtype=pl.Int64)})
+    return df.join(per, on="_fi").with_columns(
+        pl.lit("range").alias("access"), (pl.lit(cloud_url + "/") + pl.col("_ckey")).alias("url"),
+        (_image_prefix() + pl.lit(":range")).alias("request_id"),
+        *_box_cols(pl.col("x0"), pl.col("y0"), pl.col("x1") - pl.col("x0"), pl.col("y1") - pl.col("y0")),
+        pl.lit("planned").alias("status"))
+
+
+def _full(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_columns(
+        pl.lit("full").alias("access"), pl.col("_file").alias("url"),
+        (_image_prefix() + pl.lit(":full")).alias("request_id"),
+        *_box_cols(pl.lit(0), pl.lit(0), pl.lit(NPIX), pl.lit(NPIX)), pl.lit(False).alias("clipped"),
+        pl.lit(schema.FULL_FILE_BYTES, pl.Int64).alias("predicted_bytes"), pl.lit("").alias("ranges"),
+        pl.lit("planned").alias("status"))

@@ -1,0 +1,252 @@
+"""catalog × observations → manifest: which pixels to fetch, and how (the access cost model).
+
+:func:`plan` makes one manifest row per (source, obs_id, detector) whose footprint contains the
+source (within ``margin_px`` of the edge: measure() decides on the edge cases). The parent
+pixel comes from the footprint polygon (``spxframe.footprint``: exact for TAN, a few px with SIP),
+so the planned boxes are predictions; fetch re-derives exact boxes and offsets from the files.
+
+Access methods (CONTRACTS.md), chosen per image by predicted time = bytes / bandwidth +
+requests × request latency + cutouts × IBE server time (:class:`CostModel`):
+
+* ``cutout``: ``file_url?center=<ra>,<dec>&size=<nx>,<ny>px&gzip=false``; one request per source,
+  or one *shared* cutout covering several sources of an image when cheaper. Bytes follow
+  spec §3.8: 38 header blocks + 4 planes of the box + 4,939,200 (PSF) + 2,880 (WCS-WAVE).
+* ``range``: cloud object URL + JSON ``[start, stop)`` byte ranges under the nominal QR2 layout
+  (:data:`LAYOUT`): all header blocks, the box rows (full 2040-px width) of IMAGE, FLAGS,
+  VARIANCE and ZODI, coalesced across the image's sources, and the WCS-WAVE HDU. The PSF cube
+  (4,939,200 bytes at :data:`LAYOUT` ``['PSF'][1]``) is *not* in ``ranges``: fetch reads it once
+  per ``psf_key``; the first range request of each psf_key carries its bytes in predicted_bytes.
+* ``full``: the IBE file URL, 71,634,240 bytes, box = the whole detector.
+
+``request_id`` groups rows served by one transfer; ``predicted_bytes`` is that transfer's size
+on every row of it (sum over unique request_id for totals).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from . import schema
+from .catalog import normalize_catalog
+from .errors import InputError
+from .footprint import Footprints
+from .sizes import CutoutSize, parse_cutout_center, parse_cutout_size
+
+__all__ = ["plan", "Plan", "CostModel", "LAYOUT", "cutout_bytes", "box_of", "psf_key_of"]
+
+log = logging.getLogger("spxframe.plan")
+NPIX = schema.NPIX
+BLOCK = 2880
+ROW = NPIX * 4  #: bytes per plane row
+PLANE = NPIX * ROW
+PSF_BYTES = 4_939_200
+HEADER_BLOCKS = {"PRIMARY": 1, "IMAGE": 7, "FLAGS": 5, "VARIANCE": 4, "ZODI": 4, "PSF": 15, "WCS-WAVE": 1}
+HEADER_BYTES = BLOCK * sum(HEADER_BLOCKS.values())  # 38 blocks
+
+
+def _layout() -> dict[str, tuple[int, int, int]]:
+    out, pos = {}, 0
+    data = {"PRIMARY": 0, "IMAGE": PLANE, "FLAGS": PLANE, "VARIANCE": PLANE, "ZODI": PLANE,
+            "PSF": PSF_BYTES, "WCS-WAVE": BLOCK}
+    for h in schema.HDU_NAMES:
+        start, dstart = pos, pos + HEADER_BLOCKS[h] * BLOCK
+        pos = dstart + data[h]
+        out[h] = (start, dstart, pos)
+    assert pos == schema.FULL_FILE_BYTES
+    return out
+
+
+#: nominal QR2 layout: HDU → (header start, data start, data end) in bytes
+LAYOUT: dict[str, tuple[int, int, int]] = _layout()
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted seconds = bytes / ``bandwidth_Bps`` + requests × ``request_s`` + cutouts ×
+    ``cutout_server_s`` (IBE builds each cutout for seconds; 2 s ≈ 50 MB at 25 MB/s).
+    ``gap_rows``: range reads of two boxes less than this many rows apart are merged."""
+
+    bandwidth_Bps: float = 25e6
+    request_s: float = 0.05
+    cutout_server_s: float = 2.0
+    gap_rows: int = 32
+
+    def seconds(self, nbytes, requests, cutouts=0):
+        return np.asarray(nbytes) / self.bandwidth_Bps + np.asarray(requests) * self.request_s \
+            + np.asarray(cutouts) * self.cutout_server_s
+
+
+def cutout_bytes(nx, ny):
+    """Size in bytes of an uncompressed IBE cutout of nx × ny pixels (spec §3.8)."""
+    nx, ny = np.asarray(nx, np.int64), np.asarray(ny, np.int64)
+    return HEADER_BYTES + 4 * (-(-4 * nx * ny // BLOCK)) * BLOCK + PSF_BYTES + BLOCK
+
+
+def box_of(cx, n):
+    """First pixel of an ``n``-pixel box centred on zero-based coordinate ``cx`` (nearest pixel
+    centre ``round(cx)``; even boxes extend one more pixel below)."""
+    return np.floor(np.asarray(cx, float) + 0.5).astype(np.int64) - np.asarray(n, np.int64) // 2
+
+
+_VER = re.compile(r"(l2b-v\d+-\d{4}-\d{3})")
+
+
+def psf_key_of(url: str, detector: int) -> str:
+    """PSF cache key: ``D<det>_<processing version>`` from the file path (``l2b-vNN-YYYY-DDD``)."""
+    m = _VER.search(url or "")
+    return f"D{int(detector)}_{m.group(1) if m else 'unknown'}"
+
+
+def _merge(intervals: list[tuple[int, int]], gap: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def range_requests(row_spans: list[tuple[int, int]], gap_rows: int = 32) -> list[list[int]]:
+    """Byte ranges for parent row spans ``[y0, y1)``: headers, plane rows, WCS-WAVE (no PSF data)."""
+    spans = _merge(row_spans, gap_rows)
+    r = [(LAYOUT[h][0], LAYOUT[h][1]) for h in schema.HDU_NAMES if h != "WCS-WAVE"]
+    r.append((LAYOUT["WCS-WAVE"][0], LAYOUT["WCS-WAVE"][2]))
+    for h in schema.PLANE_HDUS:
+        d = LAYOUT[h][1]
+        r += [(d + a * ROW, d + b * ROW) for a, b in spans]
+    return _merge(r, 0)
+
+
+@dataclass
+class Plan:
+    """``manifest`` (schema.MANIFEST), ``summary`` (per access method: images, rows, requests,
+    predicted bytes and seconds), and the options used."""
+
+    manifest: pl.DataFrame
+    summary: pl.DataFrame
+    cutout_size: CutoutSize | None = None
+    access: str = "auto"
+    options: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        lines = [f"Plan: {m['source_id'].n_unique() if m.height else 0} sources, {m.height} rows, "
+                 f"{m.select(pl.struct('obs_id', 'detector').n_unique()).item() if m.height else 0} images, "
+                 f"cutout_size={self.cutout_size}, access={self.access!r}"]
+        for r in self.summary.iter_rows(named=True):
+            lines.append(f"  {r['access']:<7} images={r['images']:>7} rows={r['rows']:>8} requests={r['requests']:>8} "
+                         f"bytes={r['predicted_bytes'] / 1e6:>11.1f} MB  ~{r['predicted_seconds']:.0f} s")
+        return "\n".join(lines)
+
+
+def _observations_arg(observations: Any, matches: Any):
+    if isinstance(observations, tuple) and len(observations) == 2:
+        observations, matches = observations
+    if not isinstance(observations, pl.DataFrame):
+        try:
+            observations = pl.from_pandas(observations) if hasattr(observations, "iloc") else pl.DataFrame(observations)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"observations must be a Polars DataFrame (spxframe.observations()), got "
+                             f"{type(observations).__name__}") from exc
+    need = [c for c in ("obs_id", "detector", "s_region", "file_url") if c not in observations.columns]
+    if need:
+        raise InputError(f"observations table has no column(s) {need}; use spxframe.observations()")
+    return schema.conform(observations, schema.OBSERVATIONS, extra=False), matches
+
+
+def _pairs(cat: pl.DataFrame, obs: pl.DataFrame, fp: Footprints, matches, margin_px: float):
+    ra, dec = cat["ra"].to_numpy(), cat["dec"].to_numpy()
+    if matches is not None:
+        key = obs.select("obs_id", "detector").with_row_index("_fi")
+        m = (matches.select(pl.col("source_id").cast(pl.Utf8), "obs_id", pl.col("detector").cast(pl.Int8))
+             .join(cat.select(pl.col("source_id").cast(pl.Utf8)).with_row_index("_si"), on="source_id")
+             .join(key, on=["obs_id", "detector"]).unique(["_si", "_fi"]))
+        si, fi = m["_si"].to_numpy().astype(np.int64), m["_fi"].to_numpy().astype(np.int64)
+    else:
+        si, fi = fp.candidates(ra, dec)
+    if "pmra" in cat.columns:  # propagate proper motion to mid-exposure
+        dt = (obs["mjd_mid"].to_numpy()[fi] - (51544.5 + (cat["ref_epoch"].to_numpy()[si] - 2000.0) * 365.25)) / 365.25
+        d = dec[si] + np.nan_to_num(cat["pmdec"].to_numpy()[si] * dt / 3.6e6)
+        r = ra[si] + np.nan_to_num(cat["pmra"].to_numpy()[si] * dt / 3.6e6 / np.cos(np.radians(dec[si])))
+        ra_p, dec_p = r % 360.0, np.clip(d, -90, 90)
+    else:
+        ra_p, dec_p = ra[si], dec[si]
+    inside, x, y = fp.contains(np.arange(len(si)), fi, ra_p, dec_p, margin_px=margin_px)
+    return si[inside], fi[inside], ra_p[inside], dec_p[inside], x[inside], y[inside]
+
+
+def plan(
+    catalog: Any,
+    observations: Any,
+    *,
+    cutout_size: str | int | CutoutSize | None = "200px",
+    cutout_center: str | None = None,
+    access: str = "auto",
+    archive: Any = None,
+    matches: pl.DataFrame | None = None,
+    margin_px: float = 2.0,
+    cost: CostModel | None = None,
+) -> Plan:
+    """Plan the transfers for every (source, obs_id, detector) pair; no network traffic.
+
+    ``catalog`` as :func:`spxframe.catalog.normalize_catalog`; ``observations`` from
+    :func:`spxframe.archive.observations` (or its ``(observations, matches)`` tuple);
+    ``cutout_size`` IRSA grammar (None = full images); ``cutout_center`` ``"ra,dec"`` or
+    ``"x,ypx"`` (zero-based parent pixels) instead of each source's position; ``access``
+    ``auto|cutout|range|full``; ``archive`` only for the cloud URL; ``matches`` candidate
+    (source_id, obs_id, detector) pairs; ``margin_px`` keep sources this far outside the edge.
+    """
+    from .archive import resolve_archive
+    from ._plan_rows import build_rows
+
+    cat = normalize_catalog(catalog)
+    if access not in ("auto", "cutout", "range", "full"):
+        raise InputError(f"access={access!r}: expected one of 'auto', 'cutout', 'range', 'full'")
+    try:
+        size = None if cutout_size is None else parse_cutout_size(cutout_size)
+        center = None if cutout_center is None else parse_cutout_center(cutout_center)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if size is None and access in ("cutout", "range"):
+        raise InputError(f"access={access!r} needs a cutout_size (None means full images)")
+    obs, matches = _observations_arg(observations, matches)
+    ep = resolve_archive(archive)
+    cost = cost or CostModel()
+    fp = Footprints.from_s_region(obs["s_region"].to_list()) if obs.height else Footprints(np.zeros((0, 4, 2)))
+    si, fi, ra, dec, x, y = _pairs(cat, obs, fp, matches, margin_px)
+    manifest = build_rows(cat, obs, fp, si, fi, ra, dec, x, y, size=size, center=center, access=access,
+                          cloud_url=ep.cloud_url, cost=cost)
+    manifest = schema.conform(manifest, schema.MANIFEST, extra=False).sort(["obs_id", "detector", "source_id"])
+    n_clip = int(manifest["clipped"].sum()) if manifest.height else 0
+    if n_clip:
+        log.info("%d planned boxes are clipped at the detector edge", n_clip)
+    summary = summarize(manifest, cost)
+    log.info("plan: %d rows; %s", manifest.height, dict(zip(summary["access"], summary["predicted_bytes"])))
+    return Plan(manifest, summary, size, access, {"cutout_center": str(center) if center else None,
+                                                  "margin_px": margin_px, "cost": cost})
+
+
+def summarize(manifest: pl.DataFrame, cost: CostModel | None = None) -> pl.DataFrame:
+    """Per access method: images, rows, requests, predicted_bytes (unique request_id), predicted_seconds."""
+    cost = cost or CostModel()
+    req = manifest.filter(pl.col("status") == "planned").group_by("request_id").agg(
+        pl.first("access"), pl.first("predicted_bytes"), pl.first("ranges"))
+    n_http = req.with_columns(pl.when(pl.col("access") == "range")
+                              .then(pl.col("ranges").str.count_matches(r"\[\d").cast(pl.Int64))
+                              .otherwise(1).alias("http"))
+    rows = manifest.group_by("access").agg(pl.len().alias("rows"),
+                                          pl.struct("obs_id", "detector").n_unique().alias("images"))
+    per = n_http.group_by("access").agg(pl.col("http").sum().alias("requests"),
+                                        pl.col("predicted_bytes").sum().alias("predicted_bytes"),
+                                        (pl.col("access") == "cutout").sum().alias("_cut"))
+    out = rows.join(per, on="access", how="left").fill_null(0)
+    secs = cost.seconds(out["predicted_bytes"].to_numpy(), out["requests"].to_numpy(), out["_cut"].to_numpy())
+    return out.with_columns(pl.Series("predicted_seconds", np.asarray(secs, float))).drop("_cut") \
+        .select("access", "images", "rows", "requests", "predicted_bytes", "predicted_seconds").sort("access")

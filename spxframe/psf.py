@@ -1,0 +1,70 @@
+"""PSF zones of a SPHEREx L2 PSF extension (spec §3.6), including the legacy zone-order fix."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+_ZONE_RE = re.compile(r"\((\d+)\s*,\s*(\d+)\)")
+
+
+@dataclass
+class PsfZones:
+    """Zone centres (zero-based parent pixels) and the cube plane of each zone (corrected order)."""
+
+    xctr: np.ndarray
+    yctr: np.ndarray
+    plane: np.ndarray
+    legacy: bool
+    oversamp: int
+
+    def zone_plane(self, xp: np.ndarray, yp: np.ndarray) -> np.ndarray:
+        """Cube plane (0-based) of the nearest zone centre to zero-based parent pixels (xp, yp)."""
+        d = (np.asarray(xp)[:, None] - self.xctr[None]) ** 2 + (np.asarray(yp)[:, None] - self.yctr[None]) ** 2
+        return self.plane[np.argmin(d, axis=1)]
+
+
+def is_legacy_version(version: str | None) -> bool:
+    """True for pipeline VERSION 6.4 - 6.5.5 without '+psffix1' (spec §3.6)."""
+    if not version or "psffix" in str(version):
+        return False
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(version))
+    if not m:
+        return False
+    v = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+    return (6, 4, 0) <= v <= (6, 5, 5)
+
+
+def parse_psf_zones(h, version: str | None) -> PsfZones:
+    """Zones from XCTR_k/YCTR_k cards; planes from the '(ix, iy)' comments: plane = iy*ncols + ix.
+
+    Correct headers label card k with zone (ix, iy) where k = iy*ncols + ix + 1. Legacy headers
+    (:func:`is_legacy_version`) wrote the centre of zone (ix, iy) on card k = ix*ncols + iy + 1 while
+    plane k-1 holds zone k's PSF in the correct order, so the card number cannot be trusted; the
+    '(ix, iy)' comment and the centre can. Without parseable comments, the card number is decoded with
+    the ordering the VERSION implies.
+    """
+    xs, ys, ixs, iys, ks = [], [], [], [], []
+    k = 1
+    while f"XCTR_{k}" in h:
+        xs.append(float(h[f"XCTR_{k}"]))
+        ys.append(float(h[f"YCTR_{k}"]))
+        m = _ZONE_RE.search(h.comment(f"XCTR_{k}"))
+        ixs.append(int(m.group(1)) if m else -1)
+        iys.append(int(m.group(2)) if m else -1)
+        ks.append(k)
+        k += 1
+    n = len(xs)
+    legacy = is_legacy_version(version)
+    ncols = int(round(math.sqrt(n))) if n else 0
+    if n and min(ixs) >= 0 and min(iys) >= 0:
+        ncols = max(ixs) + 1
+        plane = np.array(iys) * ncols + np.array(ixs)
+    else:
+        kk = np.array(ks) - 1
+        plane = (kk % ncols) * ncols + kk // ncols if legacy and ncols else kk
+    return PsfZones(np.array(xs), np.array(ys), np.asarray(plane, np.int64), legacy,
+                    int(h.get("OVERSAMP", 10) or 10))

@@ -112,6 +112,10 @@ _SELECT = ("o.obs_id, o.obs_publisher_did, o.obs_collection, o.energy_bandpassna
            "a.contentchecksum")
 
 
+_EMPTY = {c: (pl.Float64 if c.startswith(("t_", "em_", "s_ra", "s_dec")) else pl.Int64 if c == "contentlength"
+              else pl.Utf8) for c in _SELECT.replace("o.", "").replace("a.", "").split(", ")}
+
+
 def _where(bands, time, cols) -> str:
     w = ["o.obs_collection IN (" + ", ".join(f"'{c}'" for c in cols) + ")"]
     if bands:
@@ -319,10 +323,11 @@ def observations(
     time: tuple | None = None,
     collection: str | Sequence[str] = "spherex_qr2",
     archive: Any = None,
-    strategy: str = "upload",
+    strategy: str = "auto",
     max_sources_per_query: int = 500,
     maxrec: int = 1_000_000,
     cell_size_deg: float = 2.0,
+    cell_threshold: int = 8,
     timeout: float = 120.0,
     retries: int = 4,
     backoff: float = 0.5,
@@ -332,58 +337,70 @@ def observations(
 
     Parameters: ``bands`` e.g. ``['D1', 'D2']``; ``time`` (mjd0, mjd1) or astropy Times
     (MJD UTC, overlap test); ``collection``; ``archive`` (None = IRSA, URL, or sim object);
-    ``strategy`` ``"upload"`` (TAP_UPLOAD chunks, falls back to cells) or ``"cells"``;
+    ``strategy``: ``"upload"`` (TAP_UPLOAD chunks), ``"cells"`` (one query per sky cell) or
+    ``"auto"``: cells holding >= ``cell_threshold`` sources are queried by cell (each frame
+    comes back once instead of once per source), the others are uploaded;
     ``max_sources_per_query`` upload chunk size; ``maxrec`` rows per query before splitting;
-    ``cell_size_deg`` sky-cell size for the cell strategy; ``timeout`` seconds per HTTP
-    request; ``retries`` per query; ``backoff`` first retry delay (s).
+    ``cell_size_deg`` sky-cell size (deg); ``timeout`` seconds per HTTP request; ``retries``
+    per query; ``backoff`` first retry delay (s).
 
     Returns a Polars DataFrame in ``schema.OBSERVATIONS`` (em_* in µm, one row per obs_id,
     detector, sorted by mjd_mid), or ``(observations, matches)`` when ``return_matches``.
     Raises InputError (before any traffic), ArchiveUnreachable, ArchiveError.
     """
+    from pyvo.dal import DALQueryError
+
     cat = normalize_catalog(catalog)
     bands, time, cols = check_query_options(bands, time, collection)
-    if strategy not in ("upload", "cells"):
-        raise InputError(f"strategy={strategy!r}: expected 'upload' or 'cells'")
-    if max_sources_per_query < 1 or maxrec < 1:
-        raise InputError("max_sources_per_query and maxrec must be >= 1")
+    if strategy not in ("auto", "upload", "cells"):
+        raise InputError(f"strategy={strategy!r}: expected 'auto', 'upload' or 'cells'")
+    if max_sources_per_query < 1 or maxrec < 1 or not cell_size_deg > 0:
+        raise InputError("max_sources_per_query, maxrec and cell_size_deg must be positive")
     ep = resolve_archive(archive)
     tap = _Tap(ep.tap_url, timeout=timeout, retries=retries, maxrec=maxrec, backoff=backoff)
     t0 = _time.perf_counter()
-    matches = None
-    parts: list[pl.DataFrame] = []
-    if strategy == "upload":
-        from pyvo.dal import DALQueryError
-
-        try:
-            for s in range(0, cat.height, max_sources_per_query):
-                _run_upload(tap, cat, np.arange(s, min(s + max_sources_per_query, cat.height)), bands, time, cols, parts)
-            rows = pl.concat([p for p in parts if p.height] or [parts[0]], how="vertical_relaxed")
-            if rows.height:
-                ids = cat["source_id"].cast(pl.Utf8)
-                ids = ids.gather(rows["source_id"].cast(pl.Int64))
-                det = rows["energy_bandpassname"].str.extract(r"D(\d)$").cast(pl.Int8)
-                matches = pl.DataFrame({"source_id": ids, "obs_id": rows["obs_id"], "detector": det})
-        except DALQueryError as exc:
-            log.warning("TAP upload query refused (%s); falling back to sky-cell queries", exc)
-            strategy, parts = "cells", []
-    if strategy == "cells":
-        ra, dec = cat["ra"].to_numpy(), cat["dec"].to_numpy()
-        lab = _cells(ra, dec, cell_size_deg)
-        for cell in np.unique(lab):
-            m = lab == cell
-            _run_cell(tap, ra[m], dec[m], bands, time, cols, parts, cell_size_deg)
-        rows = pl.concat([p for p in parts if p.height] or parts[:1], how="vertical_relaxed")
+    ra, dec = cat["ra"].to_numpy(), cat["dec"].to_numpy()
+    lab = _cells(ra, dec, cell_size_deg)
+    _, inv, counts = np.unique(lab, return_inverse=True, return_counts=True)
+    dense = {"cells": np.ones(len(ra), bool), "upload": np.zeros(len(ra), bool),
+             "auto": counts[inv] >= cell_threshold}[strategy]
+    up_parts: list[pl.DataFrame] = []
+    cell_parts: list[pl.DataFrame] = []
+    up_idx = np.flatnonzero(~dense)
+    try:
+        for s in range(0, len(up_idx), max_sources_per_query):
+            _run_upload(tap, cat, up_idx[s:s + max_sources_per_query], bands, time, cols, up_parts)
+    except DALQueryError as exc:
+        log.warning("TAP upload query refused (%s); falling back to sky-cell queries", exc)
+        up_parts, dense = [], np.ones(len(ra), bool)
+    for cell in np.unique(lab[dense]):
+        m = dense & (lab == cell)
+        _run_cell(tap, ra[m], dec[m], bands, time, cols, cell_parts, cell_size_deg)
+    parts = [p for p in up_parts + cell_parts if p.height]
+    rows = (pl.concat([p.drop("source_id", strict=False) for p in parts], how="vertical_relaxed")
+            if parts else pl.DataFrame(schema=_EMPTY))
     obs = _finish(rows, ep).unique(subset=["obs_id", "detector"], keep="first").sort(["mjd_mid", "obs_id", "detector"])
-    log.info("observations: %d sources, %d TAP queries, %d rows, %d (obs_id, detector) in %.2f s",
-             cat.height, tap.queries, rows.height, obs.height, _time.perf_counter() - t0)
+    log.info("observations: %d sources (%d by upload, %d by sky cell), %d TAP queries, %d rows, %d images in %.2f s",
+             cat.height, len(up_idx) if up_parts else 0, int(dense.sum()), tap.queries, rows.height, obs.height,
+             _time.perf_counter() - t0)
     if not return_matches:
         return obs
-    if matches is None:
-        fp = Footprints.from_s_region(obs["s_region"].to_list())
-        si, fi = fp.candidates(cat["ra"].to_numpy(), cat["dec"].to_numpy())
-        inside, _, _ = fp.contains(si, fi, cat["ra"].to_numpy(), cat["dec"].to_numpy(), margin_px=2.0)
-        si, fi = si[inside], fi[inside]
-        matches = pl.DataFrame({"source_id": cat["source_id"].cast(pl.Utf8).gather(si),
-                                "obs_id": obs["obs_id"].gather(fi), "detector": obs["detector"].gather(fi)})
+    ids = cat["source_id"].cast(pl.Utf8)
+    m_parts = []
+    for p in up_parts:
+        if p.height:
+            m_parts.append(pl.DataFrame({"source_id": ids.gather(p["source_id"].cast(pl.Int64)), "obs_id": p["obs_id"],
+                                         "detector": p["energy_bandpassname"].str.extract(r"D(\d)$").cast(pl.Int8)}))
+    didx = np.flatnonzero(dense)
+    if len(didx) and obs.height:
+        cell_obs = _finish(pl.concat(cell_parts, how="vertical_relaxed"), ep).unique(subset=["obs_id", "detector"]) \
+            if cell_parts else obs.clear()
+        fp = Footprints.from_s_region(cell_obs["s_region"].to_list())
+        si, fi = fp.candidates(ra[didx], dec[didx])
+        inside, _, _ = fp.contains(si, fi, ra[didx], dec[didx], margin_px=2.0)
+        si, fi = didx[si[inside]], fi[inside]
+        m_parts.append(pl.DataFrame({"source_id": ids.gather(si), "obs_id": cell_obs["obs_id"].gather(fi),
+                                     "detector": cell_obs["detector"].gather(fi)}))
+    matches = pl.concat(m_parts) if m_parts else pl.DataFrame(schema={"source_id": pl.Utf8, "obs_id": pl.Utf8,
+                                                                      "detector": pl.Int8})
     return obs, matches.unique(maintain_order=True)

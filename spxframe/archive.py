@@ -159,18 +159,29 @@ class _Overflow(Exception):
     pass
 
 
-def _retryable(exc: Exception) -> bool:
-    code = getattr(exc, "code", None) or 0
-    cause = getattr(exc, "cause", None) or exc.__cause__
-    if code >= 500 or code == 429:
-        return True
-    return isinstance(cause, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)) \
-        or isinstance(exc, (requests.ConnectionError, requests.Timeout))
+def _causes(exc: BaseException):
+    seen = 0
+    while exc is not None and seen < 8:
+        yield exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        seen += 1
 
 
 def _is_timeout(exc: Exception) -> bool:
-    cause = getattr(exc, "cause", None) or exc.__cause__
-    return isinstance(cause, requests.Timeout) or isinstance(exc, requests.Timeout)
+    return any(isinstance(e, (requests.Timeout, TimeoutError)) for e in _causes(exc))
+
+
+def _is_connection(exc: Exception) -> bool:
+    return any(isinstance(e, (requests.ConnectionError, ConnectionError)) for e in _causes(exc))
+
+
+def _retryable(exc: Exception) -> bool:
+    """5xx / 429 / timeouts / connection errors / truncated bodies (format errors) are retried."""
+    from pyvo.dal import DALFormatError
+
+    code = getattr(exc, "code", None) or 0
+    return code >= 500 or code == 429 or _is_timeout(exc) or _is_connection(exc) \
+        or isinstance(exc, DALFormatError)
 
 
 class _Tap:
@@ -186,7 +197,7 @@ class _Tap:
         self.use_async = False
 
     def run(self, adql: str, uploads: dict | None = None) -> pl.DataFrame:
-        from pyvo.dal import DALQueryError, DALServiceError
+        from pyvo.dal import DALFormatError, DALQueryError, DALServiceError
         from pyvo.dal.exceptions import DALOverflowWarning
 
         for attempt in range(self.retries + 1):
@@ -201,12 +212,12 @@ class _Tap:
                 return _to_polars(res.to_table())
             except DALQueryError:
                 raise
-            except (DALServiceError, requests.RequestException) as exc:
+            except (DALServiceError, DALFormatError, requests.RequestException) as exc:
                 if _is_timeout(exc) and not self.use_async:
                     log.warning("sync TAP query timed out; switching to async (UWS) jobs")
                     self.use_async = True
-                if attempt >= self.retries or not (_retryable(exc) or _is_timeout(exc)):
-                    if _retryable(exc) or getattr(exc, "code", None) in (None, 0):
+                if attempt >= self.retries or not _retryable(exc):
+                    if _is_connection(exc) or _is_timeout(exc):
                         raise ArchiveUnreachable(f"TAP query failed after {attempt + 1} attempt(s): {exc}",
                                                  url=self.url, hint="check the network / archive status "
                                                  "(IRSA has maintenance every other Tuesday); retry later") from None
@@ -370,7 +381,9 @@ def observations(
     try:
         for s in range(0, len(up_idx), max_sources_per_query):
             _run_upload(tap, cat, up_idx[s:s + max_sources_per_query], bands, time, cols, up_parts)
-    except DALQueryError as exc:
+    except (DALQueryError, ArchiveError) as exc:
+        if isinstance(exc, ArchiveUnreachable) or (getattr(exc, "status", None) or 0) >= 500:
+            raise
         log.warning("TAP upload query refused (%s); falling back to sky-cell queries", exc)
         up_parts, dense = [], np.ones(len(ra), bool)
     for cell in np.unique(lab[dense]):

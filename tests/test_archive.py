@@ -1,0 +1,133 @@
+"""spxframe.archive against the simulated archive: the observations query for whole catalogs."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from spxframe import schema
+from spxframe.archive import Endpoints, observations, resolve_archive
+from spxframe.errors import ArchiveUnreachable, InputError
+
+
+def test_resolve_archive():
+    irsa = resolve_archive(None)
+    assert irsa == resolve_archive("irsa") == Endpoints(
+        schema.IRSA_URL, schema.IRSA_URL + "/TAP", schema.IRSA_URL + "/SIA", schema.CLOUD_URL)
+    e = resolve_archive("http://127.0.0.1:9/")
+    assert e.tap_url == "http://127.0.0.1:9/TAP" and e.cloud_url == "http://127.0.0.1:9/nasa-irsa-spherex"
+
+    class Obj:
+        url = "http://h:1"
+        cloud_url = "http://c:2/bucket"
+
+    assert resolve_archive(Obj()).cloud_url == "http://c:2/bucket"
+    with pytest.raises(InputError):
+        resolve_archive("ftp://x")
+
+
+def _truth_frames(universe, cat: pl.DataFrame) -> set[tuple[str, str, int]]:
+    """(source_id, obs_id, detector) whose true position is on the detector."""
+    obs = universe.observations
+    out = set()
+    for sid, ra, dec in cat.select("source_id", "ra", "dec").iter_rows():
+        d = np.degrees(np.arccos(np.clip(
+            np.sin(np.radians(dec)) * np.sin(np.radians(obs["s_dec"].to_numpy()))
+            + np.cos(np.radians(dec)) * np.cos(np.radians(obs["s_dec"].to_numpy()))
+            * np.cos(np.radians(ra - obs["s_ra"].to_numpy())), -1, 1)))
+        near = obs.filter(pl.Series(d < 2.6))
+        for oid, det in near.select("obs_id", "detector").iter_rows():
+            x, y = universe.truth_pixel(sid, oid, det)
+            if np.isfinite(x) and np.isfinite(y):
+                out.add((str(sid), oid, int(det)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_cat(universe):
+    """A few sources per field (deep NEP, generic, RA≈0, pole)."""
+    src = universe.sources
+    parts = [src.filter(pl.col("field") == f).head(3) for f in src["field"].unique(maintain_order=True).to_list()]
+    return pl.concat(parts).select("source_id", "ra", "dec")
+
+
+@pytest.mark.parametrize("strategy", ["upload", "cells", "auto"])
+def test_observations_match_truth(universe, archive, small_cat, strategy):
+    obs, matches = observations(small_cat, archive=archive, strategy=strategy, return_matches=True)
+    assert obs.columns == schema.OBSERVATIONS.names
+    assert obs.select(pl.struct("obs_id", "detector").is_unique().all()).item()
+    truth = _truth_frames(universe, small_cat)
+    got = {(s, o, int(d)) for s, o, d in matches.iter_rows()}
+    assert truth <= got, sorted(truth - got)[:5]
+    assert len(got - truth) <= 0.02 * len(truth) + 2  # only edge cases within the margin
+    assert set(obs["collection"].unique()) == {"spherex_qr2", "spherex_qr2_deep"}
+    assert obs["band"].str.contains(r"^D[1-6]$").all()
+    assert (obs["em_min"] > 0.5).all() and (obs["em_max"] < 5.5).all()  # µm
+    assert ((obs["mjd_mid"] - (obs["t_min"] + obs["t_max"]) / 2).abs() < 1e-9).all()
+    assert obs["file_url"].str.starts_with(archive.url + "/ibe/data/spherex/qr2/").all()
+    assert (obs["cloud_key"].str.starts_with("qr2/level2/") | (obs["cloud_key"] == "")).all()
+
+
+def test_observations_filters(archive, small_cat):
+    all_obs = observations(small_cat, archive=archive)
+    d = observations(small_cat, archive=archive, bands=["d1", "SPHEREx-D4"])
+    assert set(d["band"]) == {"D1", "D4"} and d.height == all_obs.filter(pl.col("band").is_in(["D1", "D4"])).height
+    t0, t1 = float(all_obs["t_min"].quantile(0.25)), float(all_obs["t_max"].quantile(0.75))
+    t = observations(small_cat, archive=archive, time=(t0, t1))
+    assert t.height == all_obs.filter((pl.col("t_max") >= t0) & (pl.col("t_min") <= t1)).height
+    wide = observations(small_cat, archive=archive, collection=["spherex_qr2"])
+    assert set(wide["collection"]) == {"spherex_qr2"}
+
+
+def test_bounded_queries_for_1000_sources(universe, archive):
+    cat = universe.catalog(n=1000)
+    archive.clear_log()
+    obs = observations(cat, archive=archive)
+    tap = [r for r in archive.log if r["endpoint"] == "tap"]
+    assert obs.height > 0
+    assert len(tap) <= 80, len(tap)
+
+
+def test_overflow_split_gives_same_rows(archive, small_cat):
+    ref = observations(small_cat, archive=archive, strategy="upload")
+    small = observations(small_cat, archive=archive, strategy="upload", maxrec=40)
+    assert small.sort(["obs_id", "detector"]).equals(ref.sort(["obs_id", "detector"]))
+
+
+def test_retries_through_faults(archive, small_cat):
+    ref = observations(small_cat, archive=archive)
+    archive.faults.error_rate = 0.4
+    try:
+        again = observations(small_cat, archive=archive, retries=8, backoff=0.01)
+    finally:
+        archive.faults.error_rate = 0.0
+    assert again.equals(ref)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"bands": ["D7"]}, "unknown band"),
+    ({"time": (61000, 60000)}, "start <= end"),
+    ({"time": 5}, "mjd_start"),
+    ({"collection": "x'; DROP"}, "collection"),
+    ({"strategy": "magic"}, "strategy"),
+])
+def test_bad_options_no_traffic(archive, small_cat, kw, words):
+    archive.clear_log()
+    with pytest.raises(InputError, match=words):
+        observations(small_cat, archive=archive, **kw)
+    assert archive.log == []
+
+
+def test_bad_catalog_no_traffic(archive):
+    archive.clear_log()
+    with pytest.raises(InputError, match="dec"):
+        observations(pl.DataFrame({"source_id": [1], "ra": [1.0], "dec": [95.0]}), archive=archive)
+    assert archive.log == []
+
+
+def test_unreachable():
+    with pytest.raises(ArchiveUnreachable, match="127.0.0.1:9") as e:
+        observations(pl.DataFrame({"source_id": [1], "ra": [1.0], "dec": [1.0]}), archive="http://127.0.0.1:9",
+                     retries=1, backoff=0.01, timeout=2)
+    assert e.value.hint

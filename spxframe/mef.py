@@ -34,47 +34,75 @@ class MefError(ValueError):
 
 # ------------------------------------------------------------------------------ headers
 class Header:
-    """Lazily parsed FITS header: ``cards`` maps keyword -> raw 80-char card."""
+    """Lazily parsed FITS header: ``cards`` maps keyword -> raw 80-char card (parsed on first use)."""
 
-    __slots__ = ("raw", "cards", "_cache")
+    __slots__ = ("raw", "_cards", "_cache")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
-        text = raw.decode("ascii", "replace")
-        cards: dict[str, str] = {}
-        for i in range(0, len(text), 80):
-            c = text[i:i + 80]
-            k = c[:8].rstrip()
-            if k == "END":
-                break
-            if k == "HIERARCH":
-                eq = c.find("=")
-                if eq > 0:
-                    cards[c[9:eq].strip()] = c[eq - 8:]  # so that the value starts at column 10
-                continue
-            if k and k not in ("COMMENT", "HISTORY") and c[8:10] == "= ":
-                cards.setdefault(k, c)
-        self.cards = cards
+        self._cards: dict[str, str] | None = None
         self._cache: dict[str, object] = {}
 
+    @property
+    def cards(self) -> dict[str, str]:
+        if self._cards is None:
+            text = self.raw.decode("ascii", "replace")
+            cards: dict[str, str] = {}
+            for i in range(0, len(text), 80):
+                c = text[i:i + 80]
+                k = c[:8].rstrip()
+                if k == "END":
+                    break
+                if k == "HIERARCH":
+                    eq = c.find("=")
+                    if eq > 0:
+                        cards[c[9:eq].strip()] = c[eq - 8:]  # so that the value starts at column 10
+                    continue
+                if k and k not in ("COMMENT", "HISTORY") and c[8:10] == "= ":
+                    cards.setdefault(k, c)
+            self._cards = cards
+        return self._cards
+
+    def structure(self) -> tuple[int, tuple[int, ...], int]:
+        """(BITPIX, NAXISn in FITS order, PCOUNT) from the mandatory leading cards only."""
+        raw = self.raw
+        bitpix = int(raw[90:110].split(b"/")[0])
+        naxis = int(raw[170:190].split(b"/")[0])
+        ax = tuple(int(raw[250 + 80 * i:270 + 80 * i].split(b"/")[0]) for i in range(naxis))
+        pc = 0
+        c = raw[240 + 80 * naxis:320 + 80 * naxis]
+        if c[:8] == b"PCOUNT  ":
+            pc = int(c[10:30].split(b"/")[0])
+        return bitpix, ax, pc
+
+    def _card(self, key: str) -> str | None:
+        """The card of ``key`` (first occurrence); short keys are found without a full parse."""
+        if self._cards is not None or len(key) > 8:
+            return self.cards.get(key)
+        pat = key.ljust(8).encode() + b"= "
+        i = self.raw.find(pat)
+        while i >= 0 and i % 80:
+            i = self.raw.find(pat, i + 1)
+        return None if i < 0 else self.raw[i:i + 80].decode("ascii", "replace")
+
     def __contains__(self, key: str) -> bool:
-        return key in self.cards
+        return self._card(key) is not None
 
     def get(self, key: str, default=None):
         if key in self._cache:
             return self._cache[key]
-        c = self.cards.get(key)
+        c = self._card(key)
         v = default if c is None else _parse_value(c[10:])[0]
         self._cache[key] = v
         return v
 
     def __getitem__(self, key: str):
-        if key not in self.cards:
+        if self._card(key) is None:
             raise KeyError(key)
         return self.get(key)
 
     def comment(self, key: str) -> str:
-        c = self.cards.get(key)
+        c = self._card(key)
         return "" if c is None else _parse_value(c[10:])[1]
 
 
@@ -125,9 +153,7 @@ class Hdu:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        h = self.header
-        n = h.get("NAXIS", 0) or 0
-        return tuple(int(h.get(f"NAXIS{i}")) for i in range(n, 0, -1))  # numpy order
+        return self.header.structure()[1][::-1]  # numpy order
 
 
 def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
@@ -145,15 +171,12 @@ def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
                 break
         hlen = (end // BLOCK + 1) * BLOCK
         h = Header(chunk[:end + 80])
-        naxis = h.get("NAXIS", 0) or 0
-        if naxis:
-            n = abs(int(h.get("BITPIX", 8))) // 8
-            for i in range(1, naxis + 1):
-                n *= int(h.get(f"NAXIS{i}"))
-            n = n if n else 0
-            n += int(h.get("PCOUNT", 0) or 0) * (1 if n else 0)
-        else:
-            n = 0
+        try:
+            bitpix, ax, pcount = h.structure()
+        except ValueError:
+            raise MefError(f"{path}: malformed mandatory cards in the header at byte {off}") from None
+        n = abs(bitpix) // 8 * int(np.prod(ax)) if ax else 0
+        n = n + pcount if n else 0
         hdus.append(Hdu(h, off + hlen, n))
         off += hlen + math.ceil(n / BLOCK) * BLOCK
     if off > file_size:
@@ -162,17 +185,17 @@ def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
 
 
 def _find_end(chunk: bytes) -> int:
-    for i in range(0, len(chunk) - 79, 80):
-        if chunk[i:i + 8] == b"END     ":
-            return i
-    return -1
+    i = chunk.find(b"END     ")
+    while i >= 0 and i % 80:
+        i = chunk.find(b"END     ", i + 1)
+    return i
 
 
 def read_rows(fd: int, hdu: Hdu, y0: int, y1: int) -> np.ndarray:
     """Rows [y0, y1) of a 2-D image HDU, native-endian float64 (int64 for integer data)."""
     ny, nx = hdu.shape
     y0, y1 = max(y0, 0), min(y1, ny)
-    dt = np.dtype(_BITPIX[int(hdu.header["BITPIX"])])
+    dt = np.dtype(_BITPIX[hdu.header.structure()[0]])
     if y1 <= y0:
         return np.zeros((0, nx), np.float64 if dt.kind == "f" else np.int64)
     buf = os.pread(fd, (y1 - y0) * nx * dt.itemsize, hdu.data_offset + y0 * nx * dt.itemsize)
@@ -181,7 +204,7 @@ def read_rows(fd: int, hdu: Hdu, y0: int, y1: int) -> np.ndarray:
 
 
 def read_array(fd: int, hdu: Hdu) -> np.ndarray:
-    dt = np.dtype(_BITPIX[int(hdu.header["BITPIX"])])
+    dt = np.dtype(_BITPIX[hdu.header.structure()[0]])
     buf = os.pread(fd, hdu.data_size, hdu.data_offset)
     return np.frombuffer(buf, dt).reshape(hdu.shape).astype(np.float64)
 
@@ -290,7 +313,7 @@ def open_info(path: str, fd: int) -> MefInfo:
     ph = named.get("PSF")
     if ph is not None:
         info.psf_header = ph.header
-        pf = ph.header.get("PSFFILE")
+        pf = ph.header.get("PSFFILE") if b"PSFFILE " in ph.header.raw else None
         if pf:
             info.psffile = str((cache_root(path) / str(pf)).resolve())
             info.psf_key = "file:" + info.psffile

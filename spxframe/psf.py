@@ -47,6 +47,7 @@ def parse_psf_zones(h, version: str | None) -> PsfZones:
     '(ix, iy)' comment and the centre can. Without parseable comments, the card number is decoded with
     the ordering the VERSION implies.
     """
+    h.cards  # one full parse: many lookups follow
     xs, ys, ixs, iys, ks = [], [], [], [], []
     k = 1
     while f"XCTR_{k}" in h:

@@ -1,0 +1,179 @@
+"""spxframe.plan against the simulated archive: rows vs truth, cost model, URLs the IBE accepts."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import requests
+
+from spxframe import schema
+from spxframe.archive import observations
+from spxframe.errors import InputError
+from spxframe.plan import LAYOUT, ROW, CostModel, cutout_bytes, plan
+
+
+@pytest.fixture(scope="module")
+def field_cat(universe):
+    """Sources of every field (deep NEP, generic, RA≈0/360, pole): 40 per field."""
+    src = universe.sources
+    parts = [src.filter(pl.col("field") == f).head(40) for f in src["field"].unique(maintain_order=True).to_list()]
+    return pl.concat(parts).select("source_id", "ra", "dec")
+
+
+@pytest.fixture(scope="module")
+def field_obs(archive, field_cat):
+    return observations(field_cat, archive=archive, return_matches=True)
+
+
+def _truth(universe, man_or_pairs: pl.DataFrame) -> np.ndarray:
+    xs, ys = [], []
+    for sid, oid, det in man_or_pairs.select("source_id", "obs_id", "detector").iter_rows():
+        x, y = universe.truth_pixel(int(sid), oid, int(det))
+        xs.append(x)
+        ys.append(y)
+    return np.array(xs, float), np.array(ys, float)
+
+
+def _all_truth_pairs(universe, cat: pl.DataFrame, obs: pl.DataFrame) -> set:
+    from spxframe.footprint import Footprints
+
+    fp = Footprints.from_s_region(obs["s_region"].to_list())
+    si, fi = fp.candidates(cat["ra"].to_numpy(), cat["dec"].to_numpy(), margin_deg=0.2)
+    out = set()
+    sids, oids, dets = cat["source_id"].to_numpy(), obs["obs_id"].to_list(), obs["detector"].to_list()
+    for s, f in zip(si, fi):
+        x, y = universe.truth_pixel(int(sids[s]), oids[f], int(dets[f]))
+        if np.isfinite(x) and np.isfinite(y):
+            out.add((str(sids[s]), oids[f], int(dets[f])))
+    return out
+
+
+@pytest.mark.parametrize("use_matches", [True, False])
+def test_manifest_rows_match_truth(universe, field_cat, field_obs, use_matches):
+    obs, matches = field_obs
+    p = plan(field_cat, obs, matches=matches if use_matches else None)
+    m = p.manifest
+    assert m.columns == schema.MANIFEST.names
+    assert m.select(pl.struct("source_id", "obs_id", "detector").is_unique().all()).item()
+    got = {(s, o, int(d)) for s, o, d in m.select("source_id", "obs_id", "detector").iter_rows()}
+    truth = _all_truth_pairs(universe, field_cat, obs)
+    assert truth <= got, sorted(truth - got)[:5]
+    tx, ty = _truth(universe, m)
+    on = np.isfinite(tx)
+    # predicted pixels: a few px from the truth (footprint homography vs SIP WCS)
+    assert np.nanmax(np.hypot(m["x_parent"].to_numpy()[on] - tx[on], m["y_parent"].to_numpy()[on] - ty[on])) < 6
+    # extra rows are edge cases only: the predicted position is within a few px of the edge
+    x, y = m["x_parent"].to_numpy()[~on], m["y_parent"].to_numpy()[~on]
+    edge = np.minimum.reduce([x + 0.5, 2039.5 - x, y + 0.5, 2039.5 - y])
+    assert (edge < 8).all()
+    # every field is represented, including RA≈0/360 and the pole
+    assert (m["ra"] < 1).any() and (m["ra"] > 359).any() and (m["dec"] > 87).any()
+
+
+def test_sources_near_the_edge_are_kept(universe, field_cat, field_obs):
+    obs, matches = field_obs
+    m = plan(field_cat, obs, matches=matches).manifest
+    tx, ty = _truth(universe, m)
+    near = np.isfinite(tx) & (np.minimum.reduce([tx, 2039 - tx, ty, 2039 - ty]) < 5)
+    assert near.any()
+    assert m.filter(pl.Series(near))["clipped"].all()
+
+
+def test_cost_model_one_source_vs_hundreds(universe, archive):
+    one = universe.sources.filter(pl.col("field") == "wide_generic").head(1)
+    obs = observations(one, archive=archive)
+    p = plan(one, obs, archive=archive)
+    assert set(p.manifest["access"]) <= {"cutout", "range"}
+    many = universe.sources.filter(pl.col("field") == "wide_generic").select("source_id", "ra", "dec")
+    obs_m = observations(many, archive=archive)
+    pm = plan(many, obs_m, archive=archive)
+    per_img = pm.manifest.group_by("obs_id", "detector").agg(pl.len().alias("k"), pl.first("access"))
+    crowded = per_img.filter(pl.col("k") >= 200)
+    assert crowded.height > 0 and (crowded["access"] == "full").mean() > 0.9
+    assert "full" in pm.summary["access"].to_list()
+    assert "Plan:" in repr(pm) and "full" in repr(pm)
+
+
+def test_request_grouping_and_bytes(universe, archive, field_cat, field_obs):
+    obs, matches = field_obs
+    p = plan(field_cat, obs, matches=matches, archive=archive)
+    m = p.manifest
+    g = m.group_by("request_id").agg(pl.col("url").n_unique(), pl.col("access").n_unique(),
+                                     pl.col("predicted_bytes").n_unique(), pl.struct("obs_id", "detector").n_unique())
+    assert (g.drop("request_id") == 1).to_numpy().all()  # one transfer = one url, method, size, image
+    full = m.filter(pl.col("access") == "full")
+    assert (full["predicted_bytes"] == schema.FULL_FILE_BYTES).all() and (full["box_nx"] == 2040).all()
+    tot = m.unique("request_id")["predicted_bytes"].sum()
+    assert tot == p.summary["predicted_bytes"].sum()
+
+
+def test_forced_methods(field_cat, field_obs, archive):
+    obs, matches = field_obs
+    for access in ("cutout", "range", "full"):
+        m = plan(field_cat, obs, matches=matches, access=access, archive=archive).manifest
+        expect = {access, "cutout"} if access == "range" else {access}
+        assert set(m["access"]) <= expect
+    r = plan(field_cat, obs, matches=matches, access="range", archive=archive).manifest.filter(pl.col("access") == "range")
+    assert r["url"].str.starts_with(archive.cloud_url + "/qr2/level2/").all()
+    for row in r.head(20).iter_rows(named=True):  # ranges hold the box rows of every plane
+        rng = json.loads(row["ranges"])
+        for h in schema.PLANE_HDUS:
+            a = LAYOUT[h][1] + row["box_y0"] * ROW
+            b = a + row["box_ny"] * ROW
+            assert any(s <= a and b <= e for s, e in rng), (h, a, b)
+        assert [0, LAYOUT["IMAGE"][1]] in rng or rng[0][0] == 0
+    full = plan(field_cat, obs, matches=matches, cutout_size=None).manifest
+    assert set(full["access"]) == {"full"}
+
+
+def test_cutout_urls_accepted_by_ibe(field_cat, field_obs, archive):
+    from astropy.io import fits
+
+    obs, matches = field_obs
+    m = plan(field_cat, obs, matches=matches, cutout_size="64px", access="cutout", archive=archive).manifest
+    rows = m.unique("request_id").sort("clipped").head(4).vstack(m.filter(pl.col("clipped")).head(2))
+    for r in rows.iter_rows(named=True):
+        resp = requests.get(r["url"], timeout=60)
+        assert resp.status_code == 200, (r["url"], resp.text[:200])
+        assert len(resp.content) == cutout_bytes(r["box_nx"], r["box_ny"]) or r["clipped"]
+        with fits.open(io.BytesIO(resp.content)) as hdul:
+            shape = hdul["IMAGE"].data.shape
+            x0 = 1 - int(hdul["IMAGE"].header["CRPIX1A"])
+        if not r["clipped"]:
+            assert shape == (r["box_ny"], r["box_nx"])
+            assert abs(x0 - r["box_x0"]) <= 5
+        else:
+            assert abs(shape[0] - r["box_ny"]) <= 6 and abs(shape[1] - r["box_nx"]) <= 6
+
+
+def test_cutout_center_option(field_cat, field_obs):
+    obs, matches = field_obs
+    m = plan(field_cat, obs, matches=matches, cutout_center="1020,1020px", cutout_size="100px", access="cutout").manifest
+    planned = m.filter(pl.col("status") == "planned")
+    assert (planned["box_x0"] == 970).all() and (planned["box_nx"] == 100).all()
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"access": "ftp"}, "access"), ({"cutout_size": "0px"}, "positive"), ({"cutout_size": "3furlongs"}, "unit"),
+    ({"cutout_center": "1,95"}, "Dec"), ({"access": "range", "cutout_size": None}, "cutout_size"),
+])
+def test_bad_inputs_no_traffic(archive, field_cat, field_obs, kw, words):
+    obs, _ = field_obs
+    archive.clear_log()
+    with pytest.raises(InputError, match=words):
+        plan(field_cat, obs, archive=archive, **kw)
+    with pytest.raises(InputError, match="source_id"):
+        plan(field_cat.rename({"source_id": "ID"}), obs, archive=archive)
+    with pytest.raises(InputError, match="observations"):
+        plan(field_cat, obs.drop("s_region"), archive=archive)
+    assert archive.log == []
+
+
+def test_cost_model_units():
+    c = CostModel(bandwidth_Bps=1e6, request_s=0.1, cutout_server_s=2)
+    assert c.seconds(2e6, 3, 1) == pytest.approx(2 + 0.3 + 2)
+    assert cutout_bytes(60, 60) == 5_109_120  # spec §3.8 (SPXQuery's 60 px cutouts)

@@ -47,7 +47,8 @@ ROW = NPIX * 4  #: bytes per plane row
 PLANE = NPIX * ROW
 PSF_BYTES = 4_939_200
 HEADER_BLOCKS = {"PRIMARY": 1, "IMAGE": 7, "FLAGS": 5, "VARIANCE": 4, "ZODI": 4, "PSF": 15, "WCS-WAVE": 1}
-HEADER_BYTES = BLOCK * sum(HEADER_BLOCKS.values())  # 38 blocks
+HEADER_BYTES = BLOCK * sum(HEADER_BLOCKS.values())  #: 37 header blocks of a full file
+CUTOUT_HEADER_BYTES = 38 * BLOCK  #: spec §3.8 size formula (IBE cutout headers)
 
 
 def _layout() -> dict[str, tuple[int, int, int]]:
@@ -85,7 +86,7 @@ class CostModel:
 def cutout_bytes(nx, ny):
     """Size in bytes of an uncompressed IBE cutout of nx × ny pixels (spec §3.8)."""
     nx, ny = np.asarray(nx, np.int64), np.asarray(ny, np.int64)
-    return HEADER_BYTES + 4 * (-(-4 * nx * ny // BLOCK)) * BLOCK + PSF_BYTES + BLOCK
+    return CUTOUT_HEADER_BYTES + 4 * (-(-4 * nx * ny // BLOCK)) * BLOCK + PSF_BYTES + BLOCK
 
 
 def box_of(cx, n):

@@ -134,8 +134,8 @@ def _shared(df: pl.DataFrame, fp: Footprints) -> pl.DataFrame:
     if df.height == 0:
         return df
     bw, bh = (df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy()
-    cx, cy = df["bx0"].to_numpy() + bw // 2, df["by0"].to_numpy() + bh // 2
-    cra, cdec = fp.pixel_to_sky(df["_fi"].to_numpy(), cx.astype(float), cy.astype(float))
+    cx, cy = df["bx0"].to_numpy() + (bw - 1) / 2, df["by0"].to_numpy() + (bh - 1) / 2  # box_of(cx, bw) == bx0
+    cra, cdec = fp.pixel_to_sky(df["_fi"].to_numpy(), cx, cy)
     urls = [cutout_url(f, r, d, w, h) for f, r, d, w, h in zip(df["_file"], cra, cdec, bw, bh)]
     return df.with_columns(
         pl.lit("cutout").alias("access"), pl.Series("url", urls, dtype=pl.Utf8),

@@ -90,9 +90,10 @@ def cutout_bytes(nx, ny):
 
 
 def box_of(cx, n):
-    """First pixel of an ``n``-pixel box centred on zero-based coordinate ``cx`` (nearest pixel
-    centre ``round(cx)``; even boxes extend one more pixel below)."""
-    return np.floor(np.asarray(cx, float) + 0.5).astype(np.int64) - np.asarray(n, np.int64) // 2
+    """First pixel of the ``n``-pixel box whose centre is nearest the zero-based coordinate ``cx``
+    (ties → higher): ``floor(cx − (n − 1)/2 + 0.5)``."""
+    n = np.asarray(n, np.int64)
+    return np.floor(np.asarray(cx, float) - (n - 1) / 2 + 0.5).astype(np.int64)
 
 
 _VER = re.compile(r"(l2b-v\d+-\d{4}-\d{3})")

@@ -154,7 +154,7 @@ def test_cutout_center_option(field_cat, field_obs):
     obs, matches = field_obs
     m = plan(field_cat, obs, matches=matches, cutout_center="1020,1020px", cutout_size="100px", access="cutout").manifest
     planned = m.filter(pl.col("status") == "planned")
-    assert (planned["box_x0"] == 970).all() and (planned["box_nx"] == 100).all()
+    assert (planned["box_x0"] == 971).all() and (planned["box_nx"] == 100).all()
 
 
 @pytest.mark.parametrize("kw, words", [

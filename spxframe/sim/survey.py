@@ -1,0 +1,217 @@
+"""The simulated survey: fields, pointings, timing, observation ids and the observations table.
+
+A *visit* is one exposure (one ``obs_id``) seen by up to six detectors. Large slews hold 1-4 small
+slews 129 s apart; each small slew moves the pointing so a source steps ~120 px along the LVF (y)
+axis. Detector pairs (1,4), (2,5), (3,6) share a pointing; the three pairs sit side by side along
+the detector x axis (2100 px apart, i.e. a 60 px gap) in the target's tangent plane.
+
+Per-detector orientation is transported from the target's frame, so geometry stays right near the
+celestial pole. Times are MJD (UTC); 113.5826 s exposures, t_max - t_min = 115.1 s.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from spxframe.schema import BANDS, EXPTIME_S, FULL_FILE_BYTES, NPIX, PIXEL_SCALE_ARCSEC
+
+from . import instrument as ins
+
+SMALL_SLEW_S: float = 129.0  #: seconds between small slews
+ELAPSED_S: float = 115.1  #: t_max - t_min, s
+LVF_STEP_PX: float = 120.0  #: pointing step along y per small slew
+PAIR_PITCH_PX: float = 2100.0  #: centre-to-centre distance of the three detector pairs
+PASS_DAYS: float = 14.0  #: length of a wide-survey pass
+PASS_SEPARATION_D: float = 182.6  #: six months
+PROC_V20, PROC_V21 = "l2b-v20-2025-247", "l2b-v21-2025-354"
+V21_FROM_MJD: float = 60960.0  #: files observed from this MJD on carry the v21 processing (VERSION 6.5.6)
+
+
+@dataclass
+class SurveyConfig:
+    """Knobs of the simulated survey (counts are visits = obs_ids)."""
+
+    deep_visits: int = 240
+    deep_start_mjd: float = 60805.0
+    deep_span_days: float = 90.0
+    wide_visits_per_pass: int = 16
+    wide_passes: int = 2
+    sources_per_field: int = 2000
+    field_radius_deg: float = 4.0
+    missing_detector_fraction: float = 0.03
+    fields: list[dict] = field(default_factory=lambda: [
+        {"name": "deep_nep", "ra": 270.0, "dec": 66.56, "collection": "spherex_qr2_deep", "start": 60805.0},
+        {"name": "wide_generic", "ra": 213.94, "dec": 11.50, "collection": "spherex_qr2", "start": 60842.0},
+        {"name": "wide_ra0", "ra": 0.5, "dec": -5.0, "collection": "spherex_qr2", "start": 60870.0},
+        {"name": "wide_pole", "ra": 30.0, "dec": 88.0, "collection": "spherex_qr2", "start": 60822.0},
+    ])
+
+    def field_windows(self) -> list[dict]:
+        """Fields with their observing window (t_lo, t_hi) and source radius, for the sky model."""
+        out = []
+        for f in self.fields:
+            if f["collection"].endswith("_deep"):
+                lo, hi = self.deep_start_mjd, self.deep_start_mjd + self.deep_span_days
+            else:
+                lo, hi = f["start"], f["start"] + PASS_SEPARATION_D * (self.wide_passes - 1) + PASS_DAYS
+            out.append({**f, "t_lo": lo, "t_hi": hi, "radius": self.field_radius_deg})
+        return out
+
+
+def _nominal_pc(theta: float) -> np.ndarray:
+    t = math.radians(theta)
+    s = PIXEL_SCALE_ARCSEC / 3600.0
+    return s * np.array([[-math.cos(t), math.sin(t)], [math.sin(t), math.cos(t)]])
+
+
+def pointing(target: tuple[float, float], pair: int, x_t: float, y_t: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """CRVALs (6, 2) and rotations (6,) that put ``target`` near zero-based (x_t, y_t) of ``pair`` (0-2)."""
+    pc = _nominal_pc(theta)
+    crval = np.zeros((6, 2))
+    rot = np.zeros(6)
+    for k in range(3):
+        off = np.array([(k - pair) * PAIR_PITCH_PX - (x_t - ins.CENTER0), -(y_t - ins.CENTER0)])
+        xi, eta = pc @ off
+        ra, dec = ins.tan_deproject(target[0], target[1], xi, eta)
+        ra2, dec2 = ins.tan_deproject(target[0], target[1], xi, eta + 1e-3)
+        dxi, deta = ins.tan_project(ra, dec, ra2, dec2)  # target-frame north seen at the detector
+        phi = math.degrees(math.atan2(float(dxi), float(deta)))
+        for det in (k + 1, k + 4):
+            crval[det - 1] = (float(ra), float(dec))
+            rot[det - 1] = (theta + phi) % 360.0
+    return crval, rot
+
+
+def _pp_code(mjd: float) -> str:
+    """Planning period ``YYYYWww_NX`` of an MJD (3.5-day halves of ISO weeks)."""
+    d = _dt.datetime(1858, 11, 17) + _dt.timedelta(days=float(mjd))
+    y, w, wd = d.isocalendar()
+    half = 1 if (wd - 1) + d.hour / 24.0 < 3.5 else 2
+    return f"{y}W{w:02d}_{half}{'ABCD'[w % 4]}"
+
+
+def _iso(mjd: float) -> str:
+    d = _dt.datetime(1858, 11, 17) + _dt.timedelta(days=float(mjd))
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}"
+
+
+def plan_visits(seed: int, cfg: SurveyConfig) -> dict[str, np.ndarray]:
+    """All visits: arrays field, pass, t_min, theta, crval (n, 6, 2), rot (n, 6), epa, obs_id, has_det."""
+    rows: list[tuple] = []
+    for fi, f in enumerate(cfg.fields):
+        rng = np.random.default_rng([int(seed), 41, fi])
+        deep = f["collection"].endswith("_deep")
+        passes = [(0, cfg.deep_start_mjd, cfg.deep_span_days, cfg.deep_visits)] if deep else [
+            (p, f["start"] + p * PASS_SEPARATION_D, PASS_DAYS, cfg.wide_visits_per_pass) for p in range(cfg.wide_passes)]
+        theta0 = float(rng.uniform(0, 360))
+        for p, t0, span, nvis in passes:
+            sizes: list[int] = []
+            while sum(sizes) < nvis:
+                sizes.append(int(min(rng.choice([2, 3, 4, 4, 4, 4]), nvis - sum(sizes))))
+            nls = len(sizes)
+            for j, ns in enumerate(sizes):
+                tls = t0 + (j + rng.uniform(0.1, 0.9)) * span / nls
+                if deep:
+                    target = ins.tan_deproject(f["ra"], f["dec"], *rng.uniform(-1.5, 1.5, 2))
+                    pair, theta, epa = int(rng.integers(3)), float(rng.uniform(0, 360)), float(rng.choice([0.0, 180.0]))
+                else:
+                    target, pair = (f["ra"], f["dec"]), (j + p) % 3
+                    epa = 180.0 * (p % 2)
+                    theta = (theta0 + epa + rng.normal(0, 2.0)) % 360.0
+                x_t = float(rng.uniform(250, NPIX - 250))
+                y_t = float(rng.uniform(120, NPIX - 120 - LVF_STEP_PX * ns))
+                for s in range(ns):
+                    crval, rot = pointing((float(target[0]), float(target[1])), pair, x_t, y_t + LVF_STEP_PX * s, theta)
+                    rows.append((fi, p, tls + s * SMALL_SLEW_S / 86400.0, j, s, crval, rot, epa))
+    rows.sort(key=lambda r: r[2])
+    n = len(rows)
+    out = {
+        "field": np.array([r[0] for r in rows]), "pass": np.array([r[1] for r in rows]),
+        "t_min": np.array([r[2] for r in rows]), "small": np.array([r[4] for r in rows]),
+        "crval": np.array([r[5] for r in rows]), "rot": np.array([r[6] for r in rows]),
+        "epa": np.array([r[7] for r in rows]),
+    }
+    # obs ids: large slews numbered in time order within each planning period
+    ids, counters, ls_num = [], {}, {}
+    for r in rows:
+        key = (r[0], r[1], r[3])
+        pp = _pp_code(r[2] - r[4] * SMALL_SLEW_S / 86400.0)
+        if key not in ls_num:
+            counters[pp] = counters.get(pp, 0) + 1
+            ls_num[key] = (pp, counters[pp])
+        pp, num = ls_num[key]
+        ids.append(f"{pp}_{num:04d}_{r[4] + 1}")
+    out["obs_id"] = np.array(ids)
+    rng = np.random.default_rng([int(seed), 43])
+    has = rng.uniform(0, 1, (n, 6)) >= cfg.missing_detector_fraction
+    has[~has.any(axis=1), 2] = True
+    out["has_det"] = has
+    return out
+
+
+def observations_table(seed: int, visits: dict[str, np.ndarray], cfg: SurveyConfig,
+                       cloud_lag_fraction: float, legacy_psf_headers: bool) -> pl.DataFrame:
+    """The ObsCore-like table of CONTRACTS.md: one row per (obs_id, detector) file."""
+    rng = np.random.default_rng([int(seed), 47])
+    corners = np.array([[-0.5, -0.5], [NPIX - 0.5, -0.5], [NPIX - 0.5, NPIX - 0.5], [-0.5, NPIX - 0.5]])
+    rec: dict[str, list] = {k: [] for k in (
+        "obs_id", "detector", "obs_index", "field", "obs_collection", "t_min", "t_max", "t_mid", "s_ra", "s_dec",
+        "s_region", "poly", "crota", "sps_epa", "version", "proc")}
+    for i, oid in enumerate(visits["obs_id"]):
+        for det in range(1, 7):
+            if not visits["has_det"][i, det - 1]:
+                continue
+            crval, rot = visits["crval"][i, det - 1], visits["rot"][i, det - 1]
+            ra, dec = ins.pix2world(seed, det, (crval[0], crval[1]), rot, corners[:, 0], corners[:, 1])
+            pts = [(float(a), float(d)) for a, d in zip(ra, dec)]
+            t0 = float(visits["t_min"][i])
+            proc = PROC_V20 if t0 < V21_FROM_MJD else PROC_V21
+            rec["obs_id"].append(str(oid)); rec["detector"].append(det); rec["obs_index"].append(i)
+            rec["field"].append(cfg.fields[visits["field"][i]]["name"])
+            rec["obs_collection"].append(cfg.fields[visits["field"][i]]["collection"])
+            rec["t_min"].append(t0); rec["t_max"].append(t0 + ELAPSED_S / 86400.0)
+            rec["t_mid"].append(t0 + ELAPSED_S / 172800.0)
+            rec["s_ra"].append(float(crval[0])); rec["s_dec"].append(float(crval[1]))
+            rec["s_region"].append("POLYGON ICRS " + " ".join(f"{a:.6f} {d:.6f}" for a, d in pts + pts[:1]))
+            rec["poly"].append([list(p) for p in pts]); rec["crota"].append(float(rot))
+            rec["sps_epa"].append(float(visits["epa"][i])); rec["proc"].append(proc)
+            rec["version"].append(("6.5.4" if legacy_psf_headers else "6.5.4+psffix1") if proc == PROC_V20 else "6.5.6")
+    n = len(rec["obs_id"])
+    det = np.array(rec["detector"])
+    df = pl.DataFrame(rec, schema_overrides={"poly": pl.List(pl.List(pl.Float64))})
+    pp = [o[:10] for o in rec["obs_id"]]
+    uri = [f"ibe/data/spherex/qr2/level2/{p}/{pr}/{d}/level2_{o}D{d}_spx_{pr}.fits"
+           for p, pr, d, o in zip(pp, rec["proc"], det, rec["obs_id"])]
+    em = {d: ins.band_range_m(d) for d in range(1, 7)}
+    fwhm = {d: ins.median_fwhm(d) for d in range(1, 7)}
+    return df.with_columns(
+        pl.col("detector").cast(pl.Int8),
+        pl.Series("energy_bandpassname", [f"SPHEREx-D{d}" for d in det]),
+        pl.Series("spherex_detector", [f"D{d}" for d in det]),
+        pl.Series("obs_publisher_did", [f"ivo://irsa.ipac/{c}?{o}/D{d}" for c, o, d in zip(rec["obs_collection"], rec["obs_id"], det)]),
+        pl.Series("obs_creator_did", [f"{o}D{d}" for o, d in zip(rec["obs_id"], det)]),
+        pl.Series("obs_title", [f"{o}D{d} ({_iso(t)[:16]})" for o, d, t in zip(rec["obs_id"], det, rec["t_min"])]),
+        pl.Series("planeid", np.arange(n, dtype=np.int64) + 100001),
+        pl.Series("obsid", np.array(rec["obs_index"], dtype=np.int64) + 500001),
+        pl.lit(EXPTIME_S).alias("t_exptime"),
+        pl.Series("em_min", [em[d][0] for d in det]), pl.Series("em_max", [em[d][1] for d in det]),
+        pl.Series("em_res_power", [BANDS[f"D{d}"][2] for d in det], dtype=pl.Float64),
+        pl.lit(NPIX).alias("s_xel1"), pl.lit(NPIX).alias("s_xel2"),
+        pl.lit(PIXEL_SCALE_ARCSEC).alias("s_pixel_scale"),
+        pl.Series("s_resolution", [fwhm[d] for d in det]),
+        pl.lit("image").alias("dataproduct_type"), pl.lit("spherex.level2").alias("dataproduct_subtype"),
+        pl.lit(2).alias("calib_level"), pl.lit("SPHEREx").alias("instrument_name"),
+        pl.lit("SPHEREx").alias("facility_name"), pl.lit("public").alias("data_rights"),
+        pl.Series("obs_release_date", [_iso(t + 30.0)[:10] for t in rec["t_min"]]),
+        pl.Series("uri", uri),
+        pl.Series("cloud_key", [u.removeprefix("ibe/data/spherex/") for u in uri]),
+        pl.Series("cloud_available", rng.uniform(0, 1, n) >= cloud_lag_fraction),
+        pl.lit(FULL_FILE_BYTES, dtype=pl.Int64).alias("contentlength"),
+        pl.lit("").alias("contentchecksum"),
+        pl.Series("psf_key", [f"D{d}_{pr}" for d, pr in zip(det, rec["proc"])]),
+    )

@@ -1,0 +1,273 @@
+"""``Universe``: the simulated SPHEREx sky, survey and virtual L2 files (CONTRACTS.md, sim).
+
+    u = Universe(seed=1)
+    u.observations                      # polars, one row per (obs_id, detector) file
+    u.read(key, start, stop)            # bytes [start, stop) of the 71,634,240-byte MEF (stop exclusive)
+    u.cutout(key, "270.1,66.5d", "200px")
+
+Files are computed on demand in 64-row strips (cached, deterministic from the seed); nothing is
+stored on disk. ``key`` is the cloud key ``qr2/level2/...`` (the IBE ``uri`` is accepted too).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import polars as pl
+
+from spxframe.schema import EXPTIME_S, FULL_FILE_BYTES, NPIX
+
+from . import cutout as cut
+from . import headers as hd
+from . import instrument as ins
+from .cutout import BadRequest
+from .mefgen import NSTRIP, STRIP, Frame
+from .sky import Sky, make_sources
+from .survey import SurveyConfig, observations_table, plan_visits
+
+__all__ = ["Universe", "BadRequest", "SurveyConfig"]
+ROW_BYTES = NPIX * 4
+
+
+class _LRU:
+    """A small thread-safe LRU mapping."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.d, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, make):
+        with self.lock:
+            if key in self.d:
+                self.d.move_to_end(key)
+                return self.d[key]
+        val = make()
+        with self.lock:
+            self.d[key] = val
+            self.d.move_to_end(key)
+            while len(self.d) > self.size:
+                self.d.popitem(last=False)
+        return val
+
+
+def _iso(mjd: float) -> str:
+    d = _dt.datetime(1858, 11, 17) + _dt.timedelta(days=float(mjd))
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}"
+
+
+class Universe:
+    """The simulated SPHEREx archive's truth and files.
+
+    Parameters: ``seed``; ``legacy_psf_headers`` (files of processing l2b-v20 carry VERSION
+    '6.5.4' and the legacy PSF zone labelling; v21 files are VERSION '6.5.6', always correct);
+    ``cloud_lag_fraction`` (fraction of files with ``cloud_available`` False); ``config`` (a
+    ``SurveyConfig``) or keyword knobs ``deep_visits``, ``wide_visits_per_pass``, ``sources_per_field``;
+    ``cutout_pixel_base`` (0 or 1: base of ``center=...px``); ``cache_strips`` (LRU size).
+    """
+
+    def __init__(self, seed: int = 1, *, legacy_psf_headers: bool = False, cloud_lag_fraction: float = 0.0,
+                 config: SurveyConfig | None = None, deep_visits: int | None = None,
+                 wide_visits_per_pass: int | None = None, sources_per_field: int | None = None,
+                 cutout_pixel_base: int = 0, cache_strips: int = 48) -> None:
+        self.seed = int(seed)
+        self.legacy_psf_headers = bool(legacy_psf_headers)
+        self.cloud_lag_fraction = float(cloud_lag_fraction)
+        self.cutout_pixel_base = int(cutout_pixel_base)
+        cfg = config or SurveyConfig()
+        if deep_visits is not None:
+            cfg.deep_visits = int(deep_visits)
+        if wide_visits_per_pass is not None:
+            cfg.wide_visits_per_pass = int(wide_visits_per_pass)
+        if sources_per_field is not None:
+            cfg.sources_per_field = int(sources_per_field)
+        self.config = cfg
+        self._sky = Sky(make_sources(self.seed, cfg.field_windows(), cfg.sources_per_field))
+        self.sources: pl.DataFrame = self._sky.sources
+        self._visits = plan_visits(self.seed, cfg)
+        self.observations: pl.DataFrame = observations_table(self.seed, self._visits, cfg, self.cloud_lag_fraction,
+                                                             self.legacy_psf_headers)
+        keys = self.observations["cloud_key"].to_list()
+        self._row_of = {k: i for i, k in enumerate(keys)}
+        self._row_of.update({u: i for i, u in enumerate(self.observations["uri"].to_list())})
+        self._by_obs = {(o, int(d)): i for i, (o, d) in enumerate(zip(self.observations["obs_id"].to_list(),
+                                                                      self.observations["detector"].to_list()))}
+        self._obs = self.observations.select("obs_id", "detector", "obs_index", "t_min", "t_max", "s_ra", "s_dec",
+                                             "crota", "sps_epa", "version", "psf_key").rows(named=True)
+        ra, dec = np.radians(self.sources["ra"].to_numpy()), np.radians(self.sources["dec"].to_numpy())
+        self._src_vec = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+        self._frames = _LRU(64)
+        self._strips = _LRU(cache_strips)
+        self._metas = _LRU(256)
+        self._md5: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ truth
+    def truth_flux(self, source_id, wavelength_um, mjd) -> np.ndarray:
+        """Truth flux density (µJy) at λ (µm) and MJD; arguments broadcast."""
+        return self._sky.truth_flux(source_id, wavelength_um, mjd)
+
+    def truth_pixel(self, source_id, obs_id: str, detector: int) -> tuple[float, float]:
+        """Zero-based parent pixel (x, y) of a source at mid-exposure (NaN if off the detector)."""
+        fr = self._frame(self._by_obs[(str(obs_id), int(detector))])
+        idx = self._sky.index(np.atleast_1d(source_id))
+        ra, dec = self._sky.positions(idx, fr.t_mid)
+        x, y = fr.wcs.all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50, quiet=True)
+        off = ~((x >= -0.5) & (x < NPIX - 0.5) & (y >= -0.5) & (y < NPIX - 0.5))
+        x, y = np.where(off, np.nan, x), np.where(off, np.nan, y)
+        return (float(x[0]), float(y[0])) if np.ndim(source_id) == 0 else (x, y)
+
+    def catalog(self, n: int | None = None, field: str | None = None) -> pl.DataFrame:
+        """Input catalog for spxframe: source_id, ra, dec, pmra, pmdec, ref_epoch (first n of a field)."""
+        df = self.sources if field is None else self.sources.filter(pl.col("field") == field)
+        df = df.select("source_id", "ra", "dec", "pmra", "pmdec", "ref_epoch")
+        return df if n is None else df.head(int(n))
+
+    # ------------------------------------------------------------------ files
+    def row(self, key: str) -> int:
+        """Row of ``observations`` for a cloud key or IBE uri (KeyError if unknown)."""
+        k = key.lstrip("/")
+        if k not in self._row_of:
+            k = k.removeprefix("nasa-irsa-spherex/")
+            if "ibe/data/spherex/" in k:
+                k = k[k.index("ibe/data/spherex/"):]
+        if k not in self._row_of:
+            raise KeyError(f"no such file: {key!r}")
+        return self._row_of[k]
+
+    def file_size(self, key: str) -> int:
+        """Size of a full L2 file in bytes (71,634,240)."""
+        self.row(key)
+        return FULL_FILE_BYTES
+
+    def _frame(self, r: int) -> Frame:
+        return self._frames.get(r, lambda: Frame(self._meta(r), self._sky, self._candidates(r)))
+
+    def _candidates(self, r: int) -> np.ndarray:
+        o = self._obs[r]
+        a, d = np.radians(o["s_ra"]), np.radians(o["s_dec"])
+        c = np.array([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])
+        return np.nonzero(self._src_vec @ c > np.cos(np.radians(2.7)))[0]
+
+    def _meta(self, r: int) -> dict:
+        def make() -> dict:
+            o = self._obs[r]
+            det = int(o["detector"])
+            crval, rot = (float(o["s_ra"]), float(o["s_dec"])), float(o["crota"])
+            cards = ins.celestial_cards(self.seed, det, crval, rot)
+            wcs_header = hd.card_block(cards, 4).decode("ascii")
+            t0, t1 = float(o["t_min"]), float(o["t_max"])
+            g = np.linspace(0, NPIX - 1, 9)
+            gx, gy = np.meshgrid(g, g)
+            return {"seed": self.seed, "obs_index": r, "det": det, "obs_id": o["obs_id"], "crval": crval,
+                    "rot": rot, "t_min": t0, "t_max": t1, "version": o["version"], "epa": o["sps_epa"],
+                    "wcs_header": wcs_header, "expidn": int(o["obs_index"]) + 100000,
+                    "date": _iso(t0 + 20.0)[:19], "date_beg": _iso(t0), "date_end": _iso(t1),
+                    "date_avg": _iso(0.5 * (t0 + t1)), "exptime": EXPTIME_S,
+                    "psf_fwhm": round(ins.median_fwhm(det), 3),
+                    "sc": hd.spacecraft_state(0.5 * (t0 + t1), 0.37 * r),
+                    "_grid": (gx.ravel(), gy.ravel())}
+        return self._metas.get(r, make)
+
+    def _full_meta(self, r: int) -> dict:
+        """Frame meta plus the values that need the frame (flag counts, OMEGA_MEDIAN)."""
+        m = self._meta(r)
+        if "counts" not in m:
+            fr = self._frame(r)
+            m["omega_median"] = round(float(np.median(fr.omega(*m["_grid"]))), 4)
+            m["counts"] = fr.counts()
+        return m
+
+    def _strip(self, r: int, s: int) -> dict[str, np.ndarray]:
+        def make():
+            c = self._frame(r).strip(s)
+            return {k: c[k].astype(">i4" if k == "FLAGS" else ">f4") for k in hd.PLANES}
+        return self._strips.get((r, s), make)
+
+    def _row_parts(self, r: int, name: str, r0: int, r1: int) -> list[np.ndarray]:
+        parts = []
+        for s in range(r0 // STRIP, -(-r1 // STRIP)):
+            a, b = s * STRIP, min((s + 1) * STRIP, NPIX)
+            parts.append(self._strip(r, s)[name][max(r0, a) - a:min(r1, b) - a])
+        return parts
+
+    def _rows(self, r: int, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of plane ``name`` (values; byte order not guaranteed)."""
+        parts = self._row_parts(r, name, r0, r1)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _psf(self, r: int) -> tuple[bytes, bytes]:
+        o = self._obs[r]
+        legacy = o["version"] == "6.5.4"
+        return hd.psf_header(int(o["detector"]), o["version"], legacy), hd.psf_data(int(o["detector"]))
+
+    def _segment(self, r: int, hdu: str, kind: str, lo: int, hi: int) -> bytes:
+        det = int(self._obs[r]["detector"])
+        if hdu == "PRIMARY":
+            return hd.primary_header(self._meta(r))[lo:hi]
+        if hdu == "PSF":
+            return self._psf(r)[0 if kind == "hdr" else 1][lo:hi]
+        if hdu == "WCS-WAVE":
+            return hd.wave_hdu(det)[0 if kind == "hdr" else 1][lo:hi]
+        if kind == "hdr":
+            meta = self._full_meta(r) if hdu == "IMAGE" else self._meta(r)
+            return hd.plane_header(hdu, meta)[lo:hi]
+        r0, r1 = lo // ROW_BYTES, -(-hi // ROW_BYTES)
+        raw = b"".join(p.tobytes() for p in self._row_parts(r, hdu, r0, r1))
+        return raw[lo - r0 * ROW_BYTES:hi - r0 * ROW_BYTES]
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
+        """Bytes [start, stop) of the full file (stop exclusive, clipped to the size); deterministic."""
+        r = self.row(key)
+        start = max(int(start), 0)
+        stop = FULL_FILE_BYTES if stop is None else min(int(stop), FULL_FILE_BYTES)
+        out = []
+        for hdu, kind, a, b in hd.FULL_LAYOUT:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                out.append(self._segment(r, hdu, kind, lo - a, hi - a))
+        return b"".join(out)
+
+    def iter_file(self, key: str, chunk: int = 8 * 1024 * 1024):
+        """Yield the full file in chunks (for streaming responses)."""
+        for a in range(0, FULL_FILE_BYTES, chunk):
+            yield self.read(key, a, min(a + chunk, FULL_FILE_BYTES))
+
+    def md5(self, key: str) -> str:
+        """MD5 hex digest of the full file (computed once, cached)."""
+        r = self.row(key)
+        if r not in self._md5:
+            h = hashlib.md5()
+            for part in self.iter_file(key):
+                h.update(part)
+            self._md5[r] = h.hexdigest()
+        return self._md5[r]
+
+    def cutout_box(self, key: str, center: str, size: str) -> tuple[int, int, int, int]:
+        """(x0, y0, nx, ny), zero-based parent pixels, of the clipped box ``cutout`` would return."""
+        r = self.row(key)
+        return cut.cutout_box(self._frame(r).wcs, center, size, self.cutout_pixel_base)
+
+    def cutout(self, key: str, center: str, size: str, gzip: bool = False) -> bytes:
+        """IBE cutout bytes (see ``spxframe.sim.cutout`` for grammar and box); raises BadRequest."""
+        r = self.row(key)
+        box = self.cutout_box(key, center, size)
+        x0, y0, nx, ny = box
+        planes = {n: self._rows(r, n, y0, y0 + ny) for n in hd.PLANES}
+        ph, pd = self._psf(r)
+        return cut.assemble(self._full_meta(r), planes, box, ph, pd, hd.wave_hdu(int(self._obs[r]["detector"])), gzip)
+
+    def components(self, key: str, r0: int = 0, r1: int = NPIX) -> dict[str, np.ndarray]:
+        """Rows [r0, r1) of every plane plus the noiseless ``sky`` and ``sources`` models (native endian)."""
+        fr = self._frame(self.row(key))
+        parts = [fr.strip(s) for s in range(r0 // STRIP, -(-r1 // STRIP))]
+        off = r0 - (r0 // STRIP) * STRIP
+        return {k: np.concatenate([p[k] for p in parts])[off:off + r1 - r0] for k in parts[0]}
+
+    def frame_sources(self, key: str) -> pl.DataFrame:
+        """Sources rendered on a file: source_id, x, y (zero-based), wavelength (µm), flux (µJy), omega, zone plane."""
+        fr = self._frame(self.row(key))
+        return pl.DataFrame({"source_id": self.sources["source_id"].to_numpy()[fr.src_idx], "x": fr.src_x,
+                             "y": fr.src_y, "wavelength": fr.src_wave, "flux": fr.src_flux,
+                             "omega": fr.src_omega, "psf_plane": fr.src_plane + 1})

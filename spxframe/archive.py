@@ -389,31 +389,30 @@ def observations(
     for cell in np.unique(lab[dense]):
         m = dense & (lab == cell)
         _run_cell(tap, ra[m], dec[m], bands, time, cols, cell_parts, cell_size_deg)
-    parts = [p for p in up_parts + cell_parts if p.height]
-    rows = (pl.concat([p.drop("source_id", strict=False) for p in parts], how="vertical_relaxed")
-            if parts else pl.DataFrame(schema=_EMPTY))
-    obs = _finish(rows, ep).unique(subset=["obs_id", "detector"], keep="first").sort(["mjd_mid", "obs_id", "detector"])
-    log.info("observations: %d sources (%d by upload, %d by sky cell), %d TAP queries, %d rows, %d images in %.2f s",
-             cat.height, len(up_idx) if up_parts else 0, int(dense.sum()), tap.queries, rows.height, obs.height,
-             _time.perf_counter() - t0)
-    if not return_matches:
-        return obs
     ids = cat["source_id"].cast(pl.Utf8)
-    m_parts = []
-    for p in up_parts:
-        if p.height:
-            m_parts.append(pl.DataFrame({"source_id": ids.gather(p["source_id"].cast(pl.Int64)), "obs_id": p["obs_id"],
-                                         "detector": p["energy_bandpassname"].str.extract(r"D(\d)$").cast(pl.Int8)}))
-    didx = np.flatnonzero(dense)
-    if len(didx) and obs.height:
-        cell_obs = _finish(pl.concat(cell_parts, how="vertical_relaxed"), ep).unique(subset=["obs_id", "detector"]) \
-            if cell_parts else obs.clear()
+    m_parts = [pl.DataFrame({"source_id": ids.gather(p["source_id"].cast(pl.Int64)), "obs_id": p["obs_id"],
+                             "detector": p["energy_bandpassname"].str.extract(r"D(\d)$").cast(pl.Int8)})
+               for p in up_parts if p.height]
+    parts = [p.drop("source_id", strict=False) for p in up_parts if p.height]
+    if any(p.height for p in cell_parts):
+        # sky cells return every frame near the cell: keep those whose footprint holds a source
+        cell_rows = pl.concat([p for p in cell_parts if p.height], how="vertical_relaxed")
+        cell_obs = _finish(cell_rows, ep).with_row_index("_r").unique(subset=["obs_id", "detector"], keep="first")
+        didx = np.flatnonzero(dense)
         fp = Footprints.from_s_region(cell_obs["s_region"].to_list())
         si, fi = fp.candidates(ra[didx], dec[didx])
         inside, _, _ = fp.contains(si, fi, ra[didx], dec[didx], margin_px=2.0)
         si, fi = didx[si[inside]], fi[inside]
         m_parts.append(pl.DataFrame({"source_id": ids.gather(si), "obs_id": cell_obs["obs_id"].gather(fi),
                                      "detector": cell_obs["detector"].gather(fi)}))
-    matches = pl.concat(m_parts) if m_parts else pl.DataFrame(schema={"source_id": pl.Utf8, "obs_id": pl.Utf8,
-                                                                      "detector": pl.Int8})
+        parts.append(cell_rows[np.unique(cell_obs["_r"].to_numpy()[fi])])
+    rows = pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame(schema=_EMPTY)
+    obs = _finish(rows, ep).unique(subset=["obs_id", "detector"], keep="first").sort(["mjd_mid", "obs_id", "detector"])
+    log.info("observations: %d sources (%d by upload, %d by sky cell), %d TAP queries, %d rows, %d images in %.2f s",
+             cat.height, len(up_idx) if up_parts else 0, int(dense.sum()), tap.queries, rows.height, obs.height,
+             _time.perf_counter() - t0)
+    if not return_matches:
+        return obs
+    matches = pl.concat(m_parts, how="vertical_relaxed") if m_parts else \
+        pl.DataFrame(schema={"source_id": pl.Utf8, "obs_id": pl.Utf8, "detector": pl.Int8})
     return obs, matches.unique(maintain_order=True)

@@ -647,6 +647,7 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
 
     # ---- group rows into tasks ----
     tasks: dict[tuple, Task] = {}
+    by_rel: dict[str, Target] = {}
     for i, r in enumerate(rows):
         try:
             access = str(r.get("access") or "").strip().lower()
@@ -672,6 +673,10 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
         except InputError as e:
             out_err[i] = str(e)
             continue
+        if rel in by_rel:  # the same file (same box) is already planned by another row/method
+            by_rel[rel].rows.append(i)
+            out_path[i] = rel
+            continue
         t = tasks.get(key)
         if t is None:
             psf_key = r.get("psf_key") or (_default_psf_key(det, url) if access == "range" else None)
@@ -685,6 +690,7 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
                 request["box"] = [box.x0, box.y0, box.nx, box.ny]
             tgt = Target(rel, path, box, [], request)
             t.targets.append(tgt)
+            by_rel[rel] = tgt
         tgt.rows.append(i)
         out_path[i] = rel
 

@@ -1,0 +1,464 @@
+"""fetch(): transfers against the simulated archive on 127.0.0.1 (cutout, range, full), faults,
+kill-and-resume, range-vs-IBE identity, cache keys, path safety, Retry-After, injection.
+
+Manifests are built by hand from ``universe.observations`` so these tests do not depend on plan().
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from spxframe import fetch as F
+from spxframe import rangeread as R
+from spxframe.errors import InputError
+
+PLANES = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
+
+# --------------------------------------------------------------------------------------
+# pure helpers (no network)
+# --------------------------------------------------------------------------------------
+
+
+def test_format_card_roundtrip_astropy():
+    from astropy.io import fits
+
+    cards = [R.format_card("CRPIX1", 1020.5 - 37, "reference pixel"), R.format_card("NAXIS1", 60),
+             R.format_card("CRPIX2A", 1.0 - 1900), R.format_card("CRPIX1W", -0.0),
+             R.format_card("PSFFILE", "psf/D3_l2b-v20-2025-247.fits", "cube"),
+             R.format_card("SIMPLE", True), R.format_card("TINY", 1e-30)]
+    assert all(len(c) == 80 for c in cards)
+    h = fits.Header.fromstring(b"".join(cards).decode() + "END".ljust(80))
+    assert h["CRPIX1"] == 983.5 and h["NAXIS1"] == 60 and h["CRPIX2A"] == -1899.0
+    assert h["PSFFILE"] == "psf/D3_l2b-v20-2025-247.fits" and h["SIMPLE"] is True and h["TINY"] == 1e-30
+    assert h.comments["CRPIX1"] == "reference pixel"
+
+
+def test_edit_header_and_parse():
+    from astropy.io import fits
+
+    hdr = fits.ImageHDU(np.zeros((5, 7), ">f4"), name="IMAGE").header
+    hdr["CRPIX1"] = (10.5, "x ref")
+    hdr["CRPIX1A"] = 1.0
+    for i in range(60):
+        hdr[f"K{i}"] = i
+    raw = hdr.tostring().encode()
+    assert R.header_length(raw) == len(raw) and len(raw) % 2880 == 0
+    assert R.header_length(raw[:-2880]) is None or len(raw) == 2880
+    new = R.edit_header(raw, update={"CRPIX1": 10.5 - 3, "CRPIX1A": 1.0 - 3, "ABSENT": 1}, delete=["K3"],
+                        append=[("PSFFILE", "psf/x.fits", "c")])
+    h = fits.Header.fromstring(new.decode())
+    assert h["CRPIX1"] == 7.5 and h.comments["CRPIX1"] == "x ref" and h["CRPIX1A"] == -2.0
+    assert "K3" not in h and "ABSENT" not in h and h["PSFFILE"] == "psf/x.fits"
+    keys = R.parse_header(new)
+    assert keys["NAXIS1"] == 7 and keys["EXTNAME"] == "IMAGE" and keys["BITPIX"] == -32
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 500)), min_size=0, max_size=30),
+       st.integers(0, 300))
+def test_coalesce_covers_and_respects_gap(spans, gap):
+    ranges = [(s, s + n) for s, n in spans]
+    merged = R.coalesce(ranges, max_gap=gap)
+    for s, e in ranges:  # every range inside one merged range
+        assert any(ms <= s and e <= me for ms, me in merged)
+    for (s0, e0), (s1, e1) in zip(merged, merged[1:]):
+        assert s1 - e0 > gap  # merged ranges are separated by more than the gap
+    assert sum(e - s for s, e in merged) <= sum(e - s for s, e in ranges) + gap * len(ranges)
+
+
+def test_local_names_cannot_escape(tmp_path):
+    b = R.Box(10, 20, 30, 40)
+    assert F.local_name("2025W19_2B_0073_2", 3, b) == "data/D3/2025W19_2B_0073_2D3_x10_y20_30x40.fits"
+    assert F.local_name("2025W19_2B_0073_2", 3, full=True) == "data/D3/2025W19_2B_0073_2D3_full.fits"
+    for bad in ("../../etc/passwd", "2025W19_2B_0073_2/../../x", "/abs", "2025W19_2B_0073_2\x00", "", "a" * 300):
+        with pytest.raises(InputError):
+            F.local_name(bad, 3, b)
+    for det in (0, 7, "3/../..", None):
+        with pytest.raises(InputError):
+            F.local_name("2025W19_2B_0073_2", det, b)
+    with pytest.raises(InputError):
+        F.local_name("2025W19_2B_0073_2", 3, R.Box(-5, 0, 10, 10))
+    for bad in ("../x", "a/b", ".hidden", "x..y", ""):
+        with pytest.raises(InputError):
+            F.psf_name(bad)
+    with pytest.raises(InputError):
+        F._inside(str(tmp_path), "../outside.fits")
+
+
+def test_cache_dir_not_writable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    m = pl.DataFrame({"obs_id": ["2025W19_2B_0073_2"], "detector": [3], "access": ["full"],
+                      "url": ["http://127.0.0.1:9/x.fits"]})
+    with pytest.raises(InputError, match="not writable"):
+        F.fetch(m, cache_dir=blocker / "cache", progress=False)
+    with pytest.raises(InputError, match="url"):
+        F.fetch(m.drop("url"), cache_dir=tmp_path / "c", progress=False)
+
+
+def test_retry_policy_and_limiter():
+    from spxframe.transfer import HostLimiter, RetryPolicy, parse_retry_after
+
+    p = RetryPolicy(retries=3, backoff=0.5, max_backoff=4.0, max_retry_after=2.0)
+    assert all(0.25 <= p.delay(1) <= 0.5 for _ in range(50))
+    assert all(p.delay(10) <= 4.0 for _ in range(50))
+    assert 2.0 <= p.delay(1, retry_after=100.0) <= 2.1  # bounded
+    assert 1.0 <= p.delay(1, retry_after=1.0) <= 1.1
+    assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    lim = HostLimiter(8, 4)
+    t0 = time.monotonic()
+    lim.overload(t0)
+    lim.overload(t0 - 1)  # an answer to a request started before the decrease: ignored
+    assert lim.limit == 2.0 and lim.decreases == 1
+    for _ in range(40):
+        lim.success()
+    assert lim.limit == 8.0
+
+
+# --------------------------------------------------------------------------------------
+# simulated archive
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def arc(universe):
+    """Our own server (faults are mutated here), reset before each test that uses it."""
+    from spxframe import sim
+
+    with sim.serve(universe=universe) as a:
+        yield a
+
+
+@pytest.fixture
+def sarc(arc):
+    f = arc.faults
+    saved = {k: getattr(f, k) for k in ("error_rate", "latency_s", "bandwidth_bps", "truncate_rate",
+                                       "max_cutout_concurrency", "retry_after_s", "error_rates", "endpoints")}
+    f.error_rate, f.truncate_rate, f.latency_s, f.error_rates, f.endpoints = 0.0, 0.0, 0.0, {}, None
+    f.bandwidth_bps, f.max_cutout_concurrency, f.retry_after_s = None, None, 0.2
+    arc.clear_log()
+    yield arc
+    for k, v in saved.items():
+        setattr(f, k, v)
+
+
+def _obs(universe, n: int, *, det: int | None = None) -> list[dict]:
+    o = universe.observations
+    if "cloud_available" in o.columns:
+        o = o.filter(pl.col("cloud_available"))
+    if det is not None:
+        o = o.filter(pl.col("detector") == det)
+    return o.head(n).to_dicts()
+
+
+def _ibe_box(universe, key: str, center: str, size: str) -> R.Box:
+    """The box the archive's cutout covers, zero-based parent px."""
+    return R.Box(*universe.cutout_box(key, center, size))
+
+
+def _rows(arc, obs: list[dict], access: str, *, size_px: int = 40, offsets=((0.0, 0.0),), source0: int = 0):
+    """Manifest rows: for each observation and offset (deg) from the field centre, one box."""
+    u = arc.universe
+    rows = []
+    k = source0
+    for o in obs:
+        for dra, ddec in offsets:
+            ra = o["s_ra"] + dra / max(np.cos(np.radians(o["s_dec"])), 0.1)
+            dec = o["s_dec"] + ddec
+            center, size = f"{ra:.7f},{dec:.7f}", f"{size_px}px"
+            box = _ibe_box(u, o["cloud_key"], center, size)
+            if access == "cutout":
+                url = f"{arc.url}/{o['uri']}?center={center}&size={size}&gzip=false"
+            elif access == "range":
+                url = f"{arc.cloud_url}/{o['cloud_key']}"
+            else:
+                url = f"{arc.url}/{o['uri']}"
+            rows.append(dict(source_id=str(k), obs_id=o["obs_id"], detector=int(o["detector"]),
+                             band=f"D{int(o['detector'])}", ra=ra, dec=dec, access=access,
+                             request_id=f"{o['obs_id']}D{o['detector']}:{access}:{k if access == 'cutout' else ''}",
+                             url=url, ranges="", box_x0=box.x0, box_y0=box.y0, box_nx=box.nx, box_ny=box.ny,
+                             clipped=False, psf_key=o.get("psf_key"), status="planned",
+                             _center=center, _size=size, _key=o["cloud_key"]))
+            k += 1
+    return rows
+
+
+def _manifest(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+
+
+def _fits(path_or_bytes):
+    from astropy.io import fits
+
+    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    return fits.open(src)
+
+
+def test_range_cutout_equals_ibe_cutout(sarc, tmp_path):
+    """Range-read cutouts and IBE cutouts of the same boxes: identical pixels, equivalent headers."""
+    u = sarc.universe
+    obs = _obs(u, 2)
+    offs = ((0.0, 0.0), (0.3, -0.2), (-0.5, 0.4))
+    cut = _rows(sarc, obs, "cutout", size_px=40, offsets=offs)
+    rng = _rows(sarc, obs, "range", size_px=40, offsets=offs, source0=100)
+    out = pl.concat([F.fetch(_manifest(cut), cache_dir=tmp_path / "ibe", progress=False),
+                     F.fetch(_manifest(rng), cache_dir=tmp_path / "rng", progress=False)])
+    assert out["status"].to_list() == ["done"] * len(out), out["error"].to_list()
+    # requests: one per cutout; range: headers, windows, rows, PSF once — few per file
+    cloud = [e for e in sarc.log if e.get("endpoint") == "cloud"]
+    assert len([e for e in sarc.log if e.get("endpoint") == "ibe_cutout"]) == len(cut)
+    assert 0 < len(cloud) <= 16 * len(obs)
+    paths = dict(zip(out["source_id"].to_list(), out["path"].to_list()))
+    for c, r in zip(cut, rng):
+        pc, pr = paths[c["source_id"]], paths[r["source_id"]]
+        assert pc != pr
+        ibe = u.cutout(c["_key"], c["_center"], c["_size"])
+        assert Path(pc).read_bytes() == ibe  # the IBE cutout stored as served
+        with _fits(ibe) as a, _fits(pr) as b:
+            assert [h.name for h in a] == [h.name for h in b]
+            for name in PLANES:
+                assert a[name].data.tobytes() == b[name].data.tobytes(), name
+                ha, hb = a[name].header, b[name].header
+                for key in ("NAXIS1", "NAXIS2", "CRPIX1", "CRPIX2", "CRPIX1A", "CRPIX2A", "CRPIX1W", "CRPIX2W"):
+                    assert ha.get(key) == hb.get(key), (name, key)
+                assert {k: v for k, v in ha.items() if k not in ("CHECKSUM", "DATASUM")} == \
+                    {k: v for k, v in hb.items() if k not in ("CHECKSUM", "DATASUM")}, name
+            assert a["WCS-WAVE"].header == b["WCS-WAVE"].header
+            assert a["WCS-WAVE"].data.tobytes() == b["WCS-WAVE"].data.tobytes()
+            assert a[0].header == b[0].header
+            pa, pb = a["PSF"].header, b["PSF"].header
+            assert pb["NAXIS"] == 0 and "NAXIS3" not in pb
+            skip = {"NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "PSFFILE", "CHECKSUM", "DATASUM"}
+            assert {k: v for k, v in pa.items() if k not in skip} == {k: v for k, v in pb.items() if k not in skip}
+            rel = pb["PSFFILE"]
+            assert rel == f"psf/{r['psf_key']}.fits"
+            with _fits(str(tmp_path / "rng" / rel)) as p:
+                assert p["PSF"].data.tobytes() == a["PSF"].data.tobytes()
+                assert p["PSF"].header == a["PSF"].header
+    # the PSF cube was read once per psf_key
+    psf_bytes = 121 * 101 * 101 * 4
+    big = [e for e in cloud if (e.get("bytes_sent") or 0) >= psf_bytes]
+    assert len(big) <= len({r["psf_key"] for r in rng})
+
+
+def test_faults_every_row_done_or_failed(sarc, tmp_path):
+    """20 % 502/503, 10 % truncated bodies, latency, cutout concurrency cap 4: every row ends done
+    with the archive's bytes, or failed with a reason after the retry budget."""
+    u = sarc.universe
+    f = sarc.faults
+    f.error_rate, f.truncate_rate, f.latency_s, f.max_cutout_concurrency = 0.2, 0.1, 0.02, 4
+    obs = _obs(u, 6)
+    rows = (_rows(sarc, obs[:4], "cutout", size_px=30, offsets=((0, 0), (0.2, 0.2)))
+            + _rows(sarc, obs[2:6], "range", size_px=30, offsets=((0, 0), (-0.2, 0.1)), source0=100)
+            + _rows(sarc, obs[5:6], "full", size_px=30, source0=200))
+    retries = 6
+    out = F.fetch(_manifest(rows), cache_dir=tmp_path, progress=False, retries=retries, backoff=0.05,
+                  max_backoff=0.5, max_concurrency=6)
+    by = {r["source_id"]: r for r in rows}
+    n_done = 0
+    for r in out.iter_rows(named=True):
+        assert r["status"] in ("done", "failed")
+        assert 0 <= r["attempts"] <= retries + 1
+        if r["status"] == "failed":
+            assert r["error"] and r["attempts"] >= 1
+            continue
+        n_done += 1
+        src = by[r["source_id"]]
+        data = Path(r["path"]).read_bytes()
+        if r["access"] == "cutout":
+            assert data == u.cutout(src["_key"], src["_center"], src["_size"])
+        elif r["access"] == "full":
+            assert len(data) == u.file_size(src["_key"])
+            assert data[:2880 * 20] == u.read(src["_key"], 0, 2880 * 20)
+        else:
+            with _fits(data) as a, _fits(u.cutout(src["_key"], src["_center"], src["_size"])) as b:
+                for name in PLANES:
+                    assert a[name].data.tobytes() == b[name].data.tobytes()
+    assert n_done >= len(rows) - 2  # with 7 attempts almost nothing should fail
+    statuses = [e["status"] for e in sarc.log]
+    assert any(s in (502, 503) for s in statuses)  # faults really happened
+    # no leftovers
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_cache_key_separates_sizes_and_rerun_skips(sarc, tmp_path):
+    u = sarc.universe
+    obs = _obs(u, 1)
+    a = _rows(sarc, obs, "cutout", size_px=20)
+    b = _rows(sarc, obs, "cutout", size_px=44, source0=1)
+    c = _rows(sarc, obs, "range", size_px=20, source0=2) + _rows(sarc, obs, "range", size_px=44, source0=3)
+    m = _manifest(a + b + c)
+    out = F.fetch(m, cache_dir=tmp_path, progress=False)
+    assert set(out["status"]) == {"done"}
+    paths = out["path"].to_list()
+    assert len(set(paths)) == 4
+    assert all(Path(p).is_relative_to(tmp_path) for p in paths)
+    assert all(Path(p + ".ok").exists() for p in paths)
+    with _fits(paths[0]) as x, _fits(paths[1]) as y:
+        assert x["IMAGE"].data.shape != y["IMAGE"].data.shape
+    sarc.clear_log()
+    again = F.fetch(out, cache_dir=tmp_path, progress=False)
+    assert set(again["status"]) == {"done"} and again["path"].to_list() == paths
+    assert [e for e in sarc.log if e.get("endpoint") in ("ibe_cutout", "cloud", "ibe_file")] == []
+    # a truncated file (sidecar now wrong) and a file without a sidecar are both re-verified
+    Path(paths[0]).write_bytes(Path(paths[0]).read_bytes()[:-2880])
+    Path(paths[2] + ".ok").unlink()
+    third = F.fetch(out, cache_dir=tmp_path, progress=False)
+    assert set(third["status"]) == {"done"}
+    hits = [e for e in sarc.log if e.get("endpoint") == "ibe_cutout"]
+    assert len(hits) == 1  # only the damaged cutout was fetched again
+    assert Path(paths[2] + ".ok").exists()
+
+
+def test_bad_rows_fail_without_escaping(sarc, tmp_path):
+    u = sarc.universe
+    obs = _obs(u, 1)
+    good = _rows(sarc, obs, "cutout", size_px=20)
+    evil = dict(good[0], source_id="e1", obs_id="../../../../tmp/evil")
+    evil2 = dict(good[0], source_id="e2", access="range", url=f"{sarc.cloud_url}/{obs[0]['cloud_key']}",
+                 psf_key="../../evil")
+    outside = dict(good[0], source_id="e3",
+                   url=f"{sarc.url}/{obs[0]['uri']}?center={obs[0]['s_ra']},{-obs[0]['s_dec']}&size=20px&gzip=false")
+    missing = dict(good[0], source_id="e4", access="full", url=f"{sarc.url}/ibe/data/spherex/qr2/nope.fits")
+    out = F.fetch(_manifest(good + [evil, evil2, outside, missing]), cache_dir=tmp_path / "c", progress=False,
+                  retries=2, backoff=0.01)
+    st_ = dict(zip(out["source_id"], out["status"]))
+    err = dict(zip(out["source_id"], out["error"]))
+    assert st_["0"] == "done"
+    assert st_["e1"] == "failed" and "obs_id" in err["e1"]
+    assert st_["e2"] == "failed" and "psf_key" in err["e2"]
+    assert st_["e3"] == "failed" and "400" in err["e3"]
+    assert st_["e4"] == "failed" and "404" in err["e4"]
+    att = dict(zip(out["source_id"], out["attempts"]))
+    assert att["e3"] == 1 and att["e4"] == 1  # 4xx: no retries
+    assert not (tmp_path / "tmp").exists() and not (tmp_path / "evil.fits").exists()
+    for p in (tmp_path / "c").rglob("*"):
+        assert p.resolve().is_relative_to((tmp_path / "c").resolve())
+
+
+def test_retry_after_honoured_and_bounded(sarc, tmp_path):
+    u = sarc.universe
+    obs = _obs(u, 1)
+    rows = _rows(sarc, obs, "cutout", size_px=20)
+    f = sarc.faults
+    f.error_rate, f.retry_after_s = 1.0, 0.4
+    t0 = time.monotonic()
+    out = F.fetch(_manifest(rows), cache_dir=tmp_path, progress=False, retries=2, backoff=0.01, max_backoff=0.01)
+    dt = time.monotonic() - t0
+    assert out["status"][0] == "failed" and out["attempts"][0] == 3
+    assert any(s in out["error"][0] for s in ("502", "503"))
+    n503 = sum(1 for e in sarc.log if e["status"] == 503)
+    assert dt >= 0.35 * min(n503, 2)  # waited Retry-After after the 503s (not just 10 ms backoff)
+    # bounded: a huge Retry-After is capped by max_retry_after
+    f.retry_after_s = 3600
+    t0 = time.monotonic()
+    out = F.fetch(_manifest(rows), cache_dir=tmp_path, progress=False, retries=2, backoff=0.01,
+                  max_backoff=0.01, max_retry_after=0.2)
+    assert time.monotonic() - t0 < 5 and out["status"][0] == "failed"
+    # and the request succeeds once the archive recovers
+    f.error_rate = 0.0
+    out = F.fetch(_manifest(rows), cache_dir=tmp_path, progress=False)
+    assert out["status"][0] == "done"
+
+
+def test_session_and_storage_options_injection(sarc, tmp_path):
+    import aiohttp
+    import requests
+
+    u = sarc.universe
+    obs = _obs(u, 1)
+    rows = _rows(sarc, obs, "cutout", size_px=20) + _rows(sarc, obs, "range", size_px=20, source0=1)
+
+    class CountingSession(requests.Session):
+        calls: list[str] = []
+
+        def request(self, method, url, *a, **kw):
+            CountingSession.calls.append(url)
+            return super().request(method, url, *a, **kw)
+
+    starts: list[str] = []
+
+    async def on_start(session, ctx, params):
+        starts.append(params.headers.get("X-Token", ""))
+
+    tc = aiohttp.TraceConfig()
+    tc.on_request_start.append(on_start)
+    sess = CountingSession()
+    sess.headers["X-Token"] = "abc"
+    out = F.fetch(_manifest(rows), cache_dir=tmp_path, progress=False, session=sess,
+                  storage_options={"headers": {"X-Token": "xyz"}, "client_kwargs": {"trace_configs": [tc]}})
+    assert set(out["status"]) == {"done"}
+    assert len(CountingSession.calls) == 1 and "center=" in CountingSession.calls[0]
+    assert starts and set(starts) == {"xyz"}
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, polars as pl, spxframe.fetch as F
+    m = pl.read_parquet(sys.argv[1])
+    F.fetch(m, cache_dir=sys.argv[2], progress=False, max_concurrency=2)
+""")
+
+
+def test_killed_run_resumes_without_refetching(sarc, tmp_path):
+    """Kill a fetch mid-transfer (slow bandwidth), rerun: nothing corrupt is trusted, verified
+    files are not fetched again, the rest completes."""
+    u = sarc.universe
+    obs = _obs(u, 4)
+    rows = _rows(sarc, obs, "cutout", size_px=24) + _rows(sarc, obs[:2], "range", size_px=24, source0=100)
+    man = tmp_path / "m.parquet"
+    _manifest(rows).write_parquet(man)
+    cache = tmp_path / "cache"
+    sarc.faults.bandwidth_bps = 2_500_000  # a 5 MB cutout takes ~2 s
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(man), str(cache)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            oks = list(cache.rglob("*.fits.ok")) if cache.exists() else []
+            parts = list(cache.rglob("*.part")) if cache.exists() else []
+            if any("data" in str(p) for p in oks) and parts:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    sarc.faults.bandwidth_bps = None
+    done_before = {p.with_suffix("").name for p in cache.rglob("*.fits.ok")}  # ".../x.fits"
+    assert done_before
+    # every file at a final name is complete; partial transfers are only *.part
+    for p in cache.rglob("*.fits"):
+        R.scan_fits(p, required=("PRIMARY", "PSF") if p.parent.name == "psf" else R.REQUIRED_HDUS)
+    sarc.clear_log()
+    out = F.fetch(_manifest(rows), cache_dir=cache, progress=False)
+    assert set(out["status"]) == {"done"}, out["error"].to_list()
+    assert not list(cache.rglob("*.part"))
+    by_url = {}
+    for r in out.iter_rows(named=True):
+        by_url.setdefault(Path(r["path"]).name, r)
+    refetched = {e["path"] + ("?" + e["query"] if e.get("query") else "") for e in sarc.log}
+    for name in done_before:
+        r = by_url.get(name)
+        if r is None or r["access"] != "cutout":
+            continue
+        assert not any(r["url"].split("//", 1)[1].split("/", 1)[1] in q for q in refetched), name
+    n_cut = sum(1 for e in sarc.log if e.get("endpoint") == "ibe_cutout")
+    n_done_cut = sum(1 for n in done_before if by_url.get(n) is not None and by_url[n]["access"] == "cutout")
+    assert n_cut == len([r for r in rows if r["access"] == "cutout"]) - n_done_cut

@@ -125,10 +125,23 @@ def _where(bands, time, cols) -> str:
     return " AND ".join(w)
 
 
-def upload_query(bands, time, cols) -> str:
-    """The batched ADQL of CONTRACTS.md (uploaded table ``cat``: source_id = row index, ra, dec)."""
+def upload_query(bands, time, cols, radius: float | None = None) -> str:
+    """Batched ADQL (uploaded table ``cat``: source_id = row index, ra, dec).
+
+    ``radius`` None: CONTRACTS.md's shape, ``CONTAINS(POINT(u.ra, u.dec), p.poly)`` (the archive's
+    polygon decides). ``radius`` (deg): frames whose centre lies within it of the source — a
+    superset that the client filters by footprint with a pixel margin, so sources within a pixel
+    of the edge (where the polygon and the SIP WCS differ by up to ~4″) are not lost.
+    """
+    on = "1 = CONTAINS(POINT('ICRS', u.ra, u.dec), p.poly)"
+    if radius is not None:
+        return (f"SELECT u.source_id, {_SELECT} FROM TAP_UPLOAD.cat AS u "
+                "JOIN spherex.obscore AS o ON 1 = CONTAINS(POINT('ICRS', o.s_ra, o.s_dec), "
+                f"CIRCLE('ICRS', u.ra, u.dec, {radius:.6f})) "
+                "JOIN spherex.plane AS p ON p.obs_publisher_did = o.obs_publisher_did "
+                "JOIN spherex.artifact AS a ON a.planeid = p.planeid WHERE " + _where(bands, time, cols))
     return (f"SELECT u.source_id, {_SELECT} FROM TAP_UPLOAD.cat AS u "
-            "JOIN spherex.plane AS p ON 1 = CONTAINS(POINT('ICRS', u.ra, u.dec), p.poly) "
+            f"JOIN spherex.plane AS p ON {on} "
             "JOIN spherex.obscore AS o ON o.obs_publisher_did = p.obs_publisher_did "
             "JOIN spherex.artifact AS a ON a.planeid = p.planeid WHERE " + _where(bands, time, cols))
 
@@ -263,22 +276,23 @@ def _split_time(time):
     return (t0, mid), (mid, t1)
 
 
-def _run_upload(tap: _Tap, cat: pl.DataFrame, idx: np.ndarray, bands, time, cols, out: list) -> None:
+def _run_upload(tap: _Tap, cat: pl.DataFrame, idx: np.ndarray, bands, time, cols, out: list,
+                radius: float | None = None) -> None:
     from astropy.table import Table
 
     up = Table({"source_id": idx.astype(np.int64), "ra": cat["ra"].to_numpy()[idx],
                 "dec": cat["dec"].to_numpy()[idx]})
     try:
-        out.append(tap.run(upload_query(bands, time, cols), uploads={"cat": up}))
+        out.append(tap.run(upload_query(bands, time, cols, radius), uploads={"cat": up}))
     except _Overflow:
         if len(idx) > 1:
             log.info("result of %d sources hit MAXREC; splitting", len(idx))
             h = len(idx) // 2
-            _run_upload(tap, cat, idx[:h], bands, time, cols, out)
-            _run_upload(tap, cat, idx[h:], bands, time, cols, out)
+            _run_upload(tap, cat, idx[:h], bands, time, cols, out, radius)
+            _run_upload(tap, cat, idx[h:], bands, time, cols, out, radius)
         elif time is None or time[1] - time[0] > 1e-4:
             for t in _split_time(time):
-                _run_upload(tap, cat, idx, bands, t, cols, out)
+                _run_upload(tap, cat, idx, bands, t, cols, out, radius)
         else:
             raise ArchiveError("one source and a tiny time range still exceed MAXREC", url=tap.url) from None
 
@@ -327,6 +341,18 @@ def _finish(rows: pl.DataFrame, ep: Endpoints) -> pl.DataFrame:
     return schema.conform(df, schema.OBSERVATIONS, extra=False)
 
 
+def _filter_pairs(rows: pl.DataFrame, ra: np.ndarray, dec: np.ndarray, ep: Endpoints, margin_px: float):
+    """Keep upload rows (source index, frame) whose source lies in the footprint (+ margin)."""
+    key = rows.select("obs_id", "energy_bandpassname")
+    frames = key.with_row_index("_r").unique(subset=["obs_id", "energy_bandpassname"], keep="first")
+    fi = key.join(frames, on=["obs_id", "energy_bandpassname"], how="left")  # row -> first row of frame
+    uniq, f_of_row = np.unique(fi["_r"].to_numpy(), return_inverse=True)
+    fp = Footprints.from_s_region(rows["s_region"].gather(uniq).to_list())
+    si = rows["source_id"].cast(pl.Int64).to_numpy()
+    inside, _, _ = fp.contains(si, f_of_row, ra, dec, margin_px=margin_px)
+    return rows.filter(pl.Series(inside))
+
+
 def observations(
     catalog: Any,
     *,
@@ -339,6 +365,7 @@ def observations(
     maxrec: int = 1_000_000,
     cell_size_deg: float = 2.0,
     cell_threshold: int = 8,
+    edge_margin_px: float = 2.0,
     timeout: float = 120.0,
     retries: int = 4,
     backoff: float = 0.5,
@@ -351,7 +378,8 @@ def observations(
     ``strategy``: ``"upload"`` (TAP_UPLOAD chunks), ``"cells"`` (one query per sky cell) or
     ``"auto"``: cells holding >= ``cell_threshold`` sources are queried by cell (each frame
     comes back once instead of once per source), the others are uploaded;
-    ``max_sources_per_query`` upload chunk size; ``maxrec`` rows per query before splitting;
+    ``edge_margin_px``: keep sources up to this far (px) outside a footprint polygon (0: trust the
+    archive's polygon test, the CONTRACTS.md query shape); ``max_sources_per_query`` upload chunk size; ``maxrec`` rows per query before splitting;
     ``cell_size_deg`` sky-cell size (deg); ``timeout`` seconds per HTTP request; ``retries``
     per query; ``backoff`` first retry delay (s).
 
@@ -378,9 +406,11 @@ def observations(
     up_parts: list[pl.DataFrame] = []
     cell_parts: list[pl.DataFrame] = []
     up_idx = np.flatnonzero(~dense)
+    radius = None if edge_margin_px <= 0 else \
+        HALF_DIAGONAL_DEG * 1.02 + edge_margin_px * schema.PIXEL_SCALE_ARCSEC / 3600.0
     try:
         for s in range(0, len(up_idx), max_sources_per_query):
-            _run_upload(tap, cat, up_idx[s:s + max_sources_per_query], bands, time, cols, up_parts)
+            _run_upload(tap, cat, up_idx[s:s + max_sources_per_query], bands, time, cols, up_parts, radius)
     except (DALQueryError, ArchiveError) as exc:
         if isinstance(exc, ArchiveUnreachable) or (getattr(exc, "status", None) or 0) >= 500:
             raise
@@ -390,6 +420,9 @@ def observations(
         m = dense & (lab == cell)
         _run_cell(tap, ra[m], dec[m], bands, time, cols, cell_parts, cell_size_deg)
     ids = cat["source_id"].cast(pl.Utf8)
+    up_parts = [p for p in up_parts if p.height]
+    if radius is not None and up_parts:
+        up_parts = [_filter_pairs(pl.concat(up_parts, how="vertical_relaxed"), ra, dec, ep, edge_margin_px)]
     m_parts = [pl.DataFrame({"source_id": ids.gather(p["source_id"].cast(pl.Int64)), "obs_id": p["obs_id"],
                              "detector": p["energy_bandpassname"].str.extract(r"D(\d)$").cast(pl.Int8)})
                for p in up_parts if p.height]
@@ -401,7 +434,7 @@ def observations(
         didx = np.flatnonzero(dense)
         fp = Footprints.from_s_region(cell_obs["s_region"].to_list())
         si, fi = fp.candidates(ra[didx], dec[didx])
-        inside, _, _ = fp.contains(si, fi, ra[didx], dec[didx], margin_px=2.0)
+        inside, _, _ = fp.contains(si, fi, ra[didx], dec[didx], margin_px=edge_margin_px)
         si, fi = didx[si[inside]], fi[inside]
         m_parts.append(pl.DataFrame({"source_id": ids.gather(si), "obs_id": cell_obs["obs_id"].gather(fi),
                                      "detector": cell_obs["detector"].gather(fi)}))

@@ -108,8 +108,8 @@ def cutout_box(wcs, center: str, size: str, pixel_base: int = 0) -> tuple[int, i
     if kind == "pix":
         cx, cy = a - pixel_base, b - pixel_base
     else:
-        cx, cy = (float(v) for v in wcs.all_world2pix(np.array([a]), np.array([b]), 0, quiet=True,
-                                                         tolerance=1e-7, maxiter=50))
+        px = wcs.all_world2pix(np.array([a]), np.array([b]), 0, quiet=True, tolerance=1e-7, maxiter=50)
+        cx, cy = float(px[0][0]), float(px[1][0])
         if not (math.isfinite(cx) and math.isfinite(cy)):
             raise BadRequest("cutout centre does not project onto the image")
     x0, x1 = axis_box(cx, nx)

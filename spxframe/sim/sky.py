@@ -46,12 +46,13 @@ def cap_points(rng: np.random.Generator, ra0: float, dec0: float, radius_deg: fl
     return np.degrees(np.arctan2(y, x)) % 360.0, np.degrees(np.arcsin(np.clip(zz, -1, 1)))
 
 
-def make_sources(seed: int, fields: list[dict], n_per_field: int) -> pl.DataFrame:
-    """Source table for all fields. ``fields``: dicts with name, ra, dec, radius, t_lo, t_hi (MJD)."""
+def make_sources(seed: int, fields: list[dict], n_per_field: int | None) -> pl.DataFrame:
+    """Source table for all fields. ``fields``: dicts with name, ra, dec, radius, t_lo, t_hi (MJD) and
+    optional n_sources (default 2000); ``n_per_field`` overrides every field's count."""
     parts = []
     for fi, f in enumerate(fields):
         rng = np.random.default_rng([int(seed), 31, fi])
-        n = int(f.get("n_sources", n_per_field))
+        n = int(f.get("n_sources", 2000)) if n_per_field is None else int(n_per_field)
         ra, dec = cap_points(rng, f["ra"], f["dec"], f["radius"], n)
         # fluxes at 2 µm: steep counts between 30 µJy and 20 mJy, plus a few saturating ones
         u = rng.uniform(0, 1, n)

@@ -41,11 +41,12 @@ class SurveyConfig:
     deep_span_days: float = 90.0
     wide_visits_per_pass: int = 16
     wide_passes: int = 2
-    sources_per_field: int = 2000
+    sources_per_field: int | None = None  #: None: per-field default (deep 3500, wide 2000)
     field_radius_deg: float = 4.0
     missing_detector_fraction: float = 0.03
     fields: list[dict] = field(default_factory=lambda: [
-        {"name": "deep_nep", "ra": 270.0, "dec": 66.56, "collection": "spherex_qr2_deep", "start": 60805.0},
+        {"name": "deep_nep", "ra": 270.0, "dec": 66.56, "collection": "spherex_qr2_deep", "start": 60805.0,
+         "radius": 5.5, "n_sources": 3500},
         {"name": "wide_generic", "ra": 213.94, "dec": 11.50, "collection": "spherex_qr2", "start": 60842.0},
         {"name": "wide_ra0", "ra": 0.5, "dec": -5.0, "collection": "spherex_qr2", "start": 60870.0},
         {"name": "wide_pole", "ra": 30.0, "dec": 88.0, "collection": "spherex_qr2", "start": 60822.0},
@@ -59,7 +60,7 @@ class SurveyConfig:
                 lo, hi = self.deep_start_mjd, self.deep_start_mjd + self.deep_span_days
             else:
                 lo, hi = f["start"], f["start"] + PASS_SEPARATION_D * (self.wide_passes - 1) + PASS_DAYS
-            out.append({**f, "t_lo": lo, "t_hi": hi, "radius": self.field_radius_deg})
+            out.append({**f, "t_lo": lo, "t_hi": hi, "radius": f.get("radius", self.field_radius_deg)})
         return out
 
 
@@ -117,7 +118,7 @@ def plan_visits(seed: int, cfg: SurveyConfig) -> dict[str, np.ndarray]:
             for j, ns in enumerate(sizes):
                 tls = t0 + (j + rng.uniform(0.1, 0.9)) * span / nls
                 if deep:
-                    target = ins.tan_deproject(f["ra"], f["dec"], *rng.uniform(-1.5, 1.5, 2))
+                    target = ins.tan_deproject(f["ra"], f["dec"], *rng.uniform(-1.0, 1.0, 2))
                     pair, theta, epa = int(rng.integers(3)), float(rng.uniform(0, 360)), float(rng.choice([0.0, 180.0]))
                 else:
                     target, pair = (f["ra"], f["dec"]), (j + p) % 3

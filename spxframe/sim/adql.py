@@ -92,6 +92,7 @@ class Parser:
     def __init__(self, text: str):
         self.text = text
         self.toks = tokenize(text)
+        self.toks += [self.toks[-1]] * 3  # look-ahead never runs off the end
         self.i = 0
 
     # -- helpers --------------------------------------------------------------------------

@@ -85,6 +85,9 @@ def _cmp(op, a, b, n):
     r = np.asarray(r)
     if r.dtype == object:
         r = r.astype(bool)
+    for v in (a, b):  # SQL: a comparison with NULL is not true
+        if isinstance(v, np.ndarray) and v.dtype == object:
+            r = r & ~np.array([x is None for x in np.broadcast_to(v, (n,))], bool)
     return r
 
 
@@ -142,7 +145,12 @@ def evaluate(ev, rel: Rel, e):
         r = np.zeros(n, bool)
         for item in e[2]:
             r = r | _cmp("=", x, evaluate(ev, rel, item), n)
-        return ~r if e[3] else r
+        if not e[3]:
+            return r
+        isnull = np.broadcast_to(np.asarray(x is None if not isinstance(x, np.ndarray) else
+                                            ([v is None for v in x] if x.dtype == object else
+                                             (np.isnan(x) if x.dtype.kind == "f" else False))), (n,))
+        return ~r & ~isnull
     if k == "isnull":
         x = evaluate(ev, rel, e[1])
         if x is None:

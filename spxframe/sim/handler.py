@@ -120,6 +120,7 @@ class Handler(BaseHTTPRequestHandler):
         self._rec = {"method": method, "path": path, "query": qraw, "status": None, "bytes_sent": 0,
                      "range": self.headers.get("Range"), "t_start": t0, "t_end": None, "endpoint": ep}
         counted = False
+        arc.record(self._rec)  # in the log from the start; status/bytes_sent/t_end fill in
         try:
             params, files = ({}, {})
             if method in ("POST", "DELETE"):
@@ -128,14 +129,6 @@ class Handler(BaseHTTPRequestHandler):
             for k, v in params.items():
                 allp.setdefault(k.upper(), []).extend(v)
             f = arc.faults
-            lat = f.latency(ep)
-            if lat:
-                time.sleep(lat)
-            code = f.draw_error(ep)
-            if code is not None:
-                return self._send(code, {"Content-Type": "text/plain", "Retry-After": _ra(f)},
-                                  f"{code} {'Bad Gateway' if code == 502 else 'Service Unavailable'} (simulated)\n".encode(),
-                                  ep, fault="error")
             if ep == "ibe_cutout":
                 with arc.cutout_lock:
                     cap = f.max_cutout_concurrency
@@ -149,6 +142,14 @@ class Handler(BaseHTTPRequestHandler):
                     return self._send(503, {"Content-Type": "text/plain", "Retry-After": _ra(f)},
                                       b"503 Service Unavailable: too many concurrent cutout requests\n", ep,
                                       fault="concurrency")
+            lat = f.latency(ep)  # server-side work time (holds a cutout slot)
+            if lat:
+                time.sleep(lat)
+            code = f.draw_error(ep)
+            if code is not None:
+                return self._send(code, {"Content-Type": "text/plain", "Retry-After": _ra(f)},
+                                  f"{code} {'Bad Gateway' if code == 502 else 'Service Unavailable'} (simulated)\n".encode(),
+                                  ep, fault="error")
             status, headers, body = self._route(method, path, allp, files, ep)
             self._send(status, headers, body, ep, method=method)
         except BrokenPipeError:
@@ -165,7 +166,6 @@ class Handler(BaseHTTPRequestHandler):
                 with arc.cutout_lock:
                     arc.cutouts_active -= 1
             self._rec["t_end"] = time.time()
-            arc.record(self._rec)
 
     # ---- routing ------------------------------------------------------------------------
     def _route(self, method, path, p, files, ep):
@@ -365,6 +365,8 @@ class Handler(BaseHTTPRequestHandler):
         self._rec["status"] = status
         if fault:
             self._rec["fault"] = fault
+        if method == "HEAD" or length == 0:
+            self._rec["t_end"] = time.time()
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, str(v))
@@ -387,14 +389,18 @@ class Handler(BaseHTTPRequestHandler):
                 data = body.read(body.start + pos, body.start + pos + n)
             else:
                 data = body[pos:pos + n]
-            self.wfile.write(data)
-            pos += n
-            sent += len(data)
-            self._rec["bytes_sent"] = sent
-            if bps:
-                lag = t0 + sent / bps - time.time()
+            if bps:  # pace: this chunk is "on the wire" until t0 + (sent + n) / bps
+                lag = t0 + (sent + len(data)) / bps - time.time()
                 if lag > 0:
                     time.sleep(lag)
+            pos += n
+            # the log is updated before the bytes leave, so a client that has read the whole
+            # response always finds its final entry
+            self._rec["bytes_sent"] = sent + len(data)
+            if pos >= cut:
+                self._rec["t_end"] = time.time()
+            self.wfile.write(data)
+            sent += len(data)
         if cut < length:
             self.wfile.flush()
             self.close_connection = True

@@ -205,7 +205,7 @@ def _one_file(path: str, cat: pl.DataFrame, ids: np.ndarray, cvec: np.ndarray, w
         if len(want) == 0:
             return
         ra, dec = _apply_pm(cat, want, info.mjd)
-        xp, yp = wcs.all_world2pix(ra, dec, 0, quiet=True)
+        xp, yp = wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=50, quiet=True)
         x, y = xp - info.x0, yp - info.y0
         on = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5) & np.isfinite(x) & np.isfinite(y)
         base = dict(obs_id=info.obs_id, detector=info.detector, file=path, mjd=info.mjd)

@@ -33,11 +33,19 @@ BIT = {k: np.int32(1 << v) for k, v in FLAG_BITS.items()}
 
 
 @lru_cache(maxsize=4)
-def _interp_matrix(ncoarse: int) -> np.ndarray:
-    """(2040, ncoarse) linear-interpolation weights from a coarse grid spanning the detector."""
-    nodes = np.linspace(0, NPIX - 1, ncoarse)
-    eye = np.eye(ncoarse)
-    return np.stack([np.interp(np.arange(NPIX), nodes, eye[k]) for k in range(ncoarse)], axis=1)
+def _interp_index(ncoarse: int) -> tuple[np.ndarray, np.ndarray]:
+    """(i0, f) so that pixel p interpolates coarse nodes i0, i0+1 (nodes span 0..2039) with weight f."""
+    pos = np.arange(NPIX) * (ncoarse - 1) / (NPIX - 1)
+    i0 = np.minimum(np.floor(pos).astype(int), ncoarse - 2)
+    return i0, pos - i0
+
+
+def upsample(grid: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of the bilinear interpolation of a square coarse grid onto 2040×2040 (no BLAS)."""
+    i0, f = _interp_index(grid.shape[0])
+    j, fy = i0[r0:r1], f[r0:r1, None]
+    rows = grid[j] * (1 - fy) + grid[j + 1] * fy  # (ny, ncoarse)
+    return rows[:, i0] * (1 - f) + rows[:, i0 + 1] * f
 
 
 class Frame:
@@ -154,8 +162,7 @@ class Frame:
     def background(self, r0: int, r1: int, zodi: np.ndarray | None = None) -> np.ndarray:
         """Noiseless sky (MJy/sr) rows [r0, r1): k·ZODI + small-scale structure."""
         z = self.zodi(r0, r1) if zodi is None else zodi
-        w = _interp_matrix(17)
-        return self.k_sky * z + 0.01 * self.z0 * (w[r0:r1] @ self.structure @ w.T)
+        return self.k_sky * z + 0.01 * self.z0 * upsample(self.structure, r0, r1)
 
     @staticmethod
     def _in_rows(flat: np.ndarray, r0: int, r1: int) -> np.ndarray:
@@ -164,8 +171,7 @@ class Frame:
     def flags(self, r0: int, r1: int, bright: np.ndarray, sky: np.ndarray) -> np.ndarray:
         """FLAGS rows [r0, r1) (int32). ``bright``: bright-only source model; ``sky``: background."""
         f = np.zeros((r1 - r0, NPIX), np.int32)
-        w = _interp_matrix(48)
-        f[(w[r0:r1] @ self.clumps @ w.T) > -0.1] |= BIT["SOURCE"]
+        f[upsample(self.clumps, r0, r1) > -0.1] |= BIT["SOURCE"]
         oy = np.floor(self.src_y).astype(int) - 5
         lo, hi = np.searchsorted(oy, r0 - STAMP + 1 - 4), np.searchsorted(oy, r1 + 4)
         for i in range(lo, hi):

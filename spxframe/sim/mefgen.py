@@ -48,6 +48,16 @@ def upsample(grid: np.ndarray, r0: int, r1: int) -> np.ndarray:
     return rows[:, i0] * (1 - f) + rows[:, i0 + 1] * f
 
 
+def frame_wcs(meta: dict):
+    """The frame's celestial astropy WCS (TAN-SIP, from its own header cards), cached in ``meta``."""
+    if "_wcs" not in meta:
+        from astropy.io import fits
+        from astropy.wcs import WCS
+
+        meta["_wcs"] = WCS(fits.Header.fromstring(meta["wcs_header"]))
+    return meta["_wcs"]
+
+
 class Frame:
     """One detector image. ``meta``: seed, obs_index, det, crval, rot, t_min, t_max, field sources."""
 
@@ -81,10 +91,7 @@ class Frame:
     # ------------------------------------------------------------------ sources
     def _sources(self, cand: np.ndarray) -> None:
         """Pixel positions (astropy TAN-SIP, pm to mid-exposure), λ, Ω, flux and PSF plane of sources."""
-        from astropy.wcs import WCS
-        from astropy.io import fits
-
-        self.wcs = WCS(fits.Header.fromstring(self.meta["wcs_header"]))
+        self.wcs = frame_wcs(self.meta)
         ra, dec = self.sky.positions(cand, self.t_mid)
         if cand.size:
             x, y = self.wcs.all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50, quiet=True)

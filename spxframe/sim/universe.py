@@ -25,7 +25,7 @@ from . import cutout as cut
 from . import headers as hd
 from . import instrument as ins
 from .cutout import BadRequest
-from .mefgen import NSTRIP, STRIP, Frame
+from .mefgen import STRIP, Frame, frame_wcs
 from .sky import Sky, make_sources
 from .survey import SurveyConfig, observations_table, plan_visits
 
@@ -110,10 +110,10 @@ class Universe:
 
     def truth_pixel(self, source_id, obs_id: str, detector: int) -> tuple[float, float]:
         """Zero-based parent pixel (x, y) of a source at mid-exposure (NaN if off the detector)."""
-        fr = self._frame(self._by_obs[(str(obs_id), int(detector))])
+        meta = self._meta(self._by_obs[(str(obs_id), int(detector))])
         idx = self._sky.index(np.atleast_1d(source_id))
-        ra, dec = self._sky.positions(idx, fr.t_mid)
-        x, y = fr.wcs.all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50, quiet=True)
+        ra, dec = self._sky.positions(idx, 0.5 * (meta["t_min"] + meta["t_max"]))
+        x, y = frame_wcs(meta).all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50, quiet=True)
         off = ~((x >= -0.5) & (x < NPIX - 0.5) & (y >= -0.5) & (y < NPIX - 0.5))
         x, y = np.where(off, np.nan, x), np.where(off, np.nan, y)
         return (float(x[0]), float(y[0])) if np.ndim(source_id) == 0 else (x, y)
@@ -247,7 +247,7 @@ class Universe:
     def cutout_box(self, key: str, center: str, size: str) -> tuple[int, int, int, int]:
         """(x0, y0, nx, ny), zero-based parent pixels, of the clipped box ``cutout`` would return."""
         r = self.row(key)
-        return cut.cutout_box(self._frame(r).wcs, center, size, self.cutout_pixel_base)
+        return cut.cutout_box(frame_wcs(self._meta(r)), center, size, self.cutout_pixel_base)
 
     def cutout(self, key: str, center: str, size: str, gzip: bool = False) -> bytes:
         """IBE cutout bytes (see ``spxframe.sim.cutout`` for grammar and box); raises BadRequest."""

@@ -314,7 +314,8 @@ class _Progress:
 class _Fetcher:
     def __init__(self, cache_dir: str, *, session: Any, fs: Any, policy: RetryPolicy,
                  limiters: Limiters, timeout: tuple[float, float], progress: _Progress,
-                 max_gap: int) -> None:
+                 max_gap: int, headers: dict[str, str] | None = None) -> None:
+        self.headers = headers
         self.cache_dir, self.session, self.fs, self.policy = cache_dir, session, fs, policy
         self.limiters, self.timeout, self.progress, self.max_gap = limiters, timeout, progress, max_gap
         self.stop = threading.Event()
@@ -364,7 +365,7 @@ class _Fetcher:
 
         def attempt(n: int):
             dl = stream_to_file(self.session, task.url, tmp, timeout=self.timeout, stop=self.stop,
-                                on_bytes=on_bytes)
+                                on_bytes=on_bytes, headers=self.headers)
             with open(tmp, "rb") as f:
                 magic = f.read(2)
             if magic == b"\x1f\x8b":  # gzip body despite gzip=false
@@ -655,6 +656,9 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
             if access not in ACCESS:
                 raise InputError(f"access {r.get('access')!r} is not one of {ACCESS}")
             if not url.startswith(("http://", "https://")):
+                if str(r.get("status") or "") == "failed" and r.get("error") and not r.get("url"):
+                    out_err[i] = str(r["error"])  # planned as failed (e.g. box off the image): keep why
+                    continue
                 raise InputError(f"url {url!r} is not http(s)")
             det = int(r["detector"])
             box = _row_box(r)
@@ -737,12 +741,15 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
                              max_retry_after=float(max_retry_after))
         own_session = session is None
         sess = session if session is not None else default_session(USER_AGENT, workers)
+        ua = str(getattr(sess, "headers", {}).get("User-Agent", ""))
+        extra_headers = {"User-Agent": USER_AGENT} if ua.startswith("python-requests") else None
         fs = None
         if any(t.access == "range" for t in todo):
             fs = _http_fs(storage_options, connect_s, read_s)
         prog = _Progress(len(todo), progress)
         fetcher = _Fetcher(root, session=sess, fs=fs, policy=policy, limiters=limiters,
-                           timeout=(connect_s, read_s), progress=prog, max_gap=int(max_gap))
+                           timeout=(connect_s, read_s), progress=prog, max_gap=int(max_gap),
+                           headers=extra_headers)
         # range tasks that need a PSF cube first, one per key, so others find it cached
         todo.sort(key=lambda t: (not t.need_psf, t.access != "range"))
         ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spxframe-fetch")

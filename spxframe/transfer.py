@@ -201,13 +201,13 @@ class Download:
 
 def stream_to_file(session: requests.Session, url: str, tmp: str, *, timeout: tuple[float, float],
                    stop: threading.Event, on_bytes: Callable[[int], None] | None = None,
-                   chunk: int = 1 << 20) -> Download:
+                   chunk: int = 1 << 20, headers: dict[str, str] | None = None) -> Download:
     """One streamed GET of ``url`` into ``tmp`` (truncated first). Checks the status and that
     the body length equals Content-Length; raises :class:`TransferError`."""
     h = hashlib.md5()
     n = 0
     try:
-        with session.get(url, stream=True, timeout=timeout) as r:
+        with session.get(url, stream=True, timeout=timeout, headers=headers) as r:
             if r.status_code >= 400:
                 body = ""
                 try:

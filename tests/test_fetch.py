@@ -475,3 +475,100 @@ def test_killed_run_resumes_without_refetching(sarc, tmp_path):
     # every file verifies
     for r in out.iter_rows(named=True):
         R.scan_fits(r["path"])
+
+
+# --------------------------------------------------------------------------------------
+# range reads of an odd-shaped file (header lengths unlike the nominal QR2 layout)
+# --------------------------------------------------------------------------------------
+
+
+def _odd_mef(nx: int = 130, ny: int = 97, image_cards: int = 300, psf_cards: int = 1200) -> bytes:
+    """A 7-HDU MEF whose headers are far from the nominal sizes (IMAGE 8+ blocks, PSF 30+ blocks)."""
+    from astropy.io import fits
+
+    rng = np.random.default_rng(5)
+    hdus = [fits.PrimaryHDU()]
+    hdus[0].header["VERSION"] = "6.5.6"
+    for name, dt in (("IMAGE", ">f4"), ("FLAGS", ">i4"), ("VARIANCE", ">f4"), ("ZODI", ">f4")):
+        h = fits.ImageHDU((rng.normal(size=(ny, nx)) * 1e3).astype(dt), name=name)
+        for k, v in (("CRPIX1", 65.5), ("CRPIX2", 49.0), ("CRPIX1A", 1.0), ("CRPIX2A", 1.0),
+                     ("CRPIX1W", 0.0), ("CRPIX2W", 0.0)):
+            h.header[k] = v
+        for i in range(image_cards if name == "IMAGE" else 3):
+            h.header[f"JUNK{i}"] = (i * 0.5, "padding card")
+        hdus.append(h)
+    psf = fits.ImageHDU(rng.normal(size=(9, 11, 11)).astype(">f4"), name="PSF")
+    for i in range(psf_cards):
+        psf.header[f"ZC{i + 1}"] = (float(i), f"Center of x zone ({i % 3}, {i // 3})")
+    hdus.append(psf)
+    hdus.append(fits.BinTableHDU.from_columns(
+        [fits.Column("X", "5E", array=np.arange(5, dtype=float)[None]),
+         fits.Column("VALUES", "50E", array=np.arange(50, dtype=float)[None])], name="WCS-WAVE"))
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def odd_server():
+    """A plain HTTP server with Range support serving one odd MEF; yields (url, bytes, log)."""
+    import http.server
+    import re as _re
+
+    data = _odd_mef()
+    log: list[str] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            rg = self.headers.get("Range")
+            log.append(rg or "")
+            m = _re.match(r"bytes=(\d+)-(\d+)$", rg or "")
+            if m:
+                s, e = int(m[1]), min(int(m[2]) + 1, len(data))
+                body, code = data[s:e], 206
+            else:
+                body, code = data, 200
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            if code == 206:
+                self.send_header("Content-Range", f"bytes {s}-{e - 1}/{len(data)}")
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/qr2/level2/x/l2b-v20-2025-247/2/f.fits", data, log
+    srv.shutdown()
+
+
+def test_range_read_parses_unusual_header_lengths(odd_server, tmp_path):
+    from astropy.io import fits
+
+    url, data, log = odd_server
+    boxes = [(3, 4, 20, 10), (100, 80, 40, 30), (0, 0, 130, 97)]  # the second is clipped to 30x17
+    m = pl.DataFrame([dict(source_id=str(i), obs_id="2025W19_2B_0073_2", detector=2, access="range", url=url,
+                           request_id="r", box_x0=b[0], box_y0=b[1], box_nx=b[2], box_ny=b[3])
+                      for i, b in enumerate(boxes)])
+    out = F.fetch(m, cache_dir=tmp_path, progress=False)
+    assert set(out["status"]) == {"done"}, out["error"].to_list()
+    with fits.open(io.BytesIO(data)) as parent:
+        assert len(parent["IMAGE"].header.tostring()) // 2880 >= 8
+        for (x0, y0, nx, ny), path in zip(boxes, out["path"]):
+            nx, ny = min(nx, 130 - x0), min(ny, 97 - y0)
+            with fits.open(path) as c:
+                for name in PLANES:
+                    assert np.array_equal(c[name].data, parent[name].data[y0:y0 + ny, x0:x0 + nx])
+                    assert c[name].header["CRPIX1"] == 65.5 - x0 and c[name].header["CRPIX2A"] == 1.0 - y0
+                    assert c[name].header["CRPIX1W"] == -x0 and c[name].header["JUNK2"] == 1.0
+                assert c["PSF"].header["ZC1000"] == 999.0 and c["PSF"].header["NAXIS"] == 0
+                assert c["PSF"].header["PSFFILE"] == "psf/D2_l2b-v20-2025-247.fits"
+                assert c["WCS-WAVE"].data.tobytes() == parent["WCS-WAVE"].data.tobytes()
+        with fits.open(tmp_path / "psf" / "D2_l2b-v20-2025-247.fits") as p:
+            assert np.array_equal(p["PSF"].data, parent["PSF"].data)
+    assert len(log) <= 16

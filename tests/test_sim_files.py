@@ -259,3 +259,14 @@ def test_deterministic_and_seeded(uni, key):
     assert not other.sources["ra"].equals(uni.sources["ra"])
     with pytest.raises(KeyError):
         uni.read("qr2/level2/nope.fits", 0, 10)
+
+
+def test_knobs_and_pickle(uni):
+    import pickle
+
+    small = Universe(seed=1, deep_visits=40, wide_visits_per_pass=8, cloud_lag_fraction=0.3)
+    o = small.observations
+    assert 35 <= o.filter(pl.col("obs_collection") == "spherex_qr2_deep")["obs_id"].n_unique() <= 40
+    assert 0.2 < 1 - o["cloud_available"].mean() < 0.4 and uni.observations["cloud_available"].all()
+    back = pickle.loads(pickle.dumps(small))
+    assert back.observations.equals(o)

@@ -58,6 +58,10 @@ def _iso(mjd: float) -> str:
     return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}"
 
 
+def _rebuild(seed, kwargs):
+    return Universe(seed, **kwargs)
+
+
 class Universe:
     """The simulated SPHEREx archive's truth and files.
 
@@ -72,6 +76,10 @@ class Universe:
                  config: SurveyConfig | None = None, deep_visits: int | None = None,
                  wide_visits_per_pass: int | None = None, sources_per_field: int | None = None,
                  cutout_pixel_base: int = 0, cache_strips: int = 48) -> None:
+        self._init_args = (seed, dict(legacy_psf_headers=legacy_psf_headers, cloud_lag_fraction=cloud_lag_fraction,
+                                      config=config, deep_visits=deep_visits, wide_visits_per_pass=wide_visits_per_pass,
+                                      sources_per_field=sources_per_field, cutout_pixel_base=cutout_pixel_base,
+                                      cache_strips=cache_strips))
         self.seed = int(seed)
         self.legacy_psf_headers = bool(legacy_psf_headers)
         self.cloud_lag_fraction = float(cloud_lag_fraction)
@@ -84,6 +92,7 @@ class Universe:
         if sources_per_field is not None:
             cfg.sources_per_field = int(sources_per_field)
         self.config = cfg
+        self.fields: list[dict] = cfg.field_windows()  #: name, ra, dec, collection, radius, t_lo, t_hi
         self._sky = Sky(make_sources(self.seed, cfg.field_windows(), cfg.sources_per_field))
         self.sources: pl.DataFrame = self._sky.sources
         self._visits = plan_visits(self.seed, cfg)
@@ -102,6 +111,9 @@ class Universe:
         self._strips = _LRU(cache_strips)
         self._metas = _LRU(256)
         self._md5: dict[str, str] = {}
+
+    def __reduce__(self):  # pickles as its constructor arguments (caches hold locks)
+        return (_rebuild, self._init_args)
 
     # ------------------------------------------------------------------ truth
     def truth_flux(self, source_id, wavelength_um, mjd) -> np.ndarray:

@@ -21,7 +21,7 @@ def field_cat(universe):
     """Sources of every field (deep NEP, generic, RA≈0/360, pole): 40 per field."""
     src = universe.sources
     parts = [src.filter(pl.col("field") == f).head(40) for f in src["field"].unique(maintain_order=True).to_list()]
-    return pl.concat(parts).select("source_id", "ra", "dec")
+    return pl.concat(parts).select("source_id", "ra", "dec", "pmra", "pmdec", "ref_epoch")
 
 
 @pytest.fixture(scope="module")
@@ -29,26 +29,30 @@ def field_obs(archive, field_cat):
     return observations(field_cat, archive=archive, return_matches=True)
 
 
-def _truth(universe, man_or_pairs: pl.DataFrame) -> np.ndarray:
-    xs, ys = [], []
-    for sid, oid, det in man_or_pairs.select("source_id", "obs_id", "detector").iter_rows():
-        x, y = universe.truth_pixel(int(sid), oid, int(det))
-        xs.append(x)
-        ys.append(y)
-    return np.array(xs, float), np.array(ys, float)
+def _truth(universe, m: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """True (x, y) of each manifest row (NaN when off the detector)."""
+    tx, ty = np.full(m.height, np.nan), np.full(m.height, np.nan)
+    idx = m.with_row_index("_i")
+    for (oid, det), g in idx.group_by("obs_id", "detector"):
+        x, y = universe.truth_pixel(g["source_id"].cast(pl.Int64).to_numpy(), oid, int(det))
+        tx[g["_i"].to_numpy()], ty[g["_i"].to_numpy()] = x, y
+    return tx, ty
 
 
 def _all_truth_pairs(universe, cat: pl.DataFrame, obs: pl.DataFrame) -> set:
-    from spxframe.footprint import Footprints
-
-    fp = Footprints.from_s_region(obs["s_region"].to_list())
-    si, fi = fp.candidates(cat["ra"].to_numpy(), cat["dec"].to_numpy(), margin_deg=0.2)
+    ids = cat["source_id"].to_numpy()
     out = set()
-    sids, oids, dets = cat["source_id"].to_numpy(), obs["obs_id"].to_list(), obs["detector"].to_list()
-    for s, f in zip(si, fi):
-        x, y = universe.truth_pixel(int(sids[s]), oids[f], int(dets[f]))
-        if np.isfinite(x) and np.isfinite(y):
-            out.add((str(sids[s]), oids[f], int(dets[f])))
+    ra, dec = np.radians(cat["ra"].to_numpy()), np.radians(cat["dec"].to_numpy())
+    for oid, det, ora, odec in universe.observations.select("obs_id", "detector", "s_ra", "s_dec").iter_rows():
+        # only sources within 3 deg of the frame centre (the detector is 3.5 deg wide; the sim's
+        # truth_pixel can return spurious on-detector SIP solutions for sources tens of degrees away)
+        cosd = np.sin(dec) * np.sin(np.radians(odec)) + np.cos(dec) * np.cos(np.radians(odec)) * np.cos(ra - np.radians(ora))
+        near = cosd > np.cos(np.radians(3.0))
+        if not near.any():
+            continue
+        x, y = universe.truth_pixel(ids[near], oid, det)
+        for sid in ids[near][np.isfinite(x) & np.isfinite(y)]:
+            out.add((str(sid), oid, int(det)))
     return out
 
 

@@ -76,9 +76,21 @@ def overlap_weights(cx: float, cy: float, r: float, ny: int, nx: int) -> np.ndar
     iy1 = min(int(math.floor(cy + r + 0.5)), ny - 1)
     ix0 = max(int(math.floor(cx - r + 0.5)), 0)
     ix1 = min(int(math.floor(cx + r + 0.5)), nx - 1)
+    r2 = r * r
     for iy in range(iy0, iy1 + 1):
+        dy0, dy1 = iy - 0.5 - cy, iy + 0.5 - cy
+        ny2 = 0.0 if dy0 <= 0.0 <= dy1 else min(dy0 * dy0, dy1 * dy1)  # nearest |dy|^2
+        fy2 = max(dy0 * dy0, dy1 * dy1)
         for ix in range(ix0, ix1 + 1):
-            a = circle_rect_area(ix - 0.5 - cx, ix + 0.5 - cx, iy - 0.5 - cy, iy + 0.5 - cy, r)
+            dx0, dx1 = ix - 0.5 - cx, ix + 0.5 - cx
+            fx2 = max(dx0 * dx0, dx1 * dx1)
+            if fx2 + fy2 <= r2:  # whole pixel inside
+                w[iy, ix] = 1.0
+                continue
+            nx2 = 0.0 if dx0 <= 0.0 <= dx1 else min(dx0 * dx0, dx1 * dx1)
+            if nx2 + ny2 >= r2:  # whole pixel outside
+                continue
+            a = circle_rect_area(dx0, dx1, dy0, dy1, r)
             w[iy, ix] = min(max(a, 0.0), 1.0)  # rounding can leave +-1e-15 at tangent pixels
     return w
 

@@ -179,6 +179,14 @@ def test_flags_source_fraction_and_nan_variance(hdul):
     assert 1.0 <= ratio <= 1.35 and 0.02 < np.median(z) < 2.0
 
 
+def test_noise_consistent_with_variance(uni, key):
+    c = uni.components(key, 700, 900)
+    good = c["FLAGS"] == 0
+    pull = (c["IMAGE"] - c["sky"] - c["sources"])[good] / np.sqrt(c["VARIANCE"][good])
+    assert abs(pull.mean()) < 0.02 and abs(pull.std() - 1) < 0.02
+    assert np.array_equal(c["IMAGE"], uni.components(key, 600, 1000)["IMAGE"][100:300])
+
+
 def _omega(w: WCS, x: float, y: float) -> float:
     """Pixel solid angle (arcsec²) from the four corner directions (independent of the sim)."""
     cx, cy = np.array([x - 0.5, x + 0.5, x + 0.5, x - 0.5]), np.array([y - 0.5, y - 0.5, y + 0.5, y + 0.5])

@@ -225,9 +225,11 @@ class Universe:
         if kind == "hdr":
             meta = self._full_meta(r) if hdu == "IMAGE" else self._meta(r)
             return hd.plane_header(hdu, meta)[lo:hi]
-        r0, r1 = lo // ROW_BYTES, -(-hi // ROW_BYTES)
-        raw = b"".join(p.tobytes() for p in self._row_parts(r, hdu, r0, r1))
-        return raw[lo - r0 * ROW_BYTES:hi - r0 * ROW_BYTES]
+        out, sb = [], STRIP * ROW_BYTES
+        for s in range(lo // sb, (hi - 1) // sb + 1):
+            raw = self._strip(r, s)[hdu].reshape(-1).view(np.uint8)  # big-endian bytes, no copy
+            out.append(raw[max(lo - s * sb, 0):min(hi - s * sb, raw.size)])
+        return b"".join(out)
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
         """Bytes [start, stop) of the full file (stop exclusive, clipped to the size); deterministic."""

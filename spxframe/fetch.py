@@ -43,12 +43,13 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from . import __version__, schema
 from .errors import FileFormatError, InputError
 from .rangeread import (BLOCK, PLANES, REQUIRED_HDUS, Box, ByteStore, HDU, box_row_ranges, build_cutout,
-                        coalesce, header_length, header_windows, hdu_from, padded, psf_file_bytes,
+                        celestial_wcs, coalesce, header_windows, hdu_from, nearest_box_start, psf_file_bytes,
                         quick_check, scan_fits)
 from .transfer import (Cancelled, HostLimiter, Limiters, RangeClient, RetryPolicy, TransferError,
                        call_with_retries, default_session, pid_alive, stream_to_file)
@@ -233,6 +234,7 @@ class Target:
     box: Box | None
     rows: list[int]
     request: dict[str, Any]
+    center: tuple[float, float] | None = None   # (ra, dec) deg: range box re-centred on the file's WCS
 
 
 @dataclass
@@ -276,6 +278,20 @@ def _row_box(r: dict[str, Any]) -> Box | None:
     if any(v is None for v in vals):
         return None
     return Box(*vals)  # type: ignore[arg-type]
+
+
+def _recenter_sky(r: dict[str, Any], box: Box | None) -> tuple[float, float] | None:
+    """(ra, dec) of a row whose planned box is the unclipped nearest-centre box around its
+    predicted pixel (so the exact box can be re-derived from the file's WCS), else None."""
+    try:
+        ra, dec, xp, yp = (float(r[k]) for k in ("ra", "dec", "x_parent", "y_parent"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if box is None or r.get("clipped") or not all(np.isfinite([ra, dec, xp, yp])):
+        return None
+    if box.x0 != nearest_box_start(xp, box.nx) or box.y0 != nearest_box_start(yp, box.ny):
+        return None
+    return ra, dec
 
 
 def _default_psf_key(detector: int, url: str) -> str | None:
@@ -449,9 +465,22 @@ class _Fetcher:
         # round 3: box rows of the planes + data of small HDUs not yet held
         want: list[tuple[int, int]] = []
         boxes: dict[str, Box] = {}
+        wcs: Any = None
         for t in task.targets:
             assert t.box is not None
-            b = t.box.clip(width, height)
+            b = t.box
+            if t.center is not None:  # the planner's pixel is a prediction: use the file's WCS
+                if wcs is None:
+                    wcs = celestial_wcs(img.header) or False
+                if wcs is not False:
+                    xe, ye = (float(v[0]) for v in wcs.all_world2pix(
+                        np.array([t.center[0]]), np.array([t.center[1]]), 0, tolerance=1e-7, maxiter=50,
+                        quiet=True))
+                    if np.isfinite(xe) and np.isfinite(ye):
+                        b = Box(nearest_box_start(xe, b.nx), nearest_box_start(ye, b.ny), b.nx, b.ny)
+                        if b != t.box:
+                            log.debug("%s: box %s re-centred to %s", t.rel, t.box, b)
+            b = b.clip(width, height)
             if b.empty:
                 task.errors[t.rel] = f"box {t.box} lies outside the {width}x{height} image"
                 continue
@@ -574,7 +603,7 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
           storage_options: dict[str, Any] | None = None, session: Any = None, progress: bool = True,
           retries: int = 5, timeout: tuple[float, float] = (10.0, 120.0), backoff: float = 0.5,
           max_backoff: float = 30.0, max_retry_after: float = 60.0, max_gap: int = 1 << 20,
-          observations: pl.DataFrame | None = None) -> pl.DataFrame:
+          recenter: bool = True, observations: pl.DataFrame | None = None) -> pl.DataFrame:
     """Fetch every row of a manifest into ``cache_dir``; returns the manifest with ``path``,
     ``status`` ('done' | 'failed'), ``bytes``, ``attempts`` and ``error`` filled.
 
@@ -610,6 +639,12 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
         Upper bound (s) on a server's ``Retry-After``.
     max_gap
         Range reads: byte ranges closer than this (bytes) are merged into one request.
+    recenter
+        Range reads: when a row's planned box is the unclipped box centred on its predicted
+        pixel (``x_parent``/``y_parent``), re-centre it on the exact pixel of (``ra``, ``dec``)
+        from the file's own WCS, as the IBE cutout service does for ``center=ra,dec`` (the
+        planner's pixels are predictions, off by a few pixels with SIP). The file keeps the
+        planned box's name; its CRPIXnA give the box it holds.
     observations
         Optional observations table (``size``/``checksum``) to check full files' size and MD5;
         manifest columns ``size``/``checksum`` (or ``contentlength``/``contentchecksum``) also work.
@@ -692,7 +727,8 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
             request = {"access": access, "url": url}
             if box is not None and access != "full":
                 request["box"] = [box.x0, box.y0, box.nx, box.ny]
-            tgt = Target(rel, path, box, [], request)
+            tgt = Target(rel, path, box, [], request,
+                         center=_recenter_sky(r, box) if access == "range" and recenter else None)
             t.targets.append(tgt)
             by_rel[rel] = tgt
         tgt.rows.append(i)

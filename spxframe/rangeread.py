@@ -279,6 +279,30 @@ class Box:
         return self.nx <= 0 or self.ny <= 0
 
 
+def nearest_box_start(center: float, n: int) -> int:
+    """First pixel of the n-pixel box centred nearest to zero-based ``center`` (IBE convention)."""
+    import math
+
+    return int(math.floor(center - (n - 1) / 2.0 + 0.5))
+
+
+def celestial_wcs(header: bytes):
+    """astropy WCS of the primary (celestial, SIP) system of an image header; None if unusable."""
+    import warnings
+
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hdr = fits.Header.fromstring(header.decode("ascii", "replace"))
+            w = WCS(hdr, key=" ", relax=True)
+        return w if w.has_celestial else None
+    except Exception:  # noqa: BLE001 — the planned box is kept
+        return None
+
+
 def box_row_ranges(hdu: HDU, box: Box) -> list[tuple[int, int]]:
     """Byte ranges [start, stop) of each row of ``box`` in a 2-D image HDU (row-major, x fastest)."""
     w = hdu.shape[0]

@@ -572,3 +572,28 @@ def test_range_read_parses_unusual_header_lengths(odd_server, tmp_path):
         with fits.open(tmp_path / "psf" / "D2_l2b-v20-2025-247.fits") as p:
             assert np.array_equal(p["PSF"].data, parent["PSF"].data)
     assert len(log) <= 16
+
+
+def test_range_recentres_predicted_box(sarc, tmp_path):
+    """A planned box around a predicted pixel a few px off is re-derived from the file's WCS:
+    the range cutout then equals the IBE cutout for center=ra,dec; recenter=False keeps it."""
+    u = sarc.universe
+    o = _obs(u, 1)[0]
+    ra, dec = round(o["s_ra"] + 0.1, 7), round(o["s_dec"] - 0.1, 7)
+    center, size = f"{ra:.7f},{dec:.7f}", "30px"
+    x0, y0, nx, ny = u.cutout_box(o["cloud_key"], center, size)
+    xp, yp = x0 + 14.5 + 3.2, y0 + 14.5 - 2.7  # a prediction off by a few pixels
+    bx, by = R.nearest_box_start(xp, 30), R.nearest_box_start(yp, 30)
+    assert (bx, by) != (x0, y0)
+    row = dict(source_id="1", obs_id=o["obs_id"], detector=int(o["detector"]), ra=ra, dec=dec, x_parent=xp,
+               y_parent=yp, access="range", request_id="r", url=f"{sarc.cloud_url}/{o['cloud_key']}",
+               box_x0=bx, box_y0=by, box_nx=30, box_ny=30, clipped=False, psf_key=o["psf_key"])
+    out = F.fetch(pl.DataFrame([row]), cache_dir=tmp_path / "a", progress=False)
+    assert out["status"][0] == "done" and Path(out["path"][0]).name.endswith(f"_x{bx}_y{by}_30x30.fits")
+    with _fits(out["path"][0]) as a, _fits(u.cutout(o["cloud_key"], center, size)) as b:
+        for name in PLANES:
+            assert a[name].data.tobytes() == b[name].data.tobytes()
+            assert a[name].header["CRPIX1A"] == b[name].header["CRPIX1A"] == 1 - x0
+    out = F.fetch(pl.DataFrame([row]), cache_dir=tmp_path / "b", progress=False, recenter=False)
+    with _fits(out["path"][0]) as a:
+        assert a["IMAGE"].header["CRPIX1A"] == 1 - bx and a["IMAGE"].header["CRPIX2A"] == 1 - by

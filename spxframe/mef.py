@@ -47,21 +47,26 @@ class Header:
     def cards(self) -> dict[str, str]:
         if self._cards is None:
             text = self.raw.decode("ascii", "replace")
+            end = len(text)
+            i = self._end_index()
+            if i >= 0:
+                end = i
+            cs = [text[i:i + 80] for i in range(0, end, 80)]
             cards: dict[str, str] = {}
-            for i in range(0, len(text), 80):
-                c = text[i:i + 80]
-                k = c[:8].rstrip()
-                if k == "END":
-                    break
-                if k == "HIERARCH":
+            for c in reversed(cs):  # reversed + plain assignment = first occurrence wins
+                if c[8:10] == "= ":
+                    k = c[:8].rstrip()
+                    if k and k not in ("COMMENT", "HISTORY"):
+                        cards[k] = c
+                elif c.startswith("HIERARCH "):
                     eq = c.find("=")
                     if eq > 0:
                         cards[c[9:eq].strip()] = c[eq - 8:]  # so that the value starts at column 10
-                    continue
-                if k and k not in ("COMMENT", "HISTORY") and c[8:10] == "= ":
-                    cards.setdefault(k, c)
             self._cards = cards
         return self._cards
+
+    def _end_index(self) -> int:
+        return _find_end(self.raw)
 
     def structure(self) -> tuple[int, tuple[int, ...], int]:
         """(BITPIX, NAXISn in FITS order, PCOUNT) from the mandatory leading cards only."""
@@ -292,6 +297,7 @@ def open_info(path: str, fd: int) -> MefInfo:
     if missing:
         raise MefError(f"{path}: not a SPHEREx L2 file (no {', '.join(missing)} HDU)")
     im = named["IMAGE"].header
+    im.cards  # one full parse: ~30 keywords are looked up
     prim = named.get("PRIMARY").header if "PRIMARY" in named else im
     version = str(prim.get("VERSION", im.get("VERSION", "")) or "")
     det = im.get("DETECTOR", prim.get("DETECTOR"))
@@ -349,23 +355,58 @@ _WCS_KEYS = re.compile(r"^(CTYPE\d|CUNIT\d|CRVAL\d|CDELT\d|CD\d_\d|PC\d_\d|[AB]P
                        r"LONPOLE|LATPOLE|RADESYS|EQUINOX|MJD-OBS|DATE-OBS)$")
 
 
-def parent_wcs(info: MefInfo):
+def parent_wcs(info: MefInfo, *, fast: bool = True):
     """An astropy TAN-SIP WCS of the parent 2040x2040 image, built from a file's IMAGE header.
 
     Only the primary celestial keywords are used (no A/W alternates, no SCAMP PV cards); CRPIXn are
     shifted by the file's A-system offsets, so the result is the parent's WCS for any cutout.
+    ``fast``: fill a ``WCS`` object from the parsed values (≈0.3 ms) instead of astropy parsing a
+    Header (≈6 ms); falls back to the Header path for anything but TAN / TAN-SIP with PC or CD.
     """
     from astropy.io import fits
-    from astropy.wcs import FITSFixedWarning, WCS
+    from astropy.wcs import FITSFixedWarning, WCS, Sip
 
     h = info.image
+    crpix = [float(h["CRPIX1"]) + info.x0, float(h["CRPIX2"]) + info.y0]
+    ctype = [str(h.get("CTYPE1", "")), str(h.get("CTYPE2", ""))]
+    if fast and ctype[0].startswith("RA---TAN") and ctype[1].startswith("DEC--TAN") and (
+            "PC1_1" in h or "CD1_1" in h):
+        w = WCS(naxis=2)
+        w.wcs.ctype = [c.replace("-SIP", "") for c in ctype]
+        w.wcs.crpix = crpix
+        w.wcs.crval = [float(h["CRVAL1"]), float(h["CRVAL2"])]
+        if "CD1_1" in h:
+            w.wcs.cd = [[float(h.get(f"CD{i}_{j}", 0.0)) for j in (1, 2)] for i in (1, 2)]
+        else:
+            w.wcs.pc = [[float(h.get(f"PC{i}_{j}", float(i == j))) for j in (1, 2)] for i in (1, 2)]
+            w.wcs.cdelt = [float(h.get("CDELT1", 1.0)), float(h.get("CDELT2", 1.0))]
+        w.wcs.cunit = ["deg", "deg"]
+        w.wcs.radesys = str(h.get("RADESYS", "ICRS")).strip() or "ICRS"
+        for k in ("LONPOLE", "LATPOLE"):
+            if k in h:
+                setattr(w.wcs, k.lower(), float(h[k]))
+        if ctype[0].endswith("-SIP"):
+            mats = []
+            for name in ("A", "B", "AP", "BP"):
+                order = h.get(f"{name}_ORDER")
+                if order is None:
+                    mats.append(None)
+                    continue
+                m = np.zeros((int(order) + 1, int(order) + 1))
+                for pq in range(int(order) + 1):
+                    for q in range(pq + 1):
+                        m[pq - q, q] = float(h.get(f"{name}_{pq - q}_{q}", 0.0) or 0.0)
+                mats.append(m)
+            w.sip = Sip(mats[0], mats[1], mats[2], mats[3], crpix)
+        w.pixel_shape = (2040, 2040)
+        w.wcs.set()
+        return w
     keep = [c for k, c in h.cards.items() if _WCS_KEYS.match(k)]
     hdr = fits.Header.fromstring("".join(keep), sep="")
     hdr["NAXIS"] = 2
     hdr["NAXIS1"] = 2040
     hdr["NAXIS2"] = 2040
-    hdr["CRPIX1"] = float(h["CRPIX1"]) + info.x0
-    hdr["CRPIX2"] = float(h["CRPIX2"]) + info.y0
+    hdr["CRPIX1"], hdr["CRPIX2"] = crpix
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         warnings.simplefilter("ignore", UserWarning)

@@ -71,10 +71,10 @@ def _files(files) -> tuple[list[str], dict[str, list[str]] | None]:
     return list(dict.fromkeys(paths)), None
 
 
-def _apply_pm(cat: pl.DataFrame, idx: np.ndarray, mjd: float) -> tuple[np.ndarray, np.ndarray]:
+def _apply_pm(cat: dict[str, np.ndarray], idx: np.ndarray, mjd: float) -> tuple[np.ndarray, np.ndarray]:
     """RA, Dec (deg) of catalog rows idx at epoch mjd (linear proper motion, pmra = µ_α cos δ)."""
-    ra, dec = cat["ra"].to_numpy()[idx], cat["dec"].to_numpy()[idx]
-    pmra, pmdec, ep = cat["pmra"].to_numpy()[idx], cat["pmdec"].to_numpy()[idx], cat["ref_epoch"].to_numpy()[idx]
+    ra, dec = cat["ra"][idx], cat["dec"][idx]
+    pmra, pmdec, ep = cat["pmra"][idx], cat["pmdec"][idx], cat["ref_epoch"][idx]
     dt = 2000.0 + (mjd - 51544.5) / 365.25 - ep  # Julian years
     if not np.any(pmra) and not np.any(pmdec):
         return ra, dec
@@ -165,11 +165,12 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
     bad_mask = schema.bits_to_mask(schema.HARD_BAD_BITS if bad_bits is None else set(bad_bits))
     cat = _catalog(catalog)
     ids = cat["source_id"].to_numpy()
+    cat = {c: cat[c].to_numpy() for c in ("ra", "dec", "pmra", "pmdec", "ref_epoch")}
     pos_of = {s: i for i, s in enumerate(ids)}
     paths, wanted = _files(files)
     half = int(math.ceil(max(r_out, 5.5))) + 1
     st = _Stack(half)
-    cra, cdec = np.radians(cat["ra"].to_numpy()), np.radians(cat["dec"].to_numpy())
+    cra, cdec = np.radians(cat["ra"]), np.radians(cat["dec"])
     cvec = np.stack([np.cos(cdec) * np.cos(cra), np.cos(cdec) * np.sin(cra), np.sin(cdec)], axis=1)
     for n_done, path in enumerate(paths):
         if progress and n_done % 100 == 0:
@@ -187,7 +188,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
                    max_masked=max_masked_fraction, zodi_only=background == "zodi")
 
 
-def _one_file(path: str, cat: pl.DataFrame, ids: np.ndarray, cvec: np.ndarray, want: np.ndarray | None,
+def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.ndarray, want: np.ndarray | None,
               st: _Stack, *, r_ap: float, r_in: float, r_out: float) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

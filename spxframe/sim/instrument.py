@@ -82,8 +82,10 @@ def sip(seed: int, det: int) -> dict[str, dict[tuple[int, int], float]]:
     uu, vv = u + _poly(a, u, v), v + _poly(b, u, v)
     design = np.stack([uu**p * vv**q for p, q in INV_TERMS], axis=1)
     scale = np.array([1045.0 ** (p + q) for p, q in INV_TERMS])
-    ap = np.linalg.lstsq(design / scale, u - uu, rcond=None)[0] / scale
-    bp = np.linalg.lstsq(design / scale, v - vv, rcond=None)[0] / scale
+    d = design / scale
+    normal = (d[:, :, None] * d[:, None, :]).sum(axis=0)  # normal equations without threaded BLAS
+    ap = np.linalg.solve(normal, (d * (u - uu)[:, None]).sum(axis=0)) / scale
+    bp = np.linalg.solve(normal, (d * (v - vv)[:, None]).sum(axis=0)) / scale
     return {"A": a, "B": b, "AP": dict(zip(INV_TERMS, map(float, ap))), "BP": dict(zip(INV_TERMS, map(float, bp)))}
 
 
@@ -106,14 +108,17 @@ def tan_project(ra0, dec0, ra, dec) -> tuple[np.ndarray, np.ndarray]:
     return np.degrees(xi), np.degrees(eta)
 
 
-def pix2world(seed: int, det: int, crval: tuple[float, float], theta_deg: float,
-              x0: np.ndarray, y0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """TAN-SIP pixel → sky in plain numpy (zero-based pixels), identical to astropy ``all_pix2world``."""
+def pix2world(seed: int, det: int, crval: tuple, theta_deg, x0: np.ndarray, y0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TAN-SIP pixel → sky in plain numpy (zero-based pixels), identical to astropy ``all_pix2world``.
+
+    ``crval`` = (ra, dec) and ``theta_deg`` may be arrays broadcasting against the pixels.
+    """
     c = sip(seed, det)
     u, v = np.asarray(x0, float) + 1.0 - CRPIX, np.asarray(y0, float) + 1.0 - CRPIX
     uu, vv = u + _poly(c["A"], u, v), v + _poly(c["B"], u, v)
-    pc = pc_matrix(det, theta_deg)
-    xi, eta = pc[0, 0] * uu + pc[0, 1] * vv, pc[1, 0] * uu + pc[1, 1] * vv
+    s, t = pixel_scale_deg(det), np.radians(theta_deg)
+    ct, st = np.cos(t), np.sin(t)
+    xi, eta = s * (-ct * uu + st * vv), s * (st * uu + ct * vv)
     return tan_deproject(crval[0], crval[1], xi, eta)
 
 

@@ -160,31 +160,30 @@ def observations_table(seed: int, visits: dict[str, np.ndarray], cfg: SurveyConf
     """The ObsCore-like table of CONTRACTS.md: one row per (obs_id, detector) file."""
     rng = np.random.default_rng([int(seed), 47])
     corners = np.array([[-0.5, -0.5], [NPIX - 0.5, -0.5], [NPIX - 0.5, NPIX - 0.5], [-0.5, NPIX - 0.5]])
-    rec: dict[str, list] = {k: [] for k in (
-        "obs_id", "detector", "obs_index", "field", "obs_collection", "t_min", "t_max", "t_mid", "s_ra", "s_dec",
-        "s_region", "poly", "crota", "sps_epa", "version", "proc")}
-    for i, oid in enumerate(visits["obs_id"]):
-        for det in range(1, 7):
-            if not visits["has_det"][i, det - 1]:
-                continue
-            crval, rot = visits["crval"][i, det - 1], visits["rot"][i, det - 1]
-            ra, dec = ins.pix2world(seed, det, (crval[0], crval[1]), rot, corners[:, 0], corners[:, 1])
-            pts = [(float(a), float(d)) for a, d in zip(ra, dec)]
-            t0 = float(visits["t_min"][i])
-            proc = PROC_V20 if t0 < V21_FROM_MJD else PROC_V21
-            rec["obs_id"].append(str(oid)); rec["detector"].append(det); rec["obs_index"].append(i)
-            rec["field"].append(cfg.fields[visits["field"][i]]["name"])
-            rec["obs_collection"].append(cfg.fields[visits["field"][i]]["collection"])
-            rec["t_min"].append(t0); rec["t_max"].append(t0 + ELAPSED_S / 86400.0)
-            rec["t_mid"].append(t0 + ELAPSED_S / 172800.0)
-            rec["s_ra"].append(float(crval[0])); rec["s_dec"].append(float(crval[1]))
-            rec["s_region"].append("POLYGON ICRS " + " ".join(f"{a:.6f} {d:.6f}" for a, d in pts + pts[:1]))
-            rec["poly"].append([list(p) for p in pts]); rec["crota"].append(float(rot))
-            rec["sps_epa"].append(float(visits["epa"][i])); rec["proc"].append(proc)
-            rec["version"].append(("6.5.4" if legacy_psf_headers else "6.5.4+psffix1") if proc == PROC_V20 else "6.5.6")
+    vi, vd = np.nonzero(visits["has_det"])  # visit index, detector - 1 (row order: visit, then detector)
+    det = vd + 1
+    crval, rot = visits["crval"][vi, vd], visits["rot"][vi, vd]
+    verts = np.zeros((len(vi), 4, 2))
+    for d in range(1, 7):
+        m = det == d
+        ra, dec = ins.pix2world(seed, d, (crval[m, 0:1], crval[m, 1:2]), rot[m, None], corners[None, :, 0], corners[None, :, 1])
+        verts[m] = np.stack([ra, dec], axis=-1)
+    t0 = visits["t_min"][vi]
+    proc = np.where(t0 < V21_FROM_MJD, PROC_V20, PROC_V21)
+    fld = visits["field"][vi]
+    v20 = "6.5.4" if legacy_psf_headers else "6.5.4+psffix1"
+    rec = {
+        "obs_id": visits["obs_id"][vi], "detector": det, "obs_index": vi,
+        "field": np.array([f["name"] for f in cfg.fields])[fld],
+        "obs_collection": np.array([f["collection"] for f in cfg.fields])[fld],
+        "t_min": t0, "t_max": t0 + ELAPSED_S / 86400.0, "t_mid": t0 + ELAPSED_S / 172800.0,
+        "s_ra": crval[:, 0], "s_dec": crval[:, 1],
+        "s_region": ["POLYGON ICRS " + " ".join(f"{a:.6f} {d:.6f}" for a, d in np.concatenate([v, v[:1]])) for v in verts],
+        "crota": rot, "sps_epa": visits["epa"][vi], "version": np.where(proc == PROC_V20, v20, "6.5.6"), "proc": proc,
+    }
+    rec = {k: (v.tolist() if isinstance(v, np.ndarray) and v.dtype.kind in "US" else v) for k, v in rec.items()}
     n = len(rec["obs_id"])
-    det = np.array(rec["detector"])
-    df = pl.DataFrame(rec, schema_overrides={"poly": pl.List(pl.List(pl.Float64))})
+    df = pl.DataFrame(rec).with_columns(pl.Series("poly", verts).cast(pl.List(pl.List(pl.Float64))))
     pp = [o[:10] for o in rec["obs_id"]]
     uri = [f"ibe/data/spherex/qr2/level2/{p}/{pr}/{d}/level2_{o}D{d}_spx_{pr}.fits"
            for p, pr, d, o in zip(pp, rec["proc"], det, rec["obs_id"])]

@@ -28,7 +28,7 @@ LVF_STEP_PX: float = 120.0  #: pointing step along y per small slew
 PAIR_PITCH_PX: float = 2100.0  #: centre-to-centre distance of the three detector pairs
 PASS_DAYS: float = 14.0  #: length of a wide-survey pass
 PASS_SEPARATION_D: float = 182.6  #: six months
-PROC_V20, PROC_V21 = "l2b-v20-2025-247", "l2b-v21-2025-354"
+PROC_V20, PROC_V21 = "l2b-v20-2025-247", "l2b-v21-2026-090"
 V21_FROM_MJD: float = 60960.0  #: files observed from this MJD on carry the v21 processing (VERSION 6.5.6)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip as _gzip
 import math
 import re
+import warnings
 
 import numpy as np
 
@@ -108,7 +109,9 @@ def cutout_box(wcs, center: str, size: str, pixel_base: int = 0) -> tuple[int, i
     if kind == "pix":
         cx, cy = a - pixel_base, b - pixel_base
     else:
-        px = wcs.all_world2pix(np.array([a]), np.array([b]), 0, quiet=True, tolerance=1e-7, maxiter=50)
+        with warnings.catch_warnings():  # far-away centres: astropy warns about all-NaN slices
+            warnings.simplefilter("ignore", RuntimeWarning)
+            px = wcs.all_world2pix(np.array([a]), np.array([b]), 0, quiet=True, tolerance=1e-7, maxiter=50)
         cx, cy = float(px[0][0]), float(px[1][0])
         if not (math.isfinite(cx) and math.isfinite(cy)):
             raise BadRequest("cutout centre does not project onto the image")

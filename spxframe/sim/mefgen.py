@@ -18,6 +18,7 @@ Strips are 64 rows; each strip's noise comes from ``default_rng([seed, obs_index
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -94,7 +95,9 @@ class Frame:
         self.wcs = frame_wcs(self.meta)
         ra, dec = self.sky.positions(cand, self.t_mid)
         if cand.size:
-            x, y = self.wcs.all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50, quiet=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                x, y = self.wcs.all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50, quiet=True)
         else:
             x = y = np.zeros(0)
         on = np.isfinite(x) & np.isfinite(y) & (x > -7) & (x < NPIX + 6) & (y > -7) & (y < NPIX + 6)

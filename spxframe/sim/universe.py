@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import threading
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -125,7 +126,9 @@ class Universe:
         meta = self._meta(self._by_obs[(str(obs_id), int(detector))])
         idx = self._sky.index(np.atleast_1d(source_id))
         ra, dec = self._sky.positions(idx, 0.5 * (meta["t_min"] + meta["t_max"]))
-        x, y = frame_wcs(meta).all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50, quiet=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            x, y = frame_wcs(meta).all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50, quiet=True)
         off = ~((x >= -0.5) & (x < NPIX - 0.5) & (y >= -0.5) & (y < NPIX - 0.5))
         x, y = np.where(off, np.nan, x), np.where(off, np.nan, y)
         return (float(x[0]), float(y[0])) if np.ndim(source_id) == 0 else (x, y)

@@ -276,7 +276,7 @@ class Evaluator:
 
     # ---- projection ---------------------------------------------------------------------
     def _project(self, q: Query, rel: Rel, maxrec) -> Result:
-        from .adqlfuncs import project
+        from .adqlproject import project
         return project(self, q, rel, maxrec)
 
     # ---- expressions --------------------------------------------------------------------

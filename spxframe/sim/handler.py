@@ -15,7 +15,8 @@ from xml.sax.saxutils import escape
 
 from . import services
 from .cutout import BadRequest
-from .tap import VOT_CT, capabilities_xml, sia_capabilities_xml, tables_xml
+from .tap import VOT_CT, sia_capabilities_xml
+from .tapweb import route_tap
 
 CHUNK = 1 << 20
 BUCKET = "nasa-irsa-spherex"
@@ -122,9 +123,7 @@ class Handler(BaseHTTPRequestHandler):
         counted = False
         arc.record(self._rec)  # in the log from the start; status/bytes_sent/t_end fill in
         try:
-            params, files = ({}, {})
-            if method in ("POST", "DELETE"):
-                params, files = self._body_params()
+            params, files = self._body_params()  # any body is read, so keep-alive stays in sync
             allp = {k.upper(): v for k, v in query.items()}
             for k, v in params.items():
                 allp.setdefault(k.upper(), []).extend(v)
@@ -171,12 +170,12 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, method, path, p, files, ep):
         arc = self.server.archive
         if ep == "tap":
-            return self._tap(method, path, p, files)
+            return route_tap(arc, method, path, p, files)
         if ep == "sia":
             if path.rstrip("/").endswith("/capabilities"):
                 return 200, {"Content-Type": "text/xml"}, sia_capabilities_xml(arc.sia_url)
             if path.rstrip("/").endswith("/availability"):
-                return self._tap(method, "/TAP/availability", p, files)
+                return route_tap(arc, method, "/TAP/availability", p, files)
             lag = arc.faults.sia_lag_days
             newest = arc.t_min_max - lag if lag > 0 else None
             return services.sia_query(arc.tables["spherex.obscore"], arc.sia_extra, p, newest)
@@ -197,84 +196,6 @@ class Handler(BaseHTTPRequestHandler):
                 "spxframe simulated IRSA archive\n/TAP /SIA /datalink/links/spherex /ibe/data/spherex/ /nasa-irsa-spherex/\n").encode()
         return 404, {"Content-Type": "text/plain"}, b"404 Not Found\n"
 
-    def _tap(self, method, path, p, files):
-        arc = self.server.archive
-        tap = arc.tap
-        sub = path[len("/TAP"):].strip("/")
-        if sub == "sync":
-            return tap.execute(p, files)
-        if sub == "capabilities":
-            return 200, {"Content-Type": "text/xml"}, capabilities_xml(arc.tap_url)
-        if sub == "tables":
-            return 200, {"Content-Type": "text/xml"}, tables_xml(arc.tables)
-        if sub == "availability":
-            return 200, {"Content-Type": "text/xml"}, (
-                b'<?xml version="1.0"?><vosi:availability xmlns:vosi="http://www.ivoa.net/xml/VOSIAvailability/v1.0">'
-                b"<vosi:available>true</vosi:available></vosi:availability>")
-        if sub == "async":
-            if method == "POST":
-                job = tap.create_job(p, files)
-                return 303, {"Location": job.url, "Content-Type": "text/plain"}, job.url.encode()
-            return 200, {"Content-Type": "text/xml"}, tap.joblist_xml()
-        if not sub.startswith("async/"):
-            return 404, {"Content-Type": "text/plain"}, b"404 Not Found\n"
-        rest = sub[len("async/"):].split("/")
-        job = tap.get(rest[0])
-        if job is None:
-            return 404, {"Content-Type": "text/plain"}, f"no such job: {rest[0]}\n".encode()
-        what = "/".join(rest[1:])
-        if what == "":
-            if method == "DELETE" or (method == "POST" and (p.get("ACTION") or [""])[0].upper() == "DELETE"):
-                tap.delete(job.id)
-                return 303, {"Location": arc.tap_url + "/async", "Content-Type": "text/plain"}, b""
-            if "WAIT" in p:
-                try:
-                    w = float(p["WAIT"][0])
-                except ValueError:
-                    w = 0.0
-                job.wait(60.0 if w < 0 else min(w, 60.0))
-            return 200, {"Content-Type": "text/xml"}, job.xml()
-        if what == "phase":
-            if method == "POST":
-                ph = (p.get("PHASE") or [""])[0].upper()
-                if ph == "RUN":
-                    job.run()
-                elif ph == "ABORT":
-                    job.abort()
-                else:
-                    return 400, {"Content-Type": "text/plain"}, f"bad PHASE: {ph}\n".encode()
-                return 303, {"Location": job.url, "Content-Type": "text/plain"}, b""
-            return 200, {"Content-Type": "text/plain"}, job.phase.encode()
-        if what == "results/result":
-            if job.phase != "COMPLETED" or job.result is None:
-                return 404, {"Content-Type": "text/plain"}, f"job {job.id} has no result (phase {job.phase})\n".encode()
-            return job.result
-        if what == "error":
-            if job.phase == "ERROR" and job.result is not None:
-                return 200, job.result[1], job.result[2]
-            return 404, {"Content-Type": "text/plain"}, b"no error\n"
-        if what == "parameters":
-            if method == "POST":
-                if job.phase != "PENDING":
-                    return 400, {"Content-Type": "text/plain"}, b"job is not PENDING\n"
-                for k, v in p.items():
-                    job.params[k] = v
-                job.files.update(files)
-                return 303, {"Location": job.url, "Content-Type": "text/plain"}, b""
-            return 200, {"Content-Type": "text/xml"}, job.xml()
-        if what in ("executionduration", "destruction", "quote", "owner"):
-            if method == "POST":
-                key = what.upper()
-                if what == "executionduration" and p.get(key):
-                    job.execution_duration = int(float(p[key][0]))
-                elif what == "destruction" and p.get(key):
-                    job.set_destruction(p[key][0])
-                return 303, {"Location": job.url, "Content-Type": "text/plain"}, b""
-            val = {"executionduration": job.execution_duration, "destruction": job.destruction, "quote": "",
-                   "owner": ""}[what]
-            return 200, {"Content-Type": "text/plain"}, str(val).encode()
-        return 404, {"Content-Type": "text/plain"}, b"404 Not Found\n"
-
     def _file(self, method, key, ctype, extra=None):
         arc = self.server.archive
         size = arc.file_size(key)
@@ -293,6 +214,10 @@ class Handler(BaseHTTPRequestHandler):
     def _ibe(self, method, key, p, ep):
         arc = self.server.archive
         if key not in arc.key_index:
+            if ep == "ibe_file" and (key == "" or key.endswith("/")):
+                listing = _listing(arc, key)
+                if listing is not None:
+                    return 200, {"Content-Type": "text/html"}, listing
             return 404, {"Content-Type": "text/plain"}, f"404 Not Found: /ibe/data/spherex/{key}\n".encode()
         if ep == "ibe_file":
             return self._file(method, key, "application/fits")
@@ -408,6 +333,20 @@ class Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _listing(arc, prefix: str) -> bytes | None:
+    """A minimal IBE-style directory index of the immediate children of ``prefix``."""
+    children = set()
+    for k in arc.key_index:
+        if k.startswith(prefix):
+            rest = k[len(prefix):]
+            children.add(rest.split("/", 1)[0] + ("/" if "/" in rest else ""))
+    if not children:
+        return None
+    items = "".join(f'<a href="{escape(c)}">{escape(c)}</a>\n' for c in sorted(children))
+    return (f"<html><head><title>Index of /ibe/data/spherex/{escape(prefix)}</title></head><body>"
+            f"<h1>Index of /ibe/data/spherex/{escape(prefix)}</h1><pre>\n{items}</pre></body></html>\n").encode()
 
 
 def _ra(f) -> str:

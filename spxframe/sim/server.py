@@ -141,6 +141,8 @@ def serve(seed: int = 1, faults: Faults | None = None, port: int = 0, universe=N
     ``universe``: an existing ``spxframe.sim.Universe``; otherwise one is built with
     ``Universe(seed=seed, **universe_kwargs)``.
     """
+    if universe is not None and universe_kwargs:
+        raise TypeError(f"serve(): universe given, so {sorted(universe_kwargs)} cannot be applied")
     if universe is None:
         from .universe import Universe
         universe = Universe(seed=seed, **universe_kwargs)

@@ -209,9 +209,10 @@ def read_rows(fd: int, hdu: Hdu, y0: int, y1: int) -> np.ndarray:
 
 
 def read_array(fd: int, hdu: Hdu) -> np.ndarray:
+    """The whole data array of an HDU as a zero-copy big-endian view (convert what you use)."""
     dt = np.dtype(_BITPIX[hdu.header.structure()[0]])
     buf = os.pread(fd, hdu.data_size, hdu.data_offset)
-    return np.frombuffer(buf, dt).reshape(hdu.shape).astype(np.float64)
+    return np.frombuffer(buf, dt).reshape(hdu.shape)
 
 
 # ------------------------------------------------------------------------------ WCS-WAVE

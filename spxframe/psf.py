@@ -47,17 +47,11 @@ def parse_psf_zones(h, version: str | None) -> PsfZones:
     '(ix, iy)' comment and the centre can. Without parseable comments, the card number is decoded with
     the ordering the VERSION implies.
     """
-    h.cards  # one full parse: many lookups follow
-    xs, ys, ixs, iys, ks = [], [], [], [], []
-    k = 1
-    while f"XCTR_{k}" in h:
-        xs.append(float(h[f"XCTR_{k}"]))
-        ys.append(float(h[f"YCTR_{k}"]))
-        m = _ZONE_RE.search(h.comment(f"XCTR_{k}"))
-        ixs.append(int(m.group(1)) if m else -1)
-        iys.append(int(m.group(2)) if m else -1)
-        ks.append(k)
-        k += 1
+    fast = _parse_zone_cards(h.raw)
+    if fast is not None:
+        xs, ys, ixs, iys, ks = fast
+    else:
+        xs, ys, ixs, iys, ks = _parse_zones_slow(h)
     n = len(xs)
     legacy = is_legacy_version(version)
     ncols = int(round(math.sqrt(n))) if n else 0
@@ -69,3 +63,37 @@ def parse_psf_zones(h, version: str | None) -> PsfZones:
         plane = (kk % ncols) * ncols + kk // ncols if legacy and ncols else kk
     return PsfZones(np.array(xs), np.array(ys), np.asarray(plane, np.int64), legacy,
                     int(h.get("OVERSAMP", 10) or 10))
+
+
+_CARD_RE = re.compile(rb"([XY])CTR_(\d+) *= *([-+0-9.EeDd]+) */[^/\n]{0,60}?\((\d+)\s*,\s*(\d+)\)")
+
+
+def _parse_zone_cards(raw: bytes):
+    """Fast path: XCTR_k/YCTR_k values and '(ix, iy)' comments by one regex over the raw header."""
+    xs: dict[int, float] = {}
+    ys: dict[int, float] = {}
+    lab: dict[int, tuple[int, int]] = {}
+    for axis, k, v, ix, iy in _CARD_RE.findall(raw):
+        k = int(k)
+        (xs if axis == b"X" else ys)[k] = float(v.replace(b"D", b"E"))
+        lab.setdefault(k, (int(ix), int(iy)))
+    n = len(xs)
+    if n == 0 or set(xs) != set(range(1, n + 1)) or set(ys) != set(xs):
+        return None
+    ks = list(range(1, n + 1))
+    return ([xs[k] for k in ks], [ys[k] for k in ks], [lab[k][0] for k in ks], [lab[k][1] for k in ks], ks)
+
+
+def _parse_zones_slow(h):
+    h.cards  # one full parse: many lookups follow
+    xs, ys, ixs, iys, ks = [], [], [], [], []
+    k = 1
+    while f"XCTR_{k}" in h:
+        xs.append(float(h[f"XCTR_{k}"]))
+        ys.append(float(h[f"YCTR_{k}"]))
+        m = _ZONE_RE.search(h.comment(f"XCTR_{k}"))
+        ixs.append(int(m.group(1)) if m else -1)
+        iys.append(int(m.group(2)) if m else -1)
+        ks.append(k)
+        k += 1
+    return xs, ys, ixs, iys, ks

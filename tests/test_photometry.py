@@ -258,3 +258,31 @@ def test_cutout_equals_full_frame(universe, tmp_path):
     close = np.isclose(a["flux"].to_numpy(), b["flux"].to_numpy(), rtol=1e-9, equal_nan=True)
     assert close.mean() > 0.8
     np.testing.assert_allclose(a["wavelength"].to_numpy(), b["wavelength"].to_numpy(), rtol=1e-12)
+
+
+def test_fast_paths_match_slow(simfiles):
+    """Regex zone parsing = card-by-card parsing; WCS filled from values = astropy Header WCS."""
+    from spxframe import mef, psf
+
+    p = [q for q in simfiles["paths"] if "ibe_" in q][0]
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        info = mef.open_info(p, fd)
+    finally:
+        os.close(fd)
+    fast = psf._parse_zone_cards(info.psf_header.raw)
+    slow = psf._parse_zones_slow(mef.Header(info.psf_header.raw))
+    assert fast is not None and len(fast[0]) == 121
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+    for legacy in (False, True):
+        z = psf.parse_psf_zones(info.psf_header, "6.5.4" if legacy else "6.5.4+psffix1")
+        assert z.legacy == legacy and sorted(z.plane.tolist()) == list(range(121))
+    w1, w2 = mef.parent_wcs(info), mef.parent_wcs(info, fast=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-0.5, 2039.5, 500), rng.uniform(-0.5, 2039.5, 500)
+    r1, d1 = w1.all_pix2world(x, y, 0)
+    r2, d2 = w2.all_pix2world(x, y, 0)
+    assert np.abs(r1 - r2).max() * 3600 < 1e-8 and np.abs(d1 - d2).max() * 3600 < 1e-8
+    assert not psf.is_legacy_version("6.5.6") and psf.is_legacy_version("6.4.0")
+    assert not psf.is_legacy_version("6.5.5+psffix1") and not psf.is_legacy_version("6.3.9")

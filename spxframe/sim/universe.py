@@ -2,11 +2,27 @@
 
     u = Universe(seed=1)
     u.observations                      # polars, one row per (obs_id, detector) file
-    u.read(key, start, stop)            # bytes [start, stop) of the 71,634,240-byte MEF (stop exclusive)
-    u.cutout(key, "270.1,66.5d", "200px")
+    u.sources                           # polars, truth table of the point sources
+    u.truth_flux(source_id, wavelength_um, mjd) -> ndarray       # µJy, broadcast
+    u.truth_pixel(source_id, obs_id, detector) -> (x, y)         # zero-based parent pixel, NaN if off
+    u.catalog(n=None, field=None) -> DataFrame                  # source_id, ra, dec, pmra, pmdec, ref_epoch
+    u.file_size(key) -> int                                     # 71,634,240
+    u.read(key, start=0, stop=None) -> bytes                    # bytes [start, stop) (stop exclusive)
+    u.cutout(key, center, size, gzip=False) -> bytes            # IBE grammar; raises BadRequest
+    u.cutout_box(key, center, size) -> (x0, y0, nx, ny)         # the box cutout() returns (zero-based)
+    u.md5(key) -> str
+    u.components(key, r0, r1) -> dict                           # planes + noiseless 'sky', 'sources'
+    u.frame_sources(key) -> DataFrame                           # what was rendered on a file
 
-Files are computed on demand in 64-row strips (cached, deterministic from the seed); nothing is
-stored on disk. ``key`` is the cloud key ``qr2/level2/...`` (the IBE ``uri`` is accepted too).
+Files are computed on demand in 64-row strips (LRU-cached, deterministic from the seed); nothing is
+stored on disk. ``key`` is the cloud key ``qr2/level2/...`` (the IBE ``uri`` is accepted too);
+unknown keys raise KeyError.
+
+Photometric truth: a source of truth flux F (µJy at the WCS-WAVE wavelength of its pixel position
+and at mid-exposure MJD-AVG) adds F·P/(Ω·23.5044) MJy/sr, P = the zone PSF of the file's cube
+integrated over each pixel, Ω = the pixel solid angle (arcsec²) of the full TAN-SIP WCS at the
+source position (see ``mefgen``). Positions come from the file's own WCS (``all_world2pix``) with
+linear proper motion from ``ref_epoch`` to mid-exposure.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import warnings
 
 import numpy as np
 import pytest
@@ -202,6 +201,23 @@ def test_async_error_and_abort(tap):
     with pytest.raises(DALQueryError):
         job.raise_if_error()
     job.delete()
+
+
+def test_async_long_poll_and_uws_documents(tap, archive):
+    job = tap.submit_job("SELECT TOP 3 planeid FROM spherex.plane", maxrec=2, SIM_DELAY=0.5)
+    job.run()
+    assert job.phase in ("QUEUED", "EXECUTING")
+    job.wait(timeout=30)  # long poll (WAIT=-1) returns on the final phase
+    assert job.phase == "COMPLETED" and job.result_uri.endswith(f"/async/{job.job_id}/results/result")
+    t = job.fetch_result()
+    assert len(t) == 2 and t.query_status == "OVERFLOW"
+    assert requests.get(job.url + "/phase").text == "COMPLETED"
+    assert job.job_id in requests.get(archive.tap_url + "/async").text
+    job.delete()
+    assert requests.get(job.url or archive.tap_url + "/async/x").status_code == 404
+    caps = pyvo.dal.TAPService(archive.tap_url).capabilities
+    assert any(c.standardid == "ivo://ivoa.net/std/TAP" for c in caps)
+    assert "spherex.plane" in pyvo.dal.TAPService(archive.tap_url).tables.keys()
 
 
 def test_upload_batched_query_1000_positions(tap, archive, obs):

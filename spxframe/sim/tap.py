@@ -219,13 +219,12 @@ class Job:
                 self.cond.notify_all()
 
     def wait(self, timeout: float):
-        """UWS 1.1 WAIT: block while the phase is PENDING/QUEUED/EXECUTING (and unchanged)."""
+        """UWS 1.1 WAIT: block while the job is QUEUED/EXECUTING (QUEUED -> EXECUTING is not
+        reported as a change, so pyvo's wait() returns on the final phase without sleeping);
+        a PENDING job returns at once (nothing would change it)."""
         with self.cond:
-            start_phase = self.phase
-            if start_phase not in ("PENDING", "QUEUED", "EXECUTING"):
-                return
             end = time.time() + timeout
-            while self.phase == start_phase and time.time() < end:
+            while self.phase in self.ACTIVE and time.time() < end:
                 self.cond.wait(max(0.0, end - time.time()))
 
     def xml(self) -> bytes:

@@ -67,6 +67,19 @@ def test_observations_table(uni):
     assert 150 <= deep <= 400
 
 
+def test_s_region_from_file_wcs(uni):
+    o = uni.observations
+    for r in (o.filter(pl.col("field") == "wide_pole").row(3, named=True),
+              o.filter(pl.col("field") == "wide_ra0").row(0, named=True)):
+        hdr = fits.Header.fromstring(uni.read(r["cloud_key"], 2880, 23040).decode("ascii"))
+        ra, dec = WCS(hdr).all_pix2world([-0.5, 2039.5, 2039.5, -0.5], [-0.5, -0.5, 2039.5, 2039.5], 0)
+        v = np.array([float(t) for t in r["s_region"].split()[2:]]).reshape(-1, 2)[:4]
+        dra = (v[:, 0] - ra + 180) % 360 - 180
+        assert np.abs(dra * np.cos(np.radians(dec))).max() < 1e-5 and np.abs(v[:, 1] - dec).max() < 1e-5
+        assert hdr["OBSID"] == r["obs_id"] and hdr["DETECTOR"] == r["detector"]
+        assert hdr["MJD-BEG"] == pytest.approx(r["t_min"]) and hdr["MJD-END"] == pytest.approx(r["t_max"])
+
+
 def test_full_file_layout(full, hdul):
     assert len(full) == FULL_FILE_BYTES
     assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE"]

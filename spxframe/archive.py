@@ -208,6 +208,7 @@ class _Tap:
         self.service = pyvo.dal.TAPService(url, session=self.session)
         self.queries = 0
         self.use_async = False
+        self.allow_async = True
 
     def run(self, adql: str, uploads: dict | None = None) -> pl.DataFrame:
         from pyvo.dal import DALFormatError, DALQueryError, DALServiceError
@@ -226,7 +227,7 @@ class _Tap:
             except DALQueryError:
                 raise
             except (DALServiceError, DALFormatError, requests.RequestException) as exc:
-                if _is_timeout(exc) and not self.use_async:
+                if _is_timeout(exc) and not self.use_async and self.allow_async:
                     log.warning("sync TAP query timed out; switching to async (UWS) jobs")
                     self.use_async = True
                 if attempt >= self.retries or not _retryable(exc):
@@ -369,6 +370,7 @@ def observations(
     timeout: float = 120.0,
     retries: int = 4,
     backoff: float = 0.5,
+    mode: str = "auto",
     return_matches: bool = False,
 ):
     """Every SPHEREx L2 (obs_id, detector) covering a catalog source (see the module docstring).
@@ -381,7 +383,8 @@ def observations(
     ``edge_margin_px``: keep sources up to this far (px) outside a footprint polygon (0: trust the
     archive's polygon test, the CONTRACTS.md query shape); ``max_sources_per_query`` upload chunk size; ``maxrec`` rows per query before splitting;
     ``cell_size_deg`` sky-cell size (deg); ``timeout`` seconds per HTTP request; ``retries``
-    per query; ``backoff`` first retry delay (s).
+    per query; ``backoff`` first retry delay (s); ``mode`` ``"auto"`` (sync, switching to async
+    UWS jobs after a sync timeout), ``"sync"`` or ``"async"``.
 
     Returns a Polars DataFrame in ``schema.OBSERVATIONS`` (em_* in µm, one row per obs_id,
     detector, sorted by mjd_mid), or ``(observations, matches)`` when ``return_matches``.
@@ -393,10 +396,13 @@ def observations(
     bands, time, cols = check_query_options(bands, time, collection)
     if strategy not in ("auto", "upload", "cells"):
         raise InputError(f"strategy={strategy!r}: expected 'auto', 'upload' or 'cells'")
+    if mode not in ("auto", "sync", "async"):
+        raise InputError(f"mode={mode!r}: expected 'auto', 'sync' or 'async'")
     if max_sources_per_query < 1 or maxrec < 1 or not cell_size_deg > 0:
         raise InputError("max_sources_per_query, maxrec and cell_size_deg must be positive")
     ep = resolve_archive(archive)
     tap = _Tap(ep.tap_url, timeout=timeout, retries=retries, maxrec=maxrec, backoff=backoff)
+    tap.use_async, tap.allow_async = mode == "async", mode != "sync"
     t0 = _time.perf_counter()
     ra, dec = cat["ra"].to_numpy(), cat["dec"].to_numpy()
     lab = _cells(ra, dec, cell_size_deg)

@@ -102,13 +102,23 @@ def test_overflow_split_gives_same_rows(archive, small_cat):
 
 
 def test_retries_through_faults(archive, small_cat):
-    ref = observations(small_cat, archive=archive)
-    archive.faults.error_rate = 0.4
+    ref = observations(small_cat, archive=archive, strategy="cells")
+    archive.faults.error_rate = 0.5
+    archive.clear_log()
     try:
-        again = observations(small_cat, archive=archive, retries=8, backoff=0.01)
+        again = observations(small_cat, archive=archive, strategy="cells", retries=12, backoff=0.01)
     finally:
         archive.faults.error_rate = 0.0
     assert again.equals(ref)
+    assert any(r["status"] >= 500 for r in archive.log if r["endpoint"] == "tap")
+
+
+def test_async_mode_same_rows(archive, small_cat):
+    ref = observations(small_cat, archive=archive, strategy="upload")
+    archive.clear_log()
+    got = observations(small_cat, archive=archive, strategy="upload", mode="async")
+    assert got.equals(ref)
+    assert any("/async" in r["path"] for r in archive.log)
 
 
 @pytest.mark.parametrize("kw, words", [

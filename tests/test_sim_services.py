@@ -523,5 +523,8 @@ def test_adql_predicates_and_ordering(geo_tables):
     r = run_query(tables, "SELECT TOP 2 id AS k, 'x' || name || '-' || id AS s FROM t.poly ORDER BY k DESC")
     assert r.names == ["k", "s"] and list(r.arrays[1]) == ["xe-4", None]
     assert list(run_query(tables, "SELECT COUNT(*) AS n FROM t.poly WHERE ra > 100").arrays[0]) == [3]
+    r = run_query(tables, "SELECT CAST(dec AS INTEGER) AS d, CAST(id AS VARCHAR(8)) || 'x' AS s FROM t.poly "
+                          "ORDER BY id LIMIT 2")
+    assert list(r.arrays[0]) == [10, -5] and list(r.arrays[1]) == ["0x", "1x"]
     a = run_query(tables, "SELECT a.id, b.id FROM t.poly a JOIN t.poly b ON a.id = b.id + 1 ORDER BY 1")
     assert a.names == ["id", "id_2"] and list(a.arrays[0]) == [1, 2, 3, 4] and list(a.arrays[1]) == [0, 1, 2, 3]

@@ -194,10 +194,20 @@ class Parser:
                 q.order.append((e, desc))
                 if not self.op(","):
                     break
-        if self.kw("OFFSET"):
-            q.offset = int(self.tok.value)
-            self.i += 1
+        for _ in range(2):  # OFFSET n / LIMIT n (PostgreSQL-style, accepted by IRSA's backend)
+            if self.kw("OFFSET"):
+                q.offset = self._int("OFFSET")
+            elif self.kw("LIMIT"):
+                n = self._int("LIMIT")
+                q.top = n if q.top is None else min(q.top, n)
         return q
+
+    def _int(self, what) -> int:
+        t = self.tok
+        if t.kind != "num" or not isinstance(t.value, int):
+            self.error(f"{what} needs an integer")
+        self.i += 1
+        return t.value
 
     def select_item(self):
         if self.op("*"):
@@ -333,6 +343,17 @@ class Parser:
         if t.kind == "id" or (t.kind == "kw" and t.value in ("LEFT", "RIGHT")):
             self.i += 1
             name = t.value
+            if name.upper() == "CAST" and self.op("("):
+                e = self.expr()
+                self.expect_kw("AS")
+                typ = self.ident().upper()
+                while self.tok.kind == "id":  # DOUBLE PRECISION, CHARACTER VARYING
+                    typ += " " + self.ident().upper()
+                if self.op("("):
+                    self._int("type length")
+                    self.expect_op(")")
+                self.expect_op(")")
+                return ("func", "CAST_" + typ.split()[0], [e])
             if self.op("("):
                 fname = name.upper()
                 args = []

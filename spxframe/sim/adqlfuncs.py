@@ -336,6 +336,17 @@ def _func(ev, rel, name, args):
         if isinstance(v, str) or v is None:
             return None if v is None else f(v)
         return np.array([None if s is None else f(s) for s in v], dtype=object)
+    if name.startswith("CAST_"):
+        typ = name[5:]
+        v = evaluate(ev, rel, args[0])
+        if typ in ("VARCHAR", "CHAR", "CHARACTER", "TEXT"):
+            return _strs(v, n)
+        x = _num(v)
+        if typ in ("INTEGER", "INT", "BIGINT", "SMALLINT"):
+            return np.trunc(x).astype(np.int64) if np.all(np.isfinite(x)) else np.trunc(x)
+        if typ in ("DOUBLE", "REAL", "FLOAT", "NUMERIC", "DECIMAL"):
+            return np.asarray(x, dtype=np.float64)
+        raise AdqlError(f"CAST to {typ.lower()} is not supported by this service")
     if name in AGGS:
         raise AdqlError(f"aggregate function {name.lower()} is only allowed in the select list")
     raise AdqlError(f"function {name.lower()} does not exist")

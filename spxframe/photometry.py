@@ -108,14 +108,16 @@ def bjd_tdb(mjd_utc: np.ndarray, ra: np.ndarray, dec: np.ndarray, sc_km: np.ndar
 
 
 class _Stack:
-    """Accumulates stamps and per-row metadata over files."""
+    """Accumulates stamps over files; runs the kernel every ``chunk`` stamps (bounded memory)."""
 
-    def __init__(self, half: int) -> None:
-        self.half = half
+    def __init__(self, half: int, kernel_kw: dict, chunk: int = 20000) -> None:
+        self.half, self.kw, self.chunk = half, kernel_kw, chunk
         self.img, self.var, self.flg, self.zod, self.cx, self.cy, self.pidx = ([] for _ in range(7))
         self.rows: list[dict] = []
         self.planes: list[np.ndarray] = []
         self.plane_ids: dict[tuple[str, int], int] = {}
+        self.n_done = 0
+        self.results: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def plane_index(self, key: str, cube: np.ndarray, plane: int) -> int:
         k = (key, int(plane))
@@ -123,6 +125,35 @@ class _Stack:
             self.plane_ids[k] = len(self.planes)
             self.planes.append(np.ascontiguousarray(cube[int(plane)], dtype=np.float64))
         return self.plane_ids[k]
+
+    def add(self, stamps, k: int, cx: float, cy: float, pi: int) -> int:
+        """Queue stamp k of a file's stamps; returns its global index."""
+        g = self.n_done + len(self.cx)
+        self.img.append(stamps[0][k]), self.var.append(stamps[1][k]), self.flg.append(stamps[2][k])
+        self.zod.append(stamps[3][k]), self.cx.append(cx), self.cy.append(cy), self.pidx.append(pi)
+        if len(self.cx) >= self.chunk:
+            self.flush()
+        return g
+
+    def flush(self) -> None:
+        if not self.cx:
+            return
+        pidx = np.array(self.pidx, np.int64)
+        if self.planes:
+            planes = np.stack(self.planes)
+        else:
+            planes = np.zeros((1, 11, 11))
+            planes[0, 5, 5] = 1.0
+        nopsf = pidx < 0
+        pidx[nopsf] = 0
+        out, fo, status = K.measure_stamps(np.stack(self.img), np.stack(self.var), np.stack(self.flg),
+                                           np.stack(self.zod), planes, pidx, np.array(self.cx),
+                                           np.array(self.cy), **self.kw)
+        out[nopsf, :] = np.nan
+        self.results.append((out, fo, status))
+        self.n_done += len(self.cx)
+        for lst in (self.img, self.var, self.flg, self.zod, self.cx, self.cy, self.pidx):
+            lst.clear()
 
 
 def _cut(fd: int, info: mef.MefInfo, x: np.ndarray, y: np.ndarray, half: int):
@@ -169,7 +200,9 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
     pos_of = {s: i for i, s in enumerate(ids)}
     paths, wanted = _files(files)
     half = int(math.ceil(max(r_out, 5.5))) + 1
-    st = _Stack(half)
+    zodi_only = background == "zodi"
+    st = _Stack(half, dict(r_ap=aperture_radius, r_in=(r_out + 1e9 if zodi_only else r_in),
+                           r_out=(r_out + 2e9 if zodi_only else r_out), bad_mask=bad_mask))
     cra, cdec = np.radians(cat["ra"]), np.radians(cat["dec"])
     cvec = np.stack([np.cos(cdec) * np.cos(cra), np.cos(cdec) * np.sin(cra), np.sin(cdec)], axis=1)
     for n_done, path in enumerate(paths):
@@ -184,8 +217,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
             base = dict(obs_id=m.group(1), detector=int(m.group(2))) if m else {}
             for i in ([] if want is None else want):
                 st.rows.append(dict(base, source_id=ids[i], file=path, qc=schema.QC["READ_ERROR"]))
-    return _finish(st, r_ap=aperture_radius, r_in=r_in, r_out=r_out, bad_mask=bad_mask,
-                   max_masked=max_masked_fraction, zodi_only=background == "zodi")
+    return _finish(st, r_ap=aperture_radius, max_masked=max_masked_fraction, zodi_only=zodi_only)
 
 
 def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.ndarray, want: np.ndarray | None,
@@ -250,26 +282,16 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
         if (x[k] - r_ap < -0.5) or (x[k] + r_ap > nx - 0.5) or (y[k] - r_ap < -0.5) or (y[k] + r_ap > ny - 0.5):
             q |= schema.QC["APERTURE_EDGE"]
         st.rows.append(dict(base, source_id=ids[want[k]], x=x[k], y=y[k], ra=ra[k], dec=dec[k], sc=sc,
-                            wavelength=wave[k], bandwidth=bw[k], pixel_area=area[k], qc=q, _k=len(st.cx)))
-        st.img.append(stamps[0][k]), st.var.append(stamps[1][k]), st.flg.append(stamps[2][k])
-        st.zod.append(stamps[3][k]), st.cx.append(cx[k]), st.cy.append(cy[k]), st.pidx.append(pi)
+                            wavelength=wave[k], bandwidth=bw[k], pixel_area=area[k], qc=q,
+                            _k=st.add(stamps, k, cx[k], cy[k], pi)))
 
 
-def _finish(st: _Stack, *, r_ap, r_in, r_out, bad_mask, max_masked, zodi_only) -> pl.DataFrame:
-    n = len(st.cx)
-    if n:
-        pidx = np.array(st.pidx, np.int64)
-        planes = np.stack(st.planes) if st.planes else np.zeros((1, 11, 11))
-        if not st.planes:
-            planes[0, 5, 5] = 1.0
-        nopsf = pidx < 0
-        pidx[nopsf] = 0
-        zod = np.stack(st.zod)
-        out, fo, status = K.measure_stamps(np.stack(st.img), np.stack(st.var), np.stack(st.flg), zod, planes,
-                                           pidx, np.array(st.cx), np.array(st.cy), r_ap=r_ap,
-                                           r_in=(r_out + 1e9 if zodi_only else r_in),
-                                           r_out=(r_out + 2e9 if zodi_only else r_out), bad_mask=bad_mask)
-        out[nopsf, :] = np.nan
+def _finish(st: _Stack, *, r_ap, max_masked, zodi_only) -> pl.DataFrame:
+    st.flush()
+    if st.results:
+        out = np.concatenate([r[0] for r in st.results])
+        fo = np.concatenate([r[1] for r in st.results])
+        status = np.concatenate([r[2] for r in st.results])
     recs = []
     for row in st.rows:
         k = row.pop("_k", None)

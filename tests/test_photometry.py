@@ -286,3 +286,28 @@ def test_fast_paths_match_slow(simfiles):
     assert np.abs(r1 - r2).max() * 3600 < 1e-8 and np.abs(d1 - d2).max() * 3600 < 1e-8
     assert not psf.is_legacy_version("6.5.6") and psf.is_legacy_version("6.4.0")
     assert not psf.is_legacy_version("6.5.5+psffix1") and not psf.is_legacy_version("6.3.9")
+
+
+def test_options_chunking_pandas(simfiles, measured, monkeypatch):
+    from spxframe import photometry
+
+    paths = [p for p in simfiles["paths"] if "ibe_" in p or "_x0_y0_" in p][:2]
+    base = measured.filter(pl.col("file").is_in(paths)).sort("file", "source_id")
+    orig = photometry._Stack.__init__
+
+    def small(self, half, kw, chunk=20000):
+        orig(self, half, kw, chunk=7)
+
+    monkeypatch.setattr(photometry._Stack, "__init__", small)
+    chunked = spxframe.measure(paths, simfiles["cat"].to_pandas()).sort("file", "source_id")
+    monkeypatch.undo()
+    assert chunked.height == base.height > 7
+    np.testing.assert_array_equal(chunked["flux"].to_numpy(), base["flux"].to_numpy())
+    z = spxframe.measure(paths, simfiles["cat"], background="zodi").sort("file", "source_id")
+    assert (z["zodi_scale"] == 1).all() and (z["background"] == 0).all() and z["flux"].is_not_nan().sum() > 0
+    strict = spxframe.measure(paths, simfiles["cat"], bad_bits=set(schema.HARD_BAD_BITS) | {1, 4, 5, 19})
+    assert strict.height == base.height
+    with pytest.raises(ValueError):
+        spxframe.measure(paths, simfiles["cat"], bad_bits={21})
+    with pytest.raises(ValueError):
+        spxframe.measure(paths, simfiles["cat"], aperture_radius=3.0, annulus=(2.0, 5.0))

@@ -41,6 +41,9 @@ _PIX = {"px", "pix", "pixel", "pixels"}
 _ANG_DEG = {"": 1.0, "d": 1.0, "deg": 1.0, "degree": 1.0, "degrees": 1.0, "rad": 180.0 / math.pi,
             "radian": 180.0 / math.pi, "radians": 180.0 / math.pi, "arcmin": 1 / 60.0, "amin": 1 / 60.0,
             "arcsec": 1 / 3600.0, "asec": 1 / 3600.0}
+_ARCSEC = {"": 3600.0, "d": 3600.0, "deg": 3600.0, "degree": 3600.0, "degrees": 3600.0,
+           "rad": 648000.0 / math.pi, "radian": 648000.0 / math.pi, "radians": 648000.0 / math.pi,
+           "arcmin": 60.0, "amin": 60.0, "arcsec": 1.0, "asec": 1.0}
 _CENTER_RE = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*([a-zA-Z]*)\s*$")
 _SIZE_RE = re.compile(rf"^\s*({_NUM})\s*(?:,\s*({_NUM}))?\s*([a-zA-Z]*)\s*$")
 
@@ -68,13 +71,11 @@ def _to_pixels(v: float, unit: str, text: str) -> int:
         raise BadRequest(f"illegal (negative or non-finite) size {text!r}")
     if unit in _PIX:
         npx = v
-    elif unit in _ANG_DEG and unit != "":
-        npx = v * _ANG_DEG[unit] * 3600.0 / PIXEL_SCALE_ARCSEC
-    elif unit == "":
-        npx = v * 3600.0 / PIXEL_SCALE_ARCSEC
+    elif unit in _ARCSEC:
+        npx = v * _ARCSEC[unit] / PIXEL_SCALE_ARCSEC
     else:
         raise BadRequest(f"unknown size unit {unit!r} in {text!r}")
-    n = int(math.floor(npx + 0.5))
+    n = int(math.floor(npx + 0.5 + 1e-9))  # half-pixel ties round up despite float error
     if n < 1:
         raise BadRequest(f"size {text!r} is smaller than one pixel")
     return n

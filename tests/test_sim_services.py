@@ -528,3 +528,52 @@ def test_adql_predicates_and_ordering(geo_tables):
     assert list(r.arrays[0]) == [10, -5] and list(r.arrays[1]) == ["0x", "1x"]
     a = run_query(tables, "SELECT a.id, b.id FROM t.poly a JOIN t.poly b ON a.id = b.id + 1 ORDER BY 1")
     assert a.names == ["id", "id_2"] and list(a.arrays[0]) == [1, 2, 3, 4] and list(a.arrays[1]) == [0, 1, 2, 3]
+
+
+def test_contains_property_random_polygons():
+    """Random rotated squares anywhere (poles, RA wrap) vs the independent convex edge test."""
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=60, deadline=None, derandomize=True)
+    @hyp.given(st.floats(0, 360), st.floats(-90, 90), st.floats(0.05, 5.0), st.floats(0, 90),
+               st.floats(-1, 1), st.floats(-1, 1))
+    def check(ra, dec, h, rot, fx, fy):
+        sq = np.array(_square(ra, dec, h))
+        # rotate the square about its centre by `rot` degrees (in the tangent plane)
+        c = geom.unit(ra, dec)
+        xyz = geom.unit(sq[:, 0], sq[:, 1])
+        k = c / np.linalg.norm(c)
+        th = np.radians(rot)
+        xyz = (xyz * np.cos(th) + np.cross(k, xyz) * np.sin(th) + np.outer(xyz @ k, k) * (1 - np.cos(th)))
+        verts = np.stack([np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0])) % 360,
+                          np.degrees(np.arcsin(np.clip(xyz[:, 2], -1, 1)))], axis=1)
+        # a point near the polygon: offset by up to 1.5 h along two tangent directions
+        e1 = np.cross([0, 0, 1.0], c)
+        e1 = e1 / np.linalg.norm(e1) if np.linalg.norm(e1) > 1e-9 else np.array([1.0, 0, 0])
+        e2 = np.cross(c, e1)
+        p = c + np.tan(np.radians(1.5 * h)) * (fx * e1 + fy * e2)
+        p /= np.linalg.norm(p)
+        pra, pdec = np.degrees(np.arctan2(p[1], p[0])) % 360, np.degrees(np.arcsin(p[2]))
+        polys = geom.Polygons(verts[None])
+        want = _inside_convex(geom.unit(verts[None, :, 0], verts[None, :, 1]), geom.unit(pra, pdec))[0]
+        tables = {"t.p": Table("t.p", {"id": np.array([0]), "poly": np.array(["p"], dtype=object)},
+                               geoms={"poly": polys}),
+                  "t.u": Table("t.u", {"ra": np.array([pra]), "dec": np.array([pdec])})}
+        got = run_query(tables, f"SELECT id FROM t.p WHERE CONTAINS(POINT('ICRS', {float(pra)!r}, {float(pdec)!r}), poly) = 1")
+        joined = run_query(tables, "SELECT p.id FROM t.u AS u JOIN t.p AS p ON 1 = CONTAINS(POINT('ICRS', u.ra, u.dec), p.poly)")
+        assert (len(got.arrays[0]) == 1) == bool(want) == (len(joined.arrays[0]) == 1)
+
+    check()
+
+
+def test_sia_lag(universe):
+    o = universe.observations
+    newest = o.sort("t_min").tail(1)
+    ra, dec = float(newest["s_ra"][0]), float(newest["s_dec"][0])
+    q = f"SELECT obs_publisher_did FROM spherex.obscore WHERE CONTAINS(POINT('ICRS',{ra},{dec}), s_region)=1"
+    with sim.serve(universe=universe, faults=sim.Faults(sia_lag_days=1.0)) as arc:
+        tap_ids = set(pyvo.dal.TAPService(arc.tap_url).search(q).to_table()["obs_publisher_did"])
+        sia_ids = set(pyvo.dal.SIA2Service(arc.sia_url).search(pos=(ra, dec, 0.001)).to_table()["obs_publisher_did"])
+    assert newest["obs_publisher_did"][0] in tap_ids - sia_ids
+    assert sia_ids < tap_ids

@@ -26,20 +26,18 @@ Rows are de-duplicated. ``observations(..., return_matches=True)`` returns
 from __future__ import annotations
 
 import logging
-import random
 import time as _time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import polars as pl
-import requests
 
 from . import schema
 from .catalog import normalize_catalog
 from .errors import ArchiveError, ArchiveUnreachable, InputError
 from .footprint import HALF_DIAGONAL_DEG, Footprints, unit
+from ._tap import _Overflow, _Tap, _parallel
 
 __all__ = ["Endpoints", "resolve_archive", "observations", "check_query_options"]
 
@@ -155,122 +153,6 @@ def cell_query(ra: float, dec: float, radius: float, bands, time, cols) -> str:
             "AND " + _where(bands, time, cols))
 
 
-class _Session(requests.Session):
-    """requests session with a default timeout (pyvo passes none) and our User-Agent."""
-
-    def __init__(self, timeout: float) -> None:
-        super().__init__()
-        self._timeout = timeout
-        self.headers["User-Agent"] = f"spxframe/{__import__('spxframe').__version__}"
-
-    def request(self, *args, **kwargs):  # noqa: D102
-        kwargs.setdefault("timeout", self._timeout)
-        return super().request(*args, **kwargs)
-
-
-class _Overflow(Exception):
-    pass
-
-
-def _causes(exc: BaseException):
-    seen = 0
-    while exc is not None and seen < 8:
-        yield exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-        seen += 1
-
-
-def _is_timeout(exc: Exception) -> bool:
-    return any(isinstance(e, (requests.Timeout, TimeoutError)) for e in _causes(exc))
-
-
-def _is_connection(exc: Exception) -> bool:
-    return any(isinstance(e, (requests.ConnectionError, ConnectionError)) for e in _causes(exc))
-
-
-def _retryable(exc: Exception) -> bool:
-    """5xx / 429 / timeouts / connection errors / truncated bodies (format errors) are retried."""
-    from pyvo.dal import DALFormatError
-
-    code = getattr(exc, "code", None) or 0
-    return code >= 500 or code == 429 or _is_timeout(exc) or _is_connection(exc) \
-        or isinstance(exc, DALFormatError)
-
-
-class _Tap:
-    """One TAP service with retries, sync→async fallback, overflow detection and a query count."""
-
-    def __init__(self, url: str, *, timeout: float, retries: int, maxrec: int, backoff: float) -> None:
-        import pyvo
-
-        self.url, self.retries, self.maxrec, self.backoff = url, retries, maxrec, backoff
-        self.session = _Session(timeout)
-        self.service = pyvo.dal.TAPService(url, session=self.session)
-        self.queries = 0
-        self.use_async = False
-        self.allow_async = True
-
-    def run(self, adql: str, uploads: dict | None = None) -> pl.DataFrame:
-        from pyvo.dal import DALFormatError, DALQueryError, DALServiceError
-        from pyvo.dal.exceptions import DALOverflowWarning
-
-        for attempt in range(self.retries + 1):
-            self.queries += 1
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DALOverflowWarning)
-                    res = self._async(adql, uploads) if self.use_async else \
-                        self.service.run_sync(adql, uploads=uploads, maxrec=self.maxrec)
-                if str(res.status[0]).lower() == "overflow" or len(res) >= self.maxrec:
-                    raise _Overflow()
-                return _to_polars(res.to_table())
-            except DALQueryError:
-                raise
-            except (DALServiceError, DALFormatError, requests.RequestException) as exc:
-                if _is_timeout(exc) and not self.use_async and self.allow_async:
-                    log.warning("sync TAP query timed out; switching to async (UWS) jobs")
-                    self.use_async = True
-                if attempt >= self.retries or not _retryable(exc):
-                    if _is_connection(exc) or _is_timeout(exc):
-                        raise ArchiveUnreachable(f"TAP query failed after {attempt + 1} attempt(s): {exc}",
-                                                 url=self.url, hint="check the network / archive status "
-                                                 "(IRSA has maintenance every other Tuesday); retry later") from None
-                    raise ArchiveError(f"TAP query failed: {exc}", url=self.url,
-                                       status=getattr(exc, "code", None)) from None
-                delay = self.backoff * 2 ** attempt * (0.5 + random.random())
-                log.info("TAP attempt %d failed (%s); retrying in %.2f s", attempt + 1, exc, delay)
-                _time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _async(self, adql: str, uploads: dict | None):
-        job = self.service.submit_job(adql, uploads=uploads, maxrec=self.maxrec)
-        try:
-            job.run().wait(phases=["COMPLETED", "ERROR", "ABORTED"], timeout=600.0)
-            job.raise_if_error()
-            return job.fetch_result()
-        finally:
-            try:
-                job.delete()
-            except Exception:  # noqa: BLE001 - cleanup only
-                pass
-
-
-def _to_polars(tbl) -> pl.DataFrame:
-    cols = {}
-    for name in tbl.colnames:
-        a = np.ma.asarray(tbl[name])
-        if a.dtype.kind in "SO":
-            v = [x.decode() if isinstance(x, bytes) else ("" if x is np.ma.masked or x is None else str(x))
-                 for x in a.tolist()]
-            cols[name.lower()] = pl.Series(name.lower(), v, dtype=pl.Utf8)
-        elif a.dtype.kind == "U":
-            cols[name.lower()] = pl.Series(name.lower(), np.ma.filled(a, ""), dtype=pl.Utf8)
-        else:
-            filled = np.ma.filled(a.astype(float), np.nan) if a.dtype.kind == "f" else np.ma.filled(a, 0)
-            cols[name.lower()] = pl.Series(name.lower(), filled)
-    return pl.DataFrame(cols)
-
-
 def _split_time(time):
     t0, t1 = time or MJD_RANGE
     mid = 0.5 * (t0 + t1)
@@ -342,6 +224,19 @@ def _finish(rows: pl.DataFrame, ep: Endpoints) -> pl.DataFrame:
     return schema.conform(df, schema.OBSERVATIONS, extra=False)
 
 
+QUERY_EPOCH = 2026.0  #: Julian year the query positions are propagated to (mid-mission)
+
+
+def _query_positions(cat: pl.DataFrame) -> pl.DataFrame:
+    """ra, dec propagated by proper motion to QUERY_EPOCH (unchanged without pmra/pmdec)."""
+    if "pmra" not in cat.columns:
+        return cat
+    dt = QUERY_EPOCH - cat["ref_epoch"].to_numpy()
+    dec = np.clip(cat["dec"].to_numpy() + cat["pmdec"].to_numpy() * dt / 3.6e6, -90, 90)
+    ra = (cat["ra"].to_numpy() + cat["pmra"].to_numpy() * dt / 3.6e6 / np.maximum(np.cos(np.radians(dec)), 1e-6)) % 360
+    return cat.with_columns(pl.Series("ra", ra), pl.Series("dec", dec))
+
+
 def _filter_pairs(rows: pl.DataFrame, ra: np.ndarray, dec: np.ndarray, ep: Endpoints, margin_px: float):
     """Keep upload rows (source index, frame) whose source lies in the footprint (+ margin)."""
     key = rows.select("obs_id", "energy_bandpassname")
@@ -371,6 +266,7 @@ def observations(
     retries: int = 4,
     backoff: float = 0.5,
     mode: str = "auto",
+    workers: int = 4,
     return_matches: bool = False,
 ):
     """Every SPHEREx L2 (obs_id, detector) covering a catalog source (see the module docstring).
@@ -384,7 +280,8 @@ def observations(
     archive's polygon test, the CONTRACTS.md query shape); ``max_sources_per_query`` upload chunk size; ``maxrec`` rows per query before splitting;
     ``cell_size_deg`` sky-cell size (deg); ``timeout`` seconds per HTTP request; ``retries``
     per query; ``backoff`` first retry delay (s); ``mode`` ``"auto"`` (sync, switching to async
-    UWS jobs after a sync timeout), ``"sync"`` or ``"async"``.
+    UWS jobs after a sync timeout), ``"sync"`` or ``"async"``; ``workers`` concurrent TAP queries.
+    Positions are propagated by proper motion (when given) to :data:`QUERY_EPOCH` for the query.
 
     Returns a Polars DataFrame in ``schema.OBSERVATIONS`` (em_* in µm, one row per obs_id,
     detector, sorted by mjd_mid), or ``(observations, matches)`` when ``return_matches``.
@@ -404,7 +301,8 @@ def observations(
     tap = _Tap(ep.tap_url, timeout=timeout, retries=retries, maxrec=maxrec, backoff=backoff)
     tap.use_async, tap.allow_async = mode == "async", mode != "sync"
     t0 = _time.perf_counter()
-    ra, dec = cat["ra"].to_numpy(), cat["dec"].to_numpy()
+    pcat = _query_positions(cat)
+    ra, dec = pcat["ra"].to_numpy(), pcat["dec"].to_numpy()
     lab = _cells(ra, dec, cell_size_deg)
     _, inv, counts = np.unique(lab, return_inverse=True, return_counts=True)
     dense = {"cells": np.ones(len(ra), bool), "upload": np.zeros(len(ra), bool),
@@ -415,16 +313,17 @@ def observations(
     radius = None if edge_margin_px <= 0 else \
         HALF_DIAGONAL_DEG * 1.02 + edge_margin_px * schema.PIXEL_SCALE_ARCSEC / 3600.0
     try:
-        for s in range(0, len(up_idx), max_sources_per_query):
-            _run_upload(tap, cat, up_idx[s:s + max_sources_per_query], bands, time, cols, up_parts, radius)
+        _parallel(workers, [lambda i=up_idx[s:s + max_sources_per_query], out=out:
+                            _run_upload(tap, pcat, i, bands, time, cols, out, radius)
+                            for s, out in ((s, up_parts) for s in range(0, len(up_idx), max_sources_per_query))])
     except (DALQueryError, ArchiveError) as exc:
         if isinstance(exc, ArchiveUnreachable) or (getattr(exc, "status", None) or 0) >= 500:
             raise
         log.warning("TAP upload query refused (%s); falling back to sky-cell queries", exc)
         up_parts, dense = [], np.ones(len(ra), bool)
-    for cell in np.unique(lab[dense]):
-        m = dense & (lab == cell)
-        _run_cell(tap, ra[m], dec[m], bands, time, cols, cell_parts, cell_size_deg)
+    _parallel(workers, [lambda m=dense & (lab == cell): _run_cell(tap, ra[m], dec[m], bands, time, cols, cell_parts,
+                                                                  cell_size_deg)
+                        for cell in np.unique(lab[dense])])
     ids = cat["source_id"].cast(pl.Utf8)
     up_parts = [p for p in up_parts if p.height]
     if radius is not None and up_parts:

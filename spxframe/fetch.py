@@ -442,8 +442,10 @@ class _Fetcher:
             layout.append(h)
             pos = h.next_offset
         # round 2: speculative windows for the later headers + the tail (WCS-WAVE)
-        guess = self._layout_guess.get(task.psf_key or "", {})
-        wins = header_windows(layout, guesses=guess)
+        # headers of files with the same psf_key so far had these lengths: read exactly those
+        # (a miss costs one more read); otherwise nominal lengths with slack either side
+        guess = self._layout_guess.get(task.psf_key or "")
+        wins = header_windows(layout, guesses=guess, slack_blocks=0 if guess else 3)
         wins = [(s, min(e, total)) for s, e in wins if s < total]
         wins.append((max(pos, total - TAIL_BYTES), total))
         read(sorted(set(wins)))

@@ -249,7 +249,7 @@ def header_windows(layout: list[HDU], names: tuple[str, ...] = ("FLAGS", "VARIAN
     for k, name in enumerate(names):
         hb = g.get(name, 4)
         lo = pos - slack_blocks * k * BLOCK
-        hi = pos + (hb + slack_blocks * (k + 1)) * BLOCK
+        hi = pos + (hb + slack_blocks * (k + 1)) * BLOCK if slack_blocks else pos + hb * BLOCK
         out.append((max(lo, last.next_offset), hi))
         pos += hb * BLOCK + (plane_data if name in PLANES else 0)
     return out

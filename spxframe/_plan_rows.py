@@ -20,6 +20,7 @@ from .sizes import CutoutCenter, CutoutSize
 
 log = logging.getLogger("spxframe.plan")
 METHODS = ("cutout", "shared", "range", "full")
+EDGE_PAD = 8  #: px a shared cutout is requested beyond a detector edge it touches
 
 
 def cutout_url(file_url: str, ra: float, dec: float, nx: int, ny: int) -> str:
@@ -131,18 +132,30 @@ def _cutouts(df: pl.DataFrame, nx: int, ny: int) -> pl.DataFrame:
 
 
 def _shared(df: pl.DataFrame, fp: Footprints) -> pl.DataFrame:
+    """One cutout per image covering all its boxes. Sides that touch the detector edge are
+    requested ``EDGE_PAD`` px beyond it, so the server's clipping (not our few-px-approximate
+    centre) fixes them; such boxes are marked ``clipped``."""
     if df.height == 0:
         return df
-    bw, bh = (df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy()
-    cx, cy = df["bx0"].to_numpy() + (bw - 1) / 2, df["by0"].to_numpy() + (bh - 1) / 2  # box_of(cx, bw) == bx0
+    req, clip = [], np.zeros(df.height, bool)
+    for lo, hi in (("bx0", "bx1"), ("by0", "by1")):
+        a, b = df[lo].to_numpy(), df[hi].to_numpy()
+        full = (a == 0) & (b == NPIX)
+        pa = np.where((a == 0) & ~full, EDGE_PAD, 0)
+        pb = np.where((b == NPIX) & ~full, EDGE_PAD, 0)
+        n = b - a + pa + pb
+        req.append((a - pa + (n - 1) / 2, n))  # box_of(centre, n) == a - pa
+        clip |= (pa > 0) | (pb > 0)
+    (cx, bw), (cy, bh) = req
     cra, cdec = fp.pixel_to_sky(df["_fi"].to_numpy(), cx, cy)
     urls = [cutout_url(f, r, d, w, h) for f, r, d, w, h in zip(df["_file"], cra, cdec, bw, bh)]
     return df.with_columns(
         pl.lit("cutout").alias("access"), pl.Series("url", urls, dtype=pl.Utf8),
         (_image_prefix() + pl.lit(":cutout:shared")).alias("request_id"),
         *_box_cols(pl.col("bx0"), pl.col("by0"), pl.col("bx1") - pl.col("bx0"), pl.col("by1") - pl.col("by0")),
-        pl.Series("predicted_bytes", cutout_bytes(bw, bh)), pl.lit("").alias("ranges"),
-        pl.lit("planned").alias("status"))
+        pl.Series("clipped", clip),
+        pl.Series("predicted_bytes", cutout_bytes((df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy())),
+        pl.lit("").alias("ranges"), pl.lit("planned").alias("status"))
 
 
 def _ranges(df: pl.DataFrame, cloud_url: str, cost: CostModel) -> pl.DataFrame:

@@ -138,8 +138,12 @@ def test_cutout_urls_accepted_by_ibe(field_cat, field_obs, archive):
     from astropy.io import fits
 
     obs, matches = field_obs
-    m = plan(field_cat, obs, matches=matches, cutout_size="64px", access="cutout", archive=archive).manifest
-    rows = m.unique("request_id").sort("clipped").head(4).vstack(m.filter(pl.col("clipped")).head(2))
+    shared = plan(field_cat, obs, matches=matches, cutout_size="64px", access="cutout", archive=archive).manifest
+    own = plan(field_cat, obs, matches=matches, cutout_size="64,48px", access="cutout", archive=archive,
+               cost=CostModel(cutout_server_s=0.0)).manifest  # per-source cutouts
+    assert shared["request_id"].str.ends_with(":shared").any() and (~own["request_id"].str.ends_with(":shared")).any()
+    rows = pl.concat([m.unique("request_id").sort("clipped").head(3).vstack(m.filter(pl.col("clipped")).head(2))
+                      for m in (shared, own)])
     for r in rows.iter_rows(named=True):
         resp = requests.get(r["url"], timeout=60)
         assert resp.status_code == 200, (r["url"], resp.text[:200])

@@ -171,10 +171,20 @@ def test_errors_raise_dalqueryerror(tap, q, msg):
         tap.search(q)
 
 
-def test_error_http_status_and_document(archive):
+def test_error_http_status_and_document(archive, tap):
     r = requests.post(archive.tap_url + "/sync", data={"REQUEST": "doQuery", "LANG": "ADQL", "QUERY": "SELECT"})
     assert r.status_code == 400
     assert '<INFO name="QUERY_STATUS" value="ERROR">' in r.text
+    archive.tap.error_status = 200  # IRSA's status for ADQL errors is unconfirmed: both must work
+    try:
+        with pytest.raises(DALQueryError, match="syntax error"):
+            tap.search("SELECT")
+        job = tap.submit_job("SELECT")
+        job.run().wait(timeout=30)
+        assert job.phase == "ERROR"
+        job.delete()
+    finally:
+        archive.tap.error_status = 400
 
 
 def test_maxrec_overflow(tap, archive):

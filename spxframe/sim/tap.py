@@ -82,6 +82,7 @@ class TapService:
         self.tap_url = tap_url
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
+        self.error_status = 400  # HTTP status of sync ADQL errors (IRSA's is unconfirmed: 200 or 400)
 
     # ---- sync ---------------------------------------------------------------------------
     def execute(self, params: dict, files: dict) -> tuple[int, dict, bytes]:
@@ -108,7 +109,7 @@ class TapService:
             tables.update(parse_uploads(params, files))
             res = Evaluator(tables).run(parse(query), maxrec)
         except AdqlError as ex:
-            return 400, {"Content-Type": VOT_CT}, vt.error_votable(str(ex))
+            return self.error_status, {"Content-Type": VOT_CT, "X-Sim-Error": "1"}, vt.error_votable(str(ex))
         except Exception as ex:  # noqa: BLE001 - internal error still gives a TAP error document
             return 500, {"Content-Type": VOT_CT}, vt.error_votable(f"internal error: {type(ex).__name__}: {ex}")
         if fmt in ("csv", "text/csv"):
@@ -202,7 +203,7 @@ class Job:
             if self.phase != "EXECUTING":
                 return
             self.ended = time.time()
-            if status == 200:
+            if status == 200 and "X-Sim-Error" not in headers:
                 self.result = (status, headers, body)
                 self.phase = "COMPLETED"
             else:

@@ -211,7 +211,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
         want = None if wanted is None else np.array([pos_of[s] for s in wanted[path] if s in pos_of], np.int64)
         try:
             _one_file(path, cat, ids, cvec, want, st, r_ap=aperture_radius, r_in=r_in, r_out=r_out)
-        except (OSError, mef.MefError, KeyError) as exc:
+        except (OSError, ValueError, KeyError) as exc:  # MefError is a ValueError
             log.warning("measure: cannot read %s: %s", path, exc)
             m = re.match(r"^(.+?)D(\d)(?:_|\.)", os.path.basename(path))
             base = dict(obs_id=m.group(1), detector=int(m.group(2))) if m else {}
@@ -225,7 +225,9 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
     fd = os.open(path, os.O_RDONLY)
     try:
         info = mef.open_info(path, fd)
-        wkey = (info.obs_id, info.detector, info.version)
+        im = info.image  # parent identity; CRVAL/PC guard against equal ids from different archives
+        wkey = (info.obs_id, info.detector, info.version, im.get("CRVAL1"), im.get("CRVAL2"), im.get("PC1_1"),
+                im.get("CD1_1"))
         wcs = _WCS_CACHE.get(wkey)
         if wcs is None:
             wcs = _WCS_CACHE[wkey] = mef.parent_wcs(info)

@@ -156,6 +156,10 @@ class Handler(BaseHTTPRequestHandler):
         except ConnectionError:
             self.close_connection = True
         except Exception as ex:  # noqa: BLE001
+            if self._rec.get("status") is not None:  # headers already out: cut the connection
+                self._rec["fault"] = self._rec.get("fault") or f"server error mid-body: {ex}"
+                self.close_connection = True
+                return
             try:
                 self._send(500, {"Content-Type": "text/plain"}, f"internal error: {type(ex).__name__}: {ex}\n".encode(), ep)
             except OSError:

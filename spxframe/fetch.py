@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import logging
 import os
 import re
@@ -48,11 +47,11 @@ import polars as pl
 
 from . import __version__, schema
 from .errors import FileFormatError, InputError
-from .rangeread import (BLOCK, PLANES, REQUIRED_HDUS, Box, ByteStore, HDU, box_row_ranges, build_cutout,
-                        celestial_wcs, coalesce, header_windows, hdu_from, nearest_box_start, psf_file_bytes,
-                        quick_check, scan_fits)
-from .transfer import (Cancelled, HostLimiter, Limiters, RangeClient, RetryPolicy, TransferError,
-                       call_with_retries, default_session, pid_alive, stream_to_file)
+from .rangeread import (BLOCK, REQUIRED_HDUS, Box, HDU, RangeFile, build_cutout, nearest_box_start,
+                        psf_file_bytes, scan_fits)
+from .transfer import (Cancelled, Limiters, RangeClient, RetryPolicy, TransferError, call_with_retries,
+                       clean_stale_parts, default_session, file_md5, is_verified, mark_ok, stream_to_file,
+                       tmp_name, write_verified)
 
 log = logging.getLogger("spxframe.fetch")
 
@@ -61,9 +60,6 @@ OBS_ID_RE = re.compile(r"^\d{4}W\d{2}_\d[A-Z]_\d{4}_\d{1,2}$")
 PSF_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _VERSION_DIR_RE = re.compile(r"/(l2b-v[0-9A-Za-z.+-]+)/")
 ACCESS = ("cutout", "range", "full")
-HEAD_BYTES = 16 * BLOCK          # first read of a range file: PRIMARY + IMAGE header (7-8 blocks)
-TAIL_BYTES = 8 * BLOCK           # last read: the WCS-WAVE header and table
-STALE_PART_S = 24 * 3600.0       # .part files older than this are removed whoever wrote them
 
 
 # --------------------------------------------------------------------------------------
@@ -114,110 +110,6 @@ def _inside(root: str, rel: str) -> str:
     if not path.startswith(os.path.realpath(root) + os.sep):
         raise InputError(f"{rel!r} would escape cache_dir {root!r}")
     return path
-
-
-# --------------------------------------------------------------------------------------
-# verified files: sidecars and temporary files
-# --------------------------------------------------------------------------------------
-
-
-def _sidecar(path: str) -> str:
-    return path + ".ok"
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _tmp_name(path: str) -> str:
-    return f"{path}.{os.getpid()}.{secrets.token_hex(4)}.part"
-
-
-def _file_md5(path: str) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _mark_ok(path: str, request: dict[str, Any], md5: str | None = None) -> None:
-    """Write the JSON sidecar of a verified file (atomically)."""
-    info = {"size": os.path.getsize(path), "md5": md5, "request": request,
-            "spxframe": __version__, "time": time.time()}
-    _atomic_write(_sidecar(path), json.dumps(info, sort_keys=True).encode())
-
-
-def is_verified(path: str, *, required: tuple[str, ...] = REQUIRED_HDUS, md5: str | None = None,
-                request: dict[str, Any] | None = None) -> bool:
-    """Whether ``path`` is a complete, verified file. With a sidecar: size and first card
-    (cheap). Without (e.g. killed between rename and sidecar): a full structural check (and
-    MD5 when ``md5`` is given), after which the sidecar is written."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        with open(_sidecar(path), "rb") as f:
-            info = json.loads(f.read())
-        ok = quick_check(path, int(info["size"]))
-        if ok and md5 and info.get("md5") and info["md5"].lower() != md5.lower():
-            ok = False
-        if ok:
-            return True
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        scan_fits(path, required=required)
-        digest = _file_md5(path) if md5 else None
-        if md5 and digest != md5.lower():
-            log.warning("%s: MD5 %s differs from the archive's %s; refetching", path, digest, md5)
-            return False
-    except FileFormatError as e:
-        log.warning("cached file rejected (%s); refetching", e)
-        return False
-    _mark_ok(path, request or {}, digest)
-    return True
-
-
-def clean_stale_parts(directory: str) -> int:
-    """Remove ``*.part`` files in ``directory`` left by dead processes (or older than a day).
-    Returns how many were removed."""
-    n = 0
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return 0
-    now = time.time()
-    for name in names:
-        if not name.endswith(".part"):
-            continue
-        p = os.path.join(directory, name)
-        parts = name.split(".")
-        try:
-            pid = int(parts[-3])
-        except (IndexError, ValueError):
-            pid = -1
-        try:
-            old = now - os.path.getmtime(p) > STALE_PART_S
-        except OSError:
-            continue
-        if pid == os.getpid():
-            continue
-        if old or pid <= 0 or not pid_alive(pid):
-            try:
-                os.unlink(p)
-                n += 1
-            except OSError:
-                pass
-    return n
 
 
 # --------------------------------------------------------------------------------------
@@ -376,7 +268,7 @@ class _Fetcher:
         target = task.targets[0]
         kind = "cutout" if task.access == "cutout" else "data"
         limiter = self.limiters.get(task.url, kind)
-        tmp = _tmp_name(target.path)
+        tmp = tmp_name(target.path)
         md5 = [None]
 
         def attempt(n: int):
@@ -389,7 +281,7 @@ class _Fetcher:
                 with gzip.open(tmp, "rb") as fi, open(dec, "wb") as fo:
                     shutil.copyfileobj(fi, fo, 1 << 20)
                 os.replace(dec, tmp)
-            digest = dl.md5 if magic != b"\x1f\x8b" else _file_md5(tmp)
+            digest = dl.md5 if magic != b"\x1f\x8b" else file_md5(tmp)
             if task.access == "full":
                 if task.size and os.path.getsize(tmp) != task.size:
                     raise TransferError(f"size {os.path.getsize(tmp)} != archive size {task.size} for {task.url}",
@@ -410,7 +302,7 @@ class _Fetcher:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _mark_ok(target.path, target.request, md5[0])
+        mark_ok(target.path, target.request, md5[0])
         task.done.add(target.rel)
 
     # ---- range reads ----------------------------------------------------------------
@@ -420,143 +312,51 @@ class _Fetcher:
             return self._psf_locks.setdefault(key, threading.Lock())
 
     def _range(self, task: Task, on_bytes) -> None:
+        """range: headers, box rows and WCS-WAVE from the cloud copy, PSF cube once per key,
+        local cutouts written like IBE cutouts (PSF header only, PSFFILE)."""
         rc = RangeClient(self.fs, policy=self.policy, limiters=self.limiters, stop=self.stop, on_bytes=on_bytes)
-        url = task.url
-        chunks: dict[tuple[int, int], bytes] = {}
 
         def read(ranges: list[tuple[int, int]]) -> tuple[list[bytes], int | None]:
-            data, total, att = rc.read(url, ranges)
+            data, total, att = rc.read(task.url, ranges)
             task.attempts = max(task.attempts, att)
-            for r, d in zip(ranges, data):
-                chunks[r] = d
             return data, total
 
-        # round 1: PRIMARY + IMAGE headers
-        (head,), total = read([(0, HEAD_BYTES)])
-        if total is None:
-            raise TransferError(f"no Content-Range total size from {url}", transient=False)
-        layout: list[HDU] = []
-        pos = 0
-        while len(layout) < 2:
-            h = self._hdu_at(pos, len(layout), chunks, read, total)
-            layout.append(h)
-            pos = h.next_offset
-        # round 2: speculative windows for the later headers + the tail (WCS-WAVE)
-        # headers of files with the same psf_key so far had these lengths: read exactly those
-        # (a miss costs one more read); otherwise nominal lengths with slack either side
-        guess = self._layout_guess.get(task.psf_key or "")
-        wins = header_windows(layout, guesses=guess, slack_blocks=0 if guess else 3)
-        wins = [(s, min(e, total)) for s, e in wins if s < total]
-        wins.append((max(pos, total - TAIL_BYTES), total))
-        read(sorted(set(wins)))
-        while pos < total:
-            h = self._hdu_at(pos, len(layout), chunks, read, total)
-            layout.append(h)
-            pos = h.next_offset
-        if pos != total:
-            raise FileFormatError(f"{url}: HDUs end at byte {pos}, file has {total}")
-        names = [h.extname for h in layout]
-        missing = [n for n in REQUIRED_HDUS if n not in names]
-        if missing:
-            raise FileFormatError(f"{url}: missing HDUs {missing} (found {names})")
+        rf = RangeFile(read, task.url)
+        # header lengths of earlier files with this psf_key: read exactly those (a miss costs a read)
+        layout = rf.read_layout(guess=self._layout_guess.get(task.psf_key or ""))
         if task.psf_key:
             self._layout_guess[task.psf_key] = {h.extname: len(h.header) // BLOCK for h in layout[2:]}
-        by = {h.extname: h for h in layout}
-        img = by["IMAGE"]
-        width, height = img.shape[:2]
-        # round 3: box rows of the planes + data of small HDUs not yet held
-        want: list[tuple[int, int]] = []
+        resolved = rf.resolve_boxes(layout, [(t.box, t.center) for t in task.targets])  # type: ignore[misc]
         boxes: dict[str, Box] = {}
-        wcs: Any = None
-        for t in task.targets:
-            assert t.box is not None
-            b = t.box
-            if t.center is not None:  # the planner's pixel is a prediction: use the file's WCS
-                if wcs is None:
-                    wcs = celestial_wcs(img.header) or False
-                if wcs is not False:
-                    xe, ye = (float(v[0]) for v in wcs.all_world2pix(
-                        np.array([t.center[0]]), np.array([t.center[1]]), 0, tolerance=1e-7, maxiter=50,
-                        quiet=True))
-                    if np.isfinite(xe) and np.isfinite(ye):
-                        b = Box(nearest_box_start(xe, b.nx), nearest_box_start(ye, b.ny), b.nx, b.ny)
-                        if b != t.box:
-                            log.debug("%s: box %s re-centred to %s", t.rel, t.box, b)
-            b = b.clip(width, height)
-            if b.empty:
-                task.errors[t.rel] = f"box {t.box} lies outside the {width}x{height} image"
-                continue
-            boxes[t.rel] = b
-            for name in PLANES:
-                if by[name].shape[:2] != (width, height):
-                    raise FileFormatError(f"{url}: {name} shape {by[name].shape} != IMAGE {img.shape}")
-                want.extend(box_row_ranges(by[name], b))
-        store = ByteStore(chunks)
-        if boxes:
-            for h in layout:
-                if h.extname not in PLANES and h.extname != "PSF" and h.data_size:
-                    if not store.has(h.data_offset, h.next_offset):
-                        want.append((h.data_offset, h.next_offset))
-        if want:
-            read(coalesce(want, max_gap=self.max_gap))
-        store = ByteStore(chunks)
-        psf = by["PSF"]
+        for t, b in zip(task.targets, resolved):
+            if isinstance(b, str):
+                task.errors[t.rel] = b
+            else:
+                if b != t.box:
+                    log.debug("%s: box %s re-centred/clipped to %s", t.rel, t.box, b)
+                boxes[t.rel] = b
+        store = rf.read_boxes(layout, list(boxes.values()), max_gap=self.max_gap)
+        psf = next(h for h in layout if h.extname == "PSF")
         psf_rel = psf_name(task.psf_key) if task.psf_key else None
         if psf_rel is not None:
-            self._ensure_psf(task, psf, psf_rel, read)
+            self._ensure_psf(task, psf, psf_rel, rf.read)
         for t in task.targets:
             b = boxes.get(t.rel)
             if b is None:
                 continue
             data = build_cutout(layout, b, store, psffile=psf_rel or "")
-            tmp = _tmp_name(t.path)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                scan_fits(tmp)
-                os.replace(tmp, t.path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            _mark_ok(t.path, t.request, hashlib.md5(data).hexdigest())
+            write_verified(t.path, data, t.request)
             task.done.add(t.rel)
 
-    def _hdu_at(self, pos: int, index: int, chunks: dict, read, total: int) -> HDU:
-        """The HDU header at ``pos`` from bytes already held, else read exactly (growing)."""
-        for (s, e), buf in sorted(chunks.items()):
-            if s <= pos < e:
-                h = hdu_from(buf, s, pos, index)
-                if h is not None:
-                    return h
-        n = 16 * BLOCK
-        while True:
-            stop = min(pos + n, total)
-            (buf,), _ = read([(pos, stop)])
-            h = hdu_from(buf, pos, pos, index)
-            if h is not None:
-                return h
-            if stop >= total:
-                raise FileFormatError(f"HDU {index} at byte {pos}: no END card before the end of the file")
-            n *= 4
-
     def _ensure_psf(self, task: Task, psf: HDU, rel: str, read) -> None:
+        """The PSF cube of ``psf`` at ``cache_dir/rel``, fetched once (other threads wait)."""
         path = _inside(self.cache_dir, rel)
         req = {"psf_key": task.psf_key, "url": task.url, "offset": psf.data_offset}
         with self._psf_lock(rel):
             if is_verified(path, required=("PRIMARY", "PSF"), request=req):
                 return
-            (data,), _ = read([(psf.data_offset, psf.next_offset)])
-            raw = psf_file_bytes(psf, data, task.psf_key or "")
-            tmp = _tmp_name(path)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(raw)
-                scan_fits(tmp, required=("PRIMARY", "PSF"))
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            _mark_ok(path, req, hashlib.md5(raw).hexdigest())
+            (data,) = read([(psf.data_offset, psf.next_offset)])
+            write_verified(path, psf_file_bytes(psf, data, task.psf_key or ""), req, required=("PRIMARY", "PSF"))
             log.info("cached PSF cube %s", rel)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import FileFormatError
 
@@ -24,6 +24,10 @@ REQUIRED_HDUS: tuple[str, ...] = ("PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI
 #: nominal header lengths in blocks (spec §3.1) used to guess where later headers start
 NOMINAL_HEADER_BLOCKS: dict[str, int] = {"FLAGS": 5, "VARIANCE": 4, "ZODI": 4, "PSF": 15, "WCS-WAVE": 1}
 _END_CARD = b"END" + b" " * 77
+HEAD_BYTES = 16 * BLOCK   # first read: PRIMARY + IMAGE header (7-8 blocks) with room to spare
+TAIL_BYTES = 8 * BLOCK    # the file's tail: the WCS-WAVE header and table
+#: reads byte ranges [start, stop) of one remote file -> (bytes per range, file size or None)
+ReadFn = Callable[[list[tuple[int, int]]], tuple[list[bytes], "int | None"]]
 
 
 def padded(n: int) -> int:
@@ -350,6 +354,130 @@ class ByteStore:
             raise KeyError(f"bytes [{start}, {stop}) were not fetched")
         s, data = f
         return data[start - s: stop - s]
+
+
+# --------------------------------------------------------------------------------------
+# reading one remote file by ranges (three rounds of requests)
+# --------------------------------------------------------------------------------------
+
+
+class RangeFile:
+    """The parts of one remote MEF needed for local cutouts, read through ``read`` (a function
+    fetching byte ranges; :class:`spxframe.transfer.RangeClient` in fetch).
+
+    Round 1 reads the first 16 blocks (PRIMARY + IMAGE headers); round 2 reads guessed windows
+    for the FLAGS/VARIANCE/ZODI/PSF headers plus the file's tail (WCS-WAVE); headers are then
+    parsed in sequence and any header a window missed is read exactly. Round 3 reads the box
+    rows of the four planes (coalesced) and any small HDU data not yet held."""
+
+    def __init__(self, read: ReadFn, name: str = "") -> None:
+        self._read, self.name = read, name
+        self.chunks: dict[tuple[int, int], bytes] = {}
+        self.total: int | None = None
+
+    def read(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        data, total = self._read(ranges)
+        if total is not None:
+            self.total = total
+        for (s, _), d in zip(ranges, data):
+            self.chunks[(s, s + len(d))] = d
+        return data
+
+    def hdu_at(self, pos: int, index: int) -> HDU:
+        """The HDU whose header starts at byte ``pos``: from bytes held, else read exactly."""
+        for (s, e), buf in sorted(self.chunks.items()):
+            if s <= pos < e:
+                h = hdu_from(buf, s, pos, index)
+                if h is not None:
+                    return h
+        assert self.total is not None
+        n = 16 * BLOCK
+        while True:
+            stop = min(pos + n, self.total)
+            (buf,) = self.read([(pos, stop)])
+            h = hdu_from(buf, pos, pos, index)
+            if h is not None:
+                return h
+            if stop >= self.total:
+                raise FileFormatError(f"{self.name}: HDU {index} at byte {pos} has no END card")
+            n *= 4
+
+    def read_layout(self, *, guess: dict[str, int] | None = None) -> list[HDU]:
+        """Every HDU's header and offsets. ``guess``: header lengths in blocks by EXTNAME (from
+        an earlier file of the same kind) → exact windows; else nominal lengths with slack."""
+        self.read([(0, HEAD_BYTES)])
+        if self.total is None:
+            raise FileFormatError(f"{self.name}: the server did not give the file size (Content-Range)")
+        total = self.total
+        layout: list[HDU] = []
+        pos = 0
+        while len(layout) < 2 and pos < total:
+            h = self.hdu_at(pos, len(layout))
+            layout.append(h)
+            pos = h.next_offset
+        if pos < total:
+            wins = header_windows(layout, guesses=guess, slack_blocks=0 if guess else 3)
+            wins = [(s, min(e, total)) for s, e in wins if s < total]
+            wins.append((max(pos, total - TAIL_BYTES), total))
+            self.read(sorted(set(wins)))
+        while pos < total:
+            h = self.hdu_at(pos, len(layout))
+            layout.append(h)
+            pos = h.next_offset
+        if pos != total:
+            raise FileFormatError(f"{self.name}: HDUs end at byte {pos}, the file has {total}")
+        names = [h.extname for h in layout]
+        missing = [n for n in REQUIRED_HDUS if n not in names]
+        if missing:
+            raise FileFormatError(f"{self.name}: missing HDUs {missing} (found {names})")
+        img = layout[names.index("IMAGE")]
+        for h in layout:
+            if h.extname in PLANES and h.shape[:2] != img.shape[:2]:
+                raise FileFormatError(f"{self.name}: {h.extname} shape {h.shape} != IMAGE {img.shape}")
+        return layout
+
+    def resolve_boxes(self, layout: list[HDU], wanted: list[tuple[Box, tuple[float, float] | None]]
+                      ) -> list[Box | str]:
+        """Final boxes: re-centred on the exact pixel of (ra, dec) where given (IBE's nearest-
+        centre rule, the file's celestial WCS), clipped to the image; an error text where the
+        box misses the image."""
+        img = next(h for h in layout if h.extname == "IMAGE")
+        width, height = img.shape[:2]
+        wcs: Any = None
+        out: list[Box | str] = []
+        for box, center in wanted:
+            b = box
+            if center is not None:
+                if wcs is None:
+                    wcs = celestial_wcs(img.header) or False
+                if wcs is not False:
+                    import numpy as np
+
+                    xe, ye = (float(v[0]) for v in wcs.all_world2pix(
+                        np.array([center[0]]), np.array([center[1]]), 0, tolerance=1e-7, maxiter=50, quiet=True))
+                    if np.isfinite(xe) and np.isfinite(ye):
+                        b = Box(nearest_box_start(xe, b.nx), nearest_box_start(ye, b.ny), b.nx, b.ny)
+            b = b.clip(width, height)
+            out.append(f"box {box} lies outside the {width}x{height} image" if b.empty else b)
+        return out
+
+    def read_boxes(self, layout: list[HDU], boxes: list[Box], *, max_gap: int) -> ByteStore:
+        """Round 3: the rows of every box in the four planes (ranges closer than ``max_gap``
+        bytes merged) and the data of the small HDUs (WCS-WAVE) not yet held."""
+        want: list[tuple[int, int]] = []
+        for b in boxes:
+            for h in layout:
+                if h.extname in PLANES:
+                    want.extend(box_row_ranges(h, b))
+        if boxes:
+            store = ByteStore(self.chunks)
+            for h in layout:
+                if h.extname not in PLANES and h.extname != "PSF" and h.data_size \
+                        and not store.has(h.data_offset, h.next_offset):
+                    want.append((h.data_offset, h.next_offset))
+        if want:
+            self.read(coalesce(want, max_gap=max_gap))
+        return ByteStore(self.chunks)
 
 
 # --------------------------------------------------------------------------------------

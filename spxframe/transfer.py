@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
+import json
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 from contextlib import contextmanager
@@ -21,6 +23,9 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import requests
+
+from .errors import FileFormatError
+from .rangeread import REQUIRED_HDUS, quick_check, scan_fits
 
 log = logging.getLogger("spxframe.fetch")
 
@@ -296,6 +301,8 @@ async def _get_range(fs: Any, url: str, start: int, stop: int) -> tuple[bytes, i
         raise TransferError(f"{type(e).__name__} reading {url}: {e}", transient=True) from e
     if len(data) != stop - start:
         if total is not None and stop > total:
+            if len(data) == total - start:  # asked past the end: the server sent what exists
+                return data, total
             raise TransferError(f"range {start}-{stop} beyond the end of {url} ({total} bytes)",
                                 transient=False)
         raise TransferError(f"short range from {url}: {len(data)} of {stop - start} bytes", transient=True)
@@ -395,3 +402,125 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------------------
+# files on disk: temporary names, verified writes, JSON sidecars, stale temp files
+# --------------------------------------------------------------------------------------
+
+STALE_PART_S = 24 * 3600.0  # .part files older than this (s) are removed whoever wrote them
+
+
+def tmp_name(path: str) -> str:
+    """A temporary name beside ``path``: ``<path>.<pid>.<token>.part`` (never trusted by a rerun)."""
+    return f"{path}.{os.getpid()}.{secrets.token_hex(4)}.part"
+
+
+def sidecar(path: str) -> str:
+    return path + ".ok"
+
+
+def file_md5(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def mark_ok(path: str, request: dict[str, Any], md5: str | None = None) -> None:
+    """Write the JSON sidecar of a verified file (size, md5, request), atomically."""
+    info = {"size": os.path.getsize(path), "md5": md5, "request": request, "time": time.time()}
+    atomic_write(sidecar(path), json.dumps(info, sort_keys=True).encode())
+
+
+def write_verified(path: str, data: bytes, request: dict[str, Any], *,
+                   required: tuple[str, ...] = REQUIRED_HDUS) -> None:
+    """Write a FITS file built in memory: temporary file, structural check, rename, sidecar."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        scan_fits(tmp, required=required)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    mark_ok(path, request, hashlib.md5(data).hexdigest())
+
+
+def is_verified(path: str, *, required: tuple[str, ...] = REQUIRED_HDUS, md5: str | None = None,
+                request: dict[str, Any] | None = None) -> bool:
+    """Whether ``path`` is a complete, verified file. With a sidecar: size and first card
+    (cheap). Without (e.g. killed between rename and sidecar): a full structural check (and
+    MD5 when ``md5`` is given), after which the sidecar is written."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(sidecar(path), "rb") as f:
+            info = json.loads(f.read())
+        ok = quick_check(path, int(info["size"]))
+        if ok and md5 and info.get("md5") and info["md5"].lower() != md5.lower():
+            ok = False
+        if ok:
+            return True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = None
+    try:
+        scan_fits(path, required=required)
+        digest = file_md5(path) if md5 else None
+        if md5 and digest != md5.lower():
+            log.warning("%s: MD5 %s differs from the archive's %s; refetching", path, digest, md5)
+            return False
+    except FileFormatError as e:
+        log.warning("cached file rejected (%s); refetching", e)
+        return False
+    mark_ok(path, request or {}, digest)
+    return True
+
+
+def clean_stale_parts(directory: str) -> int:
+    """Remove ``*.part`` files in ``directory`` left by dead processes (or older than a day).
+    Returns how many were removed."""
+    n = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    now = time.time()
+    for name in names:
+        if not name.endswith(".part"):
+            continue
+        p = os.path.join(directory, name)
+        try:
+            pid = int(name.split(".")[-3])
+        except (IndexError, ValueError):
+            pid = -1
+        try:
+            old = now - os.path.getmtime(p) > STALE_PART_S
+        except OSError:
+            continue
+        if pid == os.getpid() and not old:
+            continue
+        if old or pid <= 0 or not pid_alive(pid):
+            try:
+                os.unlink(p)
+                n += 1
+            except OSError:
+                pass
+    return n

@@ -597,3 +597,37 @@ def test_range_recentres_predicted_box(sarc, tmp_path):
     out = F.fetch(pl.DataFrame([row]), cache_dir=tmp_path / "b", progress=False, recenter=False)
     with _fits(out["path"][0]) as a:
         assert a["IMAGE"].header["CRPIX1A"] == 1 - bx and a["IMAGE"].header["CRPIX2A"] == 1 - by
+
+
+def test_full_file_md5_checked(odd_server, tmp_path):
+    import hashlib
+
+    url, data, log = odd_server
+    url = url.replace("/f.fits", "/g.fits")
+    row = dict(source_id="1", obs_id="2025W19_2B_0073_2", detector=2, access="full", url=url, request_id="f")
+    good = pl.DataFrame([dict(row, checksum=hashlib.md5(data).hexdigest())])
+    out = F.fetch(good, cache_dir=tmp_path / "a", progress=True)
+    assert out["status"][0] == "done" and Path(out["path"][0]).read_bytes() == data
+    bad = pl.DataFrame([row])
+    obs = pl.DataFrame({"obs_id": ["2025W19_2B_0073_2"], "detector": [2], "size": [len(data)],
+                        "checksum": ["0" * 32]})
+    out = F.fetch(bad, cache_dir=tmp_path / "b", progress=False, observations=obs, retries=1, backoff=0.01)
+    assert out["status"][0] == "failed" and "MD5" in out["error"][0] and out["attempts"][0] == 2
+    assert not Path(out["path"][0]).exists() and not list((tmp_path / "b").rglob("*.part"))
+    # a cached file whose checksum no longer matches the archive's is fetched again
+    out = F.fetch(bad, cache_dir=tmp_path / "a", progress=False, observations=obs, retries=0)
+    assert out["status"][0] == "failed"
+
+
+def test_adaptive_concurrency_under_cutout_cap(sarc, tmp_path):
+    """The archive refuses more than 2 concurrent cutouts; fetch asks for up to 8 and adapts."""
+    u = sarc.universe
+    f = sarc.faults
+    f.max_cutout_concurrency, f.latency_s, f.retry_after_s = 2, 0.15, 0.1
+    rows = _rows(sarc, _obs(u, 3), "cutout", size_px=16, offsets=((0, 0), (0.1, 0), (0, 0.1), (0.1, 0.1)))
+    out = F.fetch(_manifest(rows), cache_dir=tmp_path, progress=False, max_concurrency=8, backoff=0.05)
+    assert set(out["status"]) == {"done"}, out["error"].to_list()
+    n503 = sum(1 for e in sarc.log if e["status"] == 503)
+    n200 = sum(1 for e in sarc.log if e["status"] == 200 and e["endpoint"] == "ibe_cutout")
+    assert n200 == len(rows)
+    assert 1 <= n503 <= len(rows)  # it hit the cap, then backed off instead of hammering

@@ -92,7 +92,7 @@ def reference_measure(paths: list[str], pairs: pl.DataFrame, cat: pl.DataFrame, 
             x, y = wcs.world_to_pixel(SkyCoord(ra, dec, unit="deg"))
             lam, bw = wwcs.pixel_to_world_values(x, y)
             sub = img - zodi
-            mask = ((flags & bad) != 0) | ~np.isfinite(var)
+            mask = ((flags & bad) != 0) | ~np.isfinite(var) | ~np.isfinite(img) | ~np.isfinite(zodi)
             ann = CircularAnnulus((x, y), r_in=r_in, r_out=r_out)
             bmask = mask | ((flags & (1 << 21)) != 0)
             bkg = ApertureStats(sub, ann, mask=bmask, sigma_clip=clip).median

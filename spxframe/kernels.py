@@ -125,21 +125,28 @@ def aperture_sums(images: np.ndarray, variances: np.ndarray, masks: np.ndarray, 
 
 
 @njit(cache=True, nogil=True)
-def _axis_weights(c: float, npix: int, nps: int, oversamp: int) -> np.ndarray:
-    """(npix, nps) overlap of detector pixel i (source at c) with oversampled PSF pixel k."""
-    wt = np.zeros((npix, nps))
+def _axis_weights(c: float, npix: int, nps: int, oversamp: int):
+    """Overlap of detector pixel i (source at c) with oversampled PSF pixels k0[i]..k0[i]+w-1.
+
+    Returns (k0 (npix,), wt (npix, oversamp + 2)): a detector pixel spans oversamp PSF pixels,
+    so at most oversamp + 1 of them overlap it.
+    """
+    width = oversamp + 2
+    wt = np.zeros((npix, width))
+    k0s = np.zeros(npix, np.int64)
     ctr = (nps - 1) / 2.0
     for i in range(npix):
         u0 = ctr + oversamp * (i - 0.5 - c)
         u1 = ctr + oversamp * (i + 0.5 - c)
         k0 = max(int(math.floor(u0 + 0.5)), 0)
-        k1 = min(int(math.floor(u1 + 0.5)), nps - 1)
+        k1 = min(int(math.floor(u1 + 0.5)), nps - 1, k0 + width - 1)
+        k0s[i] = k0
         for k in range(k0, k1 + 1):
             lo = max(u0, k - 0.5)
             hi = min(u1, k + 0.5)
             if hi > lo:
-                wt[i, k] = hi - lo
-    return wt
+                wt[i, k - k0] = hi - lo
+    return k0s, wt
 
 
 @njit(cache=True, nogil=True)
@@ -151,27 +158,36 @@ def psf_pixel_fractions(plane: np.ndarray, cx: float, cy: float, ny: int, nx: in
     treated as piecewise constant and integrated exactly over each detector pixel, then divided
     by the plane's total (so the fractions of the whole PSF sum to 1).
     """
-    npy, npx = plane.shape
-    wx = _axis_weights(cx, nx, npx, oversamp)
-    wy = _axis_weights(cy, ny, npy, oversamp)
     tot = 0.0
-    for a in range(npy):
-        for b in range(npx):
+    for a in range(plane.shape[0]):
+        for b in range(plane.shape[1]):
             tot += plane[a, b]
+    return _psf_fracs(plane, tot, cx, cy, ny, nx, oversamp)
+
+
+@njit(cache=True, nogil=True)
+def _psf_fracs(plane, tot, cx, cy, ny, nx, oversamp):
+    npy, npx = plane.shape
+    kx, wx = _axis_weights(cx, nx, npx, oversamp)
+    ky, wy = _axis_weights(cy, ny, npy, oversamp)
+    width = wx.shape[1]
     tmp = np.zeros((npy, nx))  # plane integrated along x onto detector columns
     for a in range(npy):
         for i in range(nx):
             s = 0.0
-            for b in range(npx):
-                if wx[i, b] != 0.0:
-                    s += wx[i, b] * plane[a, b]
+            for m in range(width):
+                b = kx[i] + m
+                if b < npx:
+                    s += wx[i, m] * plane[a, b]
             tmp[a, i] = s
     out = np.zeros((ny, nx))
     for j in range(ny):
-        for a in range(npy):
-            if wy[j, a] != 0.0:
+        for m in range(width):
+            a = ky[j] + m
+            w = wy[j, m]
+            if w != 0.0 and a < npy:
                 for i in range(nx):
-                    out[j, i] += wy[j, a] * tmp[a, i]
+                    out[j, i] += w * tmp[a, i]
     if tot != 0.0:
         out /= tot
     return out
@@ -205,7 +221,7 @@ def _clipped_stats(vals: np.ndarray, nsigma: float, maxiter: int):
 
 
 @njit(cache=True, nogil=True)
-def _measure_one(img, var, flg, zod, psf, cx, cy, r_ap, r_in, r_out, bad_mask, nsigma, maxiter,
+def _measure_one(img, var, flg, zod, psf, psf_tot, cx, cy, r_ap, r_in, r_out, bad_mask, nsigma, maxiter,
                  min_bkg, oversamp, out, flags_or, status, k):
     ny, nx = img.shape
     # ---- background: pixel centres in r_in <= d < r_out; good = finite, not bad; avoid SOURCE
@@ -249,7 +265,12 @@ def _measure_one(img, var, flg, zod, psf, cx, cy, r_ap, r_in, r_out, bad_mask, n
             berr = 0.0
     # ---- aperture
     w = overlap_weights(cx, cy, r_ap, ny, nx)
-    p = psf_pixel_fractions(psf, cx, cy, ny, nx, oversamp)
+    # PSF fractions only on the aperture's bounding box (x_lo..x_lo+sx-1, y_lo..y_lo+sy-1)
+    x_lo = max(int(math.floor(cx - r_ap + 0.5)), 0)
+    y_lo = max(int(math.floor(cy - r_ap + 0.5)), 0)
+    sx = min(int(math.floor(cx + r_ap + 0.5)), nx - 1) - x_lo + 1
+    sy = min(int(math.floor(cy + r_ap + 0.5)), ny - 1) - y_lo + 1
+    p = _psf_fracs(psf, psf_tot, cx - x_lo, cy - y_lo, max(sy, 0), max(sx, 0), oversamp)
     sf = 0.0
     sv = 0.0
     swm = 0.0
@@ -261,7 +282,8 @@ def _measure_one(img, var, flg, zod, psf, cx, cy, r_ap, r_in, r_out, bad_mask, n
             wi = w[iy, ix]
             if wi == 0.0:
                 continue
-            pall += wi * p[iy, ix]
+            pi = p[iy - y_lo, ix - x_lo]
+            pall += wi * pi
             fi = img[iy, ix]
             if not math.isfinite(fi):
                 continue  # off the file (or NaN data): masked
@@ -274,7 +296,7 @@ def _measure_one(img, var, flg, zod, psf, cx, cy, r_ap, r_in, r_out, bad_mask, n
             sf += wi * (fi - scale * zod[iy, ix] - b)
             sv += wi * wi * var[iy, ix]
             swm += wi
-            pin += wi * p[iy, ix]
+            pin += wi * pi
     out[k, O_RAW] = sf
     out[k, O_FLUX] = sf / pin if pin > 0 else np.nan
     out[k, O_ERR] = math.sqrt(sv + (berr * swm) ** 2) / pin if pin > 0 else np.nan
@@ -291,18 +313,20 @@ def _measure_one(img, var, flg, zod, psf, cx, cy, r_ap, r_in, r_out, bad_mask, n
 
 
 @njit(cache=True, nogil=True)
-def _measure_serial(images, variances, flags, zodis, psfs, psf_index, cx, cy, r_ap, r_in, r_out,
+def _measure_serial(images, variances, flags, zodis, psfs, psf_tots, psf_index, cx, cy, r_ap, r_in, r_out,
                     bad_mask, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status):
     for k in range(images.shape[0]):
-        _measure_one(images[k], variances[k], flags[k], zodis[k], psfs[psf_index[k]], cx[k], cy[k],
+        _measure_one(images[k], variances[k], flags[k], zodis[k], psfs[psf_index[k]], psf_tots[psf_index[k]],
+                     cx[k], cy[k],
                      r_ap, r_in, r_out, bad_mask, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status, k)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _measure_parallel(images, variances, flags, zodis, psfs, psf_index, cx, cy, r_ap, r_in, r_out,
+def _measure_parallel(images, variances, flags, zodis, psfs, psf_tots, psf_index, cx, cy, r_ap, r_in, r_out,
                       bad_mask, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status):
     for k in prange(images.shape[0]):
-        _measure_one(images[k], variances[k], flags[k], zodis[k], psfs[psf_index[k]], cx[k], cy[k],
+        _measure_one(images[k], variances[k], flags[k], zodis[k], psfs[psf_index[k]], psf_tots[psf_index[k]],
+                     cx[k], cy[k],
                      r_ap, r_in, r_out, bad_mask, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status, k)
 
 
@@ -327,7 +351,8 @@ def measure_stamps(images: np.ndarray, variances: np.ndarray, flags: np.ndarray,
         return out, flags_or, status
     args = (np.ascontiguousarray(images), np.ascontiguousarray(variances),
             np.ascontiguousarray(flags, dtype=np.int64), np.ascontiguousarray(zodis),
-            np.ascontiguousarray(psfs), np.ascontiguousarray(psf_index, dtype=np.int64),
+            np.ascontiguousarray(psfs, dtype=np.float64), psfs.sum(axis=(1, 2), dtype=np.float64),
+            np.ascontiguousarray(psf_index, dtype=np.int64),
             np.ascontiguousarray(cx, dtype=np.float64), np.ascontiguousarray(cy, dtype=np.float64),
             float(r_ap), float(r_in), float(r_out), np.int64(bad_mask), float(nsigma), int(maxiter),
             int(min_bkg), int(oversamp), out, flags_or, status)

@@ -54,8 +54,8 @@ def _catalog(catalog) -> pl.DataFrame:
     return catalog.select(cols)
 
 
-def _files(files) -> tuple[list[str], dict[str, list[str]] | None]:
-    """Distinct paths, and for a manifest the source_ids each path serves."""
+def _files(files) -> tuple[list[str], dict[str, list[str]] | None, set[tuple[str, str]]]:
+    """Distinct paths; for a manifest the source_ids each path serves and the clipped (path, id) pairs."""
     if isinstance(files, pl.DataFrame) or (hasattr(files, "columns") and hasattr(files, "iloc")):
         m = files if isinstance(files, pl.DataFrame) else pl.from_pandas(files)
         if "path" not in m.columns:
@@ -64,11 +64,16 @@ def _files(files) -> tuple[list[str], dict[str, list[str]] | None]:
             m = m.filter(pl.col("status") == "done")
         m = m.filter(pl.col("path").is_not_null() & (pl.col("path") != ""))
         if "source_id" not in m.columns:
-            return list(dict.fromkeys(m["path"].to_list())), None
-        g = m.group_by("path", maintain_order=True).agg(pl.col("source_id").cast(pl.Utf8).unique(maintain_order=True))
-        return g["path"].to_list(), dict(zip(g["path"].to_list(), g["source_id"].to_list()))
+            return list(dict.fromkeys(m["path"].to_list())), None, set()
+        m = m.with_columns(pl.col("source_id").cast(pl.Utf8))
+        clipped = set()
+        if "clipped" in m.columns:
+            c = m.filter(pl.col("clipped").fill_null(False))
+            clipped = set(zip(c["path"].to_list(), c["source_id"].to_list()))
+        g = m.group_by("path", maintain_order=True).agg(pl.col("source_id").unique(maintain_order=True))
+        return g["path"].to_list(), dict(zip(g["path"].to_list(), g["source_id"].to_list())), clipped
     paths = [str(p) for p in ([files] if isinstance(files, (str, os.PathLike)) else files)]
-    return list(dict.fromkeys(paths)), None
+    return list(dict.fromkeys(paths)), None, set()
 
 
 def _apply_pm(cat: dict[str, np.ndarray], idx: np.ndarray, mjd: float) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +203,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
     ids = cat["source_id"].to_numpy()
     cat = {c: cat[c].to_numpy() for c in ("ra", "dec", "pmra", "pmdec", "ref_epoch")}
     pos_of = {s: i for i, s in enumerate(ids)}
-    paths, wanted = _files(files)
+    paths, wanted, clipped = _files(files)
     half = int(math.ceil(max(r_out, 5.5))) + 1
     zodi_only = background == "zodi"
     st = _Stack(half, dict(r_ap=aperture_radius, r_in=(r_out + 1e9 if zodi_only else r_in),
@@ -217,6 +222,10 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
             base = dict(obs_id=m.group(1), detector=int(m.group(2))) if m else {}
             for i in ([] if want is None else want):
                 st.rows.append(dict(base, source_id=ids[i], file=path, qc=schema.QC["READ_ERROR"]))
+    if clipped:
+        for row in st.rows:
+            if (row.get("file"), row.get("source_id")) in clipped:
+                row["qc"] = int(row.get("qc", 0)) | schema.QC["CUTOUT_CLIPPED"]
     return _finish(st, r_ap=aperture_radius, max_masked=max_masked_fraction, zodi_only=zodi_only)
 
 

@@ -226,10 +226,13 @@ def test_full_file_and_manifest(universe, tmp_path, simfiles):
         "source_id": sids[:40] + sids[:2] + sids[:1],
         "path": [str(full)] * 40 + [str(bad)] * 2 + [str(full)],
         "status": ["done"] * 42 + ["failed"],
+        "clipped": [True] + [False] * 42,
     })
     df = spxframe.measure(man, cat)
     onf = df.filter(pl.col("file") == str(full))
     assert onf.height == 40  # every listed pair gets a row, measured or OFF_FILE
+    assert onf.filter(pl.col("source_id") == sids[0])["qc"].item() & QC["CUTOUT_CLIPPED"]
+    assert onf.filter(pl.col("qc") & QC["CUTOUT_CLIPPED"] > 0).height == 1
     off = onf.filter(pl.col("qc") & QC["OFF_FILE"] > 0)
     assert off["flux"].is_nan().all()
     on = onf.filter(pl.col("qc") & QC["OFF_FILE"] == 0)

@@ -47,13 +47,9 @@ class Header:
     def cards(self) -> dict[str, str]:
         if self._cards is None:
             text = self.raw.decode("ascii", "replace")
-            end = len(text)
-            i = self._end_index()
-            if i >= 0:
-                end = i
-            cs = [text[i:i + 80] for i in range(0, end, 80)]
+            end = _find_end(self.raw)
             cards: dict[str, str] = {}
-            for c in reversed(cs):  # reversed + plain assignment = first occurrence wins
+            for c in reversed([text[i:i + 80] for i in range(0, end if end >= 0 else len(text), 80)]):  # reversed + plain assignment = first occurrence wins
                 if c[8:10] == "= ":
                     k = c[:8].rstrip()
                     if k and k not in ("COMMENT", "HISTORY"):
@@ -64,9 +60,6 @@ class Header:
                         cards[c[9:eq].strip()] = c[eq - 8:]  # so that the value starts at column 10
             self._cards = cards
         return self._cards
-
-    def _end_index(self) -> int:
-        return _find_end(self.raw)
 
     def structure(self) -> tuple[int, tuple[int, ...], int]:
         """(BITPIX, NAXISn in FITS order, PCOUNT) from the mandatory leading cards only."""
@@ -111,43 +104,28 @@ class Header:
         return "" if c is None else _parse_value(c[10:])[1]
 
 
+_STR_RE = re.compile(r"'((?:[^']|'')*)'\s*(?:/(.*))?$")
+
+
 def _parse_value(s: str) -> tuple[object, str]:
-    """(value, comment) of the value field of a card."""
-    t = s.lstrip()
+    """(value, comment) of the value field of a card (string, logical, int, float or None)."""
+    t = s.strip()
     if t.startswith("'"):
-        i, out = 1, []
-        while i < len(t):
-            j = t.find("'", i)
-            if j < 0:
-                out.append(t[i:])
-                i = len(t)
-                break
-            out.append(t[i:j])
-            if t[j + 1:j + 2] == "'":
-                out.append("'")
-                i = j + 2
-            else:
-                i = j + 1
-                break
-        rest = t[i:]
-        k = rest.find("/")
-        return "".join(out).rstrip(), (rest[k + 1:].strip() if k >= 0 else "")
+        m = _STR_RE.match(t)
+        if m:
+            return m.group(1).replace("''", "'").rstrip(), (m.group(2) or "").strip()
     k = t.find("/")
-    v, com = (t[:k], t[k + 1:].strip()) if k >= 0 else (t, "")
-    v = v.strip()
-    if v == "T":
-        return True, com
-    if v == "F":
-        return False, com
+    v, com = (t[:k].strip(), t[k + 1:].strip()) if k >= 0 else (t, "")
+    if v in ("T", "F"):
+        return v == "T", com
     if not v:
         return None, com
-    try:
-        return int(v), com
-    except ValueError:
+    for conv in (int, lambda z: float(z.replace("D", "E"))):
         try:
-            return float(v.replace("D", "E")), com
+            return conv(v), com
         except ValueError:
-            return v, com
+            pass
+    return v, com
 
 
 @dataclass
@@ -180,8 +158,7 @@ def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
             bitpix, ax, pcount = h.structure()
         except ValueError:
             raise MefError(f"{path}: malformed mandatory cards in the header at byte {off}") from None
-        n = abs(bitpix) // 8 * int(np.prod(ax)) if ax else 0
-        n = n + pcount if n else 0
+        n = abs(bitpix) // 8 * math.prod(ax) + pcount if ax and math.prod(ax) else 0
         hdus.append(Hdu(h, off + hlen, n))
         off += hlen + math.ceil(n / BLOCK) * BLOCK
     if off > file_size:
@@ -311,9 +288,7 @@ def open_info(path: str, fd: int) -> MefInfo:
     if mjd is None:
         b, e = im.get("MJD-BEG"), im.get("MJD-END")
         mjd = (b + e) / 2 if b is not None and e is not None else im.get("MJD-OBS", math.nan)
-    sc = None
-    if all(k in im for k in ("X_SC", "Y_SC", "Z_SC")):
-        sc = (float(im["X_SC"]), float(im["Y_SC"]), float(im["Z_SC"]))
+    sc = tuple(float(im[k]) for k in ("X_SC", "Y_SC", "Z_SC")) if "X_SC" in im and "Z_SC" in im else None
     ny, nx = named["IMAGE"].shape
     info = MefInfo(path, str(im.get("OBSID", prim.get("OBSID", ""))).strip(), det, version, (ny, nx),
                    x0, y0, float(mjd), sc, im, named)
@@ -335,20 +310,19 @@ def open_info(path: str, fd: int) -> MefInfo:
 
 
 def read_psf_cube(info: MefInfo, fd: int) -> np.ndarray | None:
-    """The (nzones, py, px) PSF cube of a file: its own PSF data, or the PSFFILE cube."""
-    if info.psffile:
+    """The (nzones, py, px) PSF cube of a file: its own PSF data, or the PSFFILE cube (None if absent)."""
+    if not info.psffile:
+        hd = info.hdus.get("PSF")
+        return read_array(fd, hd) if hd is not None and len(hd.shape) == 3 else None
+    try:
         pfd = os.open(info.psffile, os.O_RDONLY)
-        try:
-            for hd in scan(pfd, os.fstat(pfd).st_size, path=info.psffile):
-                if (hd.header.get("NAXIS", 0) or 0) == 3:
-                    return read_array(pfd, hd)
-        finally:
-            os.close(pfd)
+    except OSError:
         return None
-    hd = info.hdus.get("PSF")
-    if hd is None or (hd.header.get("NAXIS", 0) or 0) != 3:
-        return None
-    return read_array(fd, hd)
+    try:
+        cubes = [hd for hd in scan(pfd, os.fstat(pfd).st_size, path=info.psffile) if len(hd.shape) == 3]
+        return read_array(pfd, cubes[0]) if cubes else None
+    finally:
+        os.close(pfd)
 
 
 # ------------------------------------------------------------------------------ celestial WCS

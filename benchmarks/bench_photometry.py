@@ -74,6 +74,7 @@ def reference_measure(paths: list[str], pairs: pl.DataFrame, cat: pl.DataFrame, 
     pos = {str(s): (ra, dec) for s, ra, dec in cat.select("source_id", "ra", "dec").iter_rows()}
     src_of = dict(zip(pairs["path"].to_list(), pairs["source_id"].to_list()))
     out = []
+    fallbacks = 0
     clip = SigmaClip(sigma=3.0, maxiters=5)
     for p in paths:
         sid = src_of[p]
@@ -96,11 +97,17 @@ def reference_measure(paths: list[str], pairs: pl.DataFrame, cat: pl.DataFrame, 
             ann = CircularAnnulus((x, y), r_in=r_in, r_out=r_out)
             bmask = mask | ((flags & (1 << 21)) != 0)
             bkg = ApertureStats(sub, ann, mask=bmask, sigma_clip=clip).median
+            if not np.isfinite(bkg):  # the annulus is all SOURCE: fall back to bad pixels only
+                bkg = ApertureStats(sub, ann, mask=mask, sigma_clip=clip).median
+                fallbacks += 1
             ap = CircularAperture((x, y), r=r_ap)
             t = aperture_photometry(sub - bkg, ap, error=np.sqrt(np.where(mask, 0, var)), mask=mask, method="exact")
             fac = 6.15 ** 2 * schema.MJY_SR_TO_UJY_PER_ARCSEC2
             out.append((sid, p, hdr.get("OBSID"), int(hdr["DETECTOR"]), float(hdr["MJD-AVG"]), float(lam),
                         float(t["aperture_sum"][0]) * fac, float(t["aperture_sum_err"][0]) * fac))
+    if fallbacks:
+        print(f"  (reference: {fallbacks}/{len(paths)} annuli were all SOURCE/bad; SPXQuery would give NaN; "
+              f"fell back to masking bad pixels only)")
     return pl.DataFrame(out, schema=["source_id", "file", "obs_id", "detector", "mjd", "wavelength", "flux", "flux_err"],
                         orient="row")
 
@@ -163,26 +170,33 @@ def run_case(u, n_files: int, size: int, per_parent: int) -> None:
               f"included), {per_parent} per parent image; written in {time.perf_counter() - t:.1f} s")
         cat = u.catalog().with_columns(pl.col("source_id").cast(pl.Utf8))
         spxframe.measure(paths[:2], cat)  # numba cache load, astropy imports
-        for c in (photometry._WCS_CACHE, photometry._PSF_CACHE, photometry._ZONE_CACHE, photometry._WAVE_CACHE):
-            c.clear()
         for p in paths:  # warm the page cache for both
             with open(p, "rb") as f:
                 f.read()
-        t = time.perf_counter()
-        ours = spxframe.measure(pairs, cat)
-        t_ours = (time.perf_counter() - t) / len(paths)
+        t_ours = []
+        for _ in range(3):  # min of 3 runs, caches cleared each time (the machine is shared)
+            for c in (photometry._WCS_CACHE, photometry._PSF_CACHE, photometry._ZONE_CACHE, photometry._WAVE_CACHE):
+                c.clear()
+            t = time.perf_counter()
+            ours = spxframe.measure(pairs, cat)
+            t_ours.append((time.perf_counter() - t) / len(paths))
+        t_ours = min(t_ours)
         t = time.perf_counter()
         ours_list = spxframe.measure(paths, cat)  # every catalog source on every file (warm caches)
         t_list = (time.perf_counter() - t) / len(paths)
-        t = time.perf_counter()
-        ref = reference_measure(paths, pairs, cat)
-        t_ref = (time.perf_counter() - t) / len(paths)
-        print(f"per file: spxframe {t_ours * 1e3:.2f} ms (cold caches; {t_list * 1e3:.2f} ms warm for all "
+        t_ref = []
+        for _ in range(2):
+            t = time.perf_counter()
+            ref = reference_measure(paths, pairs, cat)
+            t_ref.append((time.perf_counter() - t) / len(paths))
+        t_ref = min(t_ref)
+        print(f"per file (min of runs): spxframe {t_ours * 1e3:.2f} ms (cold caches; {t_list * 1e3:.2f} ms warm for all "
               f"{ours_list.height} sources on the files), SPXQuery-like {t_ref * 1e3:.2f} ms; "
               f"ratio {t_ref / t_ours:.1f}x (goal >= 20x)")
         print("accuracy vs simulated truth (one target per file):")
         accuracy(u, ours.filter(pl.col("qc") & schema.QC["OFF_FILE"] == 0), "spxframe")
         accuracy(u, ref, "reference")
+        accuracy(u, ours_list.filter(pl.col("qc") & schema.QC["OFF_FILE"] == 0), "spxframe, all sources on the files")
 
 
 def main() -> None:
@@ -191,11 +205,11 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=None)
     ap.add_argument("--size", type=int, default=200)
     a = ap.parse_args()
-    n_files = a.files or (100 if a.quick else 400)
+    n_files = a.files or (100 if a.quick else 300)
     u = _universe()
     kernel_vs_photutils(1000 if a.quick else 5000)
     run_case(u, n_files, a.size, per_parent=10)
-    run_case(u, n_files // 4 if a.quick else n_files // 2, a.size, per_parent=1)
+    run_case(u, n_files // 4 if a.quick else 120, a.size, per_parent=1)
 
 
 if __name__ == "__main__":

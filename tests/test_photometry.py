@@ -200,7 +200,7 @@ def test_legacy_psf_header_same_flux(universe, tmp_path):
     paths = []
     for name, uu in (("fixed", universe), ("legacy", ul)):
         p = tmp_path / f"{name}.fits"
-        p.write_bytes(uu.cutout(o["cloud_key"], "1700,1700px", "500px"))  # a corner zone
+        p.write_bytes(uu.cutout(o["cloud_key"], "1750,300px", "500px"))  # off-diagonal zones: ix != iy
         paths.append(str(p))
     assert fits.getheader(paths[0], 0)["VERSION"] != fits.getheader(paths[1], 0)["VERSION"]
     cat = universe.catalog()
@@ -209,6 +209,23 @@ def test_legacy_psf_header_same_flux(universe, tmp_path):
     assert a.height > 5 and a.height == b.height
     assert (b["qc"] & QC["LEGACY_PSF_HEADER"] > 0).all() and (a["qc"] & QC["LEGACY_PSF_HEADER"] == 0).all()
     np.testing.assert_allclose(a["flux"].to_numpy(), b["flux"].to_numpy(), rtol=1e-12)
+    # a reader trusting the legacy card numbers would have used other planes for these sources
+    from spxframe import mef
+
+    infos = []
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            infos.append(mef.open_info(p, fd))
+        finally:
+            os.close(fd)
+    xp, yp = a["x"].to_numpy() + infos[0].x0, a["y"].to_numpy() + infos[0].y0
+    hl = infos[1].psf_header
+    xc = np.array([hl.get(f"XCTR_{k}") for k in range(1, 122)])
+    yc = np.array([hl.get(f"YCTR_{k}") for k in range(1, 122)])
+    naive = np.argmin((xp[:, None] - xc) ** 2 + (yp[:, None] - yc) ** 2, axis=1)
+    good = mef.parse_psf_zones(hl, infos[1].version).zone_plane(xp, yp)
+    assert (naive != good).all()
 
 
 def test_full_file_and_manifest(universe, tmp_path, simfiles):

@@ -289,10 +289,21 @@ class _Fetcher:
                 if task.md5 and digest != task.md5.lower():
                     raise TransferError(f"MD5 {digest} != archive MD5 {task.md5} for {task.url}", transient=True)
             try:
-                scan_fits(tmp)
+                hdus = scan_fits(tmp)
             except FileFormatError as e:
                 raise TransferError(f"bad FITS from {task.url}: {e}", transient=True) from e
             md5[0] = digest
+            if task.access == "cutout":  # the box the server cut (its WCS may differ from the plan's)
+                k = next(h.keys for h in hdus if h.extname == "IMAGE")
+                try:
+                    served = [int(round(1 - float(k["CRPIX1A"]))), int(round(1 - float(k["CRPIX2A"]))),
+                              int(k["NAXIS1"]), int(k["NAXIS2"])]
+                    target.request["served_box"] = served
+                    if target.box is not None and served != [target.box.x0, target.box.y0, target.box.nx,
+                                                             target.box.ny]:
+                        log.debug("%s: server cut box %s, planned %s", task.url, served, target.box)
+                except (KeyError, TypeError, ValueError):
+                    pass
             return dl
 
         try:

@@ -283,9 +283,14 @@ async def _get_range(fs: Any, url: str, start: int, stop: int) -> tuple[bytes, i
                     except Exception:  # noqa: BLE001
                         pass
                 raise status_error(r.status, url, r.headers.get("Retry-After"), body)
+            if r.status == 200:  # Range ignored: do not pull a whole file per range
+                cl = r.headers.get("Content-Length")
+                if not (start == 0 and cl and cl.isdigit() and int(cl) <= stop):
+                    raise TransferError(f"{url} ignores Range requests (HTTP 200); use access='full'",
+                                        transient=False, status=200)
             data = await r.read()
             total = _content_range_total(r.headers.get("Content-Range"))
-            if r.status == 200:  # Range ignored: the whole object came back
+            if r.status == 200:  # the whole (small) object came back
                 total = len(data)
                 data = data[start:stop]
             cl = r.headers.get("Content-Length")

@@ -3,14 +3,22 @@
 :func:`observations` finds every SPHEREx L2 image (one row per ``obs_id``, ``detector``) whose
 footprint contains a catalog source, for a whole catalog at once:
 
-* **upload** (default): the catalog positions go up as ``TAP_UPLOAD.cat`` in chunks of
-  ``max_sources_per_query`` and are joined with ``spherex.plane.poly`` (CONTRACTS.md shape).
-  The query also yields the (source, observation, detector) matches.
-* **cells** (fallback when the service refuses uploads, or ``strategy="cells"``): sources are
-  grouped in sky cells; one query per cell selects frames whose centre lies within the cell
-  radius + the detector half-diagonal (2.46°) + a margin, and the matches are computed here
-  by point-in-footprint (``spxframe.footprint``). RA wrap and poles need no special case
-  (the circle and the footprint tests are spherical).
+* **upload**: the catalog positions go up as ``TAP_UPLOAD.cat`` in chunks of
+  ``max_sources_per_query``, joined with the frames whose centre lies within the detector
+  half-diagonal (2.46°) + ``edge_margin_px`` of each source; the client then keeps the pairs
+  whose footprint (``spxframe.footprint``) holds the source within ``edge_margin_px``. The
+  archive's polygons differ from the SIP WCS by up to ~4″, so its own test
+  (``CONTAINS(POINT(u.ra, u.dec), p.poly)``, the CONTRACTS.md shape, used when
+  ``edge_margin_px=0``) loses sources within a pixel of an edge.
+* **cells**: sources are grouped in sky cells (``cell_size_deg``); one query per cell selects
+  frames whose centre lies within the cell radius + 2.46° + a margin, and the same client-side
+  footprint test makes the matches. Each frame comes back once per cell instead of once per
+  source: for the 10,000-source benchmark 11 MB of VOTable instead of 639 MB.
+* **auto** (default): cells holding >= ``cell_threshold`` sources by cell, the rest by upload;
+  upload refused by the service → cells.
+
+RA wrap and poles need no special case (circle and footprint tests are spherical). Queries run
+``workers`` at a time. Positions are propagated by proper motion to :data:`QUERY_EPOCH`.
 
 ``collection="spherex_qr2"`` queries both ``spherex_qr2`` and ``spherex_qr2_deep``: deep-field
 positions also have wide-survey frames (spec §5.5). Pass a list to choose exactly.

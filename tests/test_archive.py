@@ -147,3 +147,11 @@ def test_unreachable():
         observations(pl.DataFrame({"source_id": [1], "ra": [1.0], "dec": [1.0]}), archive="http://127.0.0.1:9",
                      retries=1, backoff=0.01, timeout=2)
     assert e.value.hint
+
+
+def test_contract_query_shape(archive, small_cat, small_truth):
+    """edge_margin_px=0: CONTRACTS.md's p.poly join; the archive's polygon decides (edges may be lost)."""
+    obs, m = observations(small_cat, archive=archive, strategy="upload", edge_margin_px=0, return_matches=True)
+    got = {(s, o, int(d)) for s, o, d in m.iter_rows()}
+    assert len(got & small_truth) >= 0.98 * len(small_truth)
+    assert len(got - small_truth) <= 2

@@ -82,6 +82,10 @@ def test_observations_filters(archive, small_cat):
     t0, t1 = float(all_obs["t_min"].quantile(0.25)), float(all_obs["t_max"].quantile(0.75))
     t = observations(small_cat, archive=archive, time=(t0, t1))
     assert t.height == all_obs.filter((pl.col("t_max") >= t0) & (pl.col("t_min") <= t1)).height
+    from astropy.time import Time
+
+    tt = observations(small_cat, archive=archive, time=(Time(t0, format="mjd"), Time(t1, format="mjd")))
+    assert tt.equals(t)
     wide = observations(small_cat, archive=archive, collection=["spherex_qr2"])
     assert set(wide["collection"]) == {"spherex_qr2"}
 
@@ -155,3 +159,13 @@ def test_contract_query_shape(archive, small_cat, small_truth):
     got = {(s, o, int(d)) for s, o, d in m.iter_rows()}
     assert len(got & small_truth) >= 0.98 * len(small_truth)
     assert len(got - small_truth) <= 2
+
+
+def test_text_source_ids(archive, small_cat):
+    from spxframe.plan import plan
+
+    cat = small_cat.with_columns(("star-" + pl.col("source_id").cast(pl.Utf8)).alias("source_id"))
+    obs, m = observations(cat, archive=archive, return_matches=True)
+    assert m["source_id"].str.starts_with("star-").all()
+    man = plan(cat, obs, matches=m).manifest
+    assert man.height == m.height and man["source_id"].str.starts_with("star-").all()

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency", type=float, default=0.2, help="seconds before the first byte of each response")
     ap.add_argument("--bandwidth", type=float, default=50e6, help="bytes/s per response")
     ap.add_argument("--methods", default="cutout,range,full")
+    ap.add_argument("--max-gap", type=int, default=None, help="fetch(max_gap=...) for range reads, bytes")
     args = ap.parse_args(argv)
     n_files = args.files or (5 if args.quick else 20)
     per_file = args.per_file or (8 if args.quick else 10)
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 arc.clear_log()
                 t0 = time.perf_counter()
-                out = fetch(man[method], cache_dir=tmp, progress=False)
+                kw = {"max_gap": args.max_gap} if args.max_gap is not None and method == "range" else {}
+                out = fetch(man[method], cache_dir=tmp, progress=False, **kw)
                 wall = time.perf_counter() - t0
                 log = [e for e in arc.log if e.get("endpoint") in ("ibe_cutout", "ibe_file", "cloud")]
                 nbytes = sum(e.get("bytes_sent") or 0 for e in log)

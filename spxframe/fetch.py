@@ -415,7 +415,7 @@ def _extra_info(df: pl.DataFrame, observations: pl.DataFrame | None) -> pl.DataF
 def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int | None = None,
           storage_options: dict[str, Any] | None = None, session: Any = None, progress: bool = True,
           retries: int = 5, timeout: tuple[float, float] = (10.0, 120.0), backoff: float = 0.5,
-          max_backoff: float = 30.0, max_retry_after: float = 60.0, max_gap: int = 1 << 20,
+          max_backoff: float = 30.0, max_retry_after: float = 60.0, max_gap: int = 128 * 1024,
           recenter: bool = True, observations: pl.DataFrame | None = None) -> pl.DataFrame:
     """Fetch every row of a manifest into ``cache_dir``; returns the manifest with ``path``,
     ``status`` ('done' | 'failed'), ``bytes``, ``attempts`` and ``error`` filled.
@@ -451,7 +451,9 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
     max_retry_after
         Upper bound (s) on a server's ``Retry-After``.
     max_gap
-        Range reads: byte ranges closer than this (bytes) are merged into one request.
+        Range reads: byte ranges closer than this (bytes) are merged into one request. The
+        rows of one box (gaps of 4 × (2040 − nx) bytes) always merge; 128 KiB (16 rows) keeps
+        separate boxes separate unless nearly adjacent (fewer bytes; requests run in parallel).
     recenter
         Range reads: when a row's planned box is the unclipped box centred on its predicted
         pixel (``x_parent``/``y_parent``), re-centre it on the exact pixel of (``ra``, ``dec``)

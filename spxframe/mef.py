@@ -47,7 +47,8 @@ class Header:
     def cards(self) -> dict[str, str]:
         if self._cards is None:
             text = self.raw.decode("ascii", "replace")
-            end = _find_end(self.raw)
+            raw = self.raw
+            end = len(raw) - 80 if raw[-80:-72] == b"END     " else _find_end(raw)
             cards: dict[str, str] = {}
             for c in reversed([text[i:i + 80] for i in range(0, end if end >= 0 else len(text), 80)]):  # reversed + plain assignment = first occurrence wins
                 if c[8:10] == "= ":
@@ -148,8 +149,9 @@ def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
             more = os.pread(fd, 10 * BLOCK, off + len(chunk))
             if not more:
                 raise MefError(f"{path}: truncated FITS header at byte {off}")
+            start = len(chunk)  # a multiple of 80: search only the new blocks
             chunk += more
-            end = _find_end(chunk)
+            end = _find_end(chunk, start)
             if end >= 0:
                 break
         hlen = (end // BLOCK + 1) * BLOCK
@@ -166,8 +168,9 @@ def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
     return hdus
 
 
-def _find_end(chunk: bytes) -> int:
-    i = chunk.find(b"END     ")
+def _find_end(chunk: bytes, start: int = 0) -> int:
+    """Offset of the END card (at a multiple of 80 bytes) at or after ``start``; -1 if none."""
+    i = chunk.find(b"END     ", start)
     while i >= 0 and i % 80:
         i = chunk.find(b"END     ", i + 1)
     return i

@@ -90,8 +90,9 @@ class _Tap:
                 if str(res.status[0]).lower() == "overflow" or len(res) >= self.maxrec:
                     raise _Overflow()
                 return _to_polars(res.to_table())
-            except DALQueryError:
-                raise
+            except DALQueryError as exc:
+                raise ArchiveError(f"TAP query rejected: {exc}", url=self.url,
+                                   hint="the service refused the ADQL (unsupported feature or bad option)") from None
             except (DALServiceError, DALFormatError, requests.RequestException) as exc:
                 if _is_timeout(exc) and not self.use_async and self.allow_async:
                     log.warning("sync TAP query timed out; switching to async (UWS) jobs")

@@ -295,8 +295,6 @@ def observations(
     detector, sorted by mjd_mid), or ``(observations, matches)`` when ``return_matches``.
     Raises InputError (before any traffic), ArchiveUnreachable, ArchiveError.
     """
-    from pyvo.dal import DALQueryError
-
     cat = normalize_catalog(catalog)
     bands, time, cols = check_query_options(bands, time, collection)
     if strategy not in ("auto", "upload", "cells"):
@@ -324,7 +322,7 @@ def observations(
         _parallel(workers, [lambda i=up_idx[s:s + max_sources_per_query], out=out:
                             _run_upload(tap, pcat, i, bands, time, cols, out, radius)
                             for s, out in ((s, up_parts) for s in range(0, len(up_idx), max_sources_per_query))])
-    except (DALQueryError, ArchiveError) as exc:
+    except ArchiveError as exc:
         if isinstance(exc, ArchiveUnreachable) or (getattr(exc, "status", None) or 0) >= 500:
             raise
         log.warning("TAP upload query refused (%s); falling back to sky-cell queries", exc)

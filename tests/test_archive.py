@@ -169,3 +169,12 @@ def test_text_source_ids(archive, small_cat):
     assert m["source_id"].str.starts_with("star-").all()
     man = plan(cat, obs, matches=m).manifest
     assert man.height == m.height and man["source_id"].str.starts_with("star-").all()
+
+
+def test_upload_refused_falls_back_to_cells(archive, small_cat, monkeypatch):
+    import spxframe.archive as arc_mod
+
+    ref = observations(small_cat, archive=archive, strategy="cells")
+    monkeypatch.setattr(arc_mod, "upload_query", lambda *a, **k: "SELECT nonsense FROM TAP_UPLOAD.nope")
+    got = observations(small_cat, archive=archive, strategy="upload")
+    assert got.equals(ref)

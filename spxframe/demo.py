@@ -22,9 +22,8 @@ def demo_catalog(universe, n_sources: int) -> pl.DataFrame:
     cat = universe.catalog()
     src = universe.sources.select("source_id", "var_class", "field")
     cat = cat.join(src, on="source_id", how="left")
-    field = cat.group_by("field").len().sort("len").filter(pl.col("field") != "deep")
-    field_name = field["field"][0] if field.height else cat["field"][0]
-    cat = cat.filter(pl.col("field") == field_name)
+    wide = [f["name"] for f in universe.fields if f["collection"] == "spherex_qr2"]
+    cat = cat.filter(pl.col("field") == (wide[0] if wide else cat["field"][0]))
     # a compact patch (sources share images) with every class represented
     ra0, dec0 = float(cat["ra"].median()), float(cat["dec"].median())
     d = ((cat["ra"] - ra0) * np.cos(np.radians(dec0))) ** 2 + (cat["dec"] - dec0) ** 2

@@ -1,0 +1,129 @@
+"""spxframe.measure vs SPXQuery 0.4.1 itself, per file, on the same 200 px cutout files.
+
+    .venv/bin/python benchmarks/bench_vs_spxquery.py [--quick] [--files N] [--spxquery-python PATH]
+
+SPXQuery 0.4.1 is installed from PyPI into its own environment (``benchmarks/.venv-spxquery``,
+created on first use; it is not a dependency of spxframe). Its per-file photometry function
+``spxquery.processing.photometry.extract_source_photometry(path, Source(ra, dec))`` is called
+on our simulated cutouts (IBE layout, PSF cube included) in a subprocess that times each
+call; spxframe measures the same files in this process. Both are compared to the simulated
+truth: bias = median(flux / true − 1) over bright sources, pull = (flux − true) / flux_err
+(median and 1.4826·MAD width), and how many files each returned a measurement for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+SPXQ_SCRIPT = r"""
+import json, sys, time, logging, warnings
+warnings.filterwarnings("ignore")
+logging.disable(logging.CRITICAL)
+from pathlib import Path
+from spxquery.core.config import Source, PhotometryConfig
+from spxquery.processing.photometry import extract_source_photometry
+jobs = json.load(open(sys.argv[1]))
+cfg = PhotometryConfig()
+out = []
+extract_source_photometry(Path(jobs[0]["path"]), Source(ra=jobs[0]["ra"], dec=jobs[0]["dec"]), cfg)  # warm-up
+t0 = time.perf_counter()
+for j in jobs:
+    r = extract_source_photometry(Path(j["path"]), Source(ra=j["ra"], dec=j["dec"]), cfg)
+    out.append(None if r is None else dict(path=j["path"], flux=r.flux, flux_err=r.flux_error,
+                                           wavelength=r.wavelength, mjd=r.mjd))
+print(json.dumps({"seconds": time.perf_counter() - t0, "results": out}))
+"""
+
+
+def spxquery_python(arg: str | None) -> str:
+    if arg:
+        return arg
+    env = HERE / ".venv-spxquery"
+    py = env / "bin" / "python"
+    if not py.exists():
+        print("creating", env, "with spxquery==0.4.1 from PyPI ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "spxquery==0.4.1"], check=True)
+    return str(py)
+
+
+def accuracy(u, sid, flux, err, wav, mjd) -> dict:
+    ok = np.isfinite(flux) & np.isfinite(err) & (err > 0)
+    true = u.truth_flux(sid[ok], wav[ok], mjd[ok])
+    f, e = flux[ok], err[ok]
+    pull = (f - true) / e
+    med = float(np.median(pull)) if pull.size else float("nan")
+    bright = true > 30 * e
+    return {"n": int(ok.sum()), "bias": float(np.median(f[bright] / true[bright] - 1)) if bright.any() else float("nan"),
+            "pull_median": med, "pull_width": float(1.4826 * np.median(np.abs(pull - med))) if pull.size else float("nan")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="40 files instead of 300")
+    ap.add_argument("--files", type=int, default=None)
+    ap.add_argument("--spxquery-python", default=None, help="python of an environment with spxquery 0.4.1")
+    a = ap.parse_args(argv)
+    n = a.files or (40 if a.quick else 300)
+    py = spxquery_python(a.spxquery_python)
+
+    import spxframe
+    from bench_photometry import make_files
+    from spxframe import sim
+
+    u = sim.Universe(seed=1)
+    tmp = tempfile.mkdtemp(prefix="spx_vs_spxq_")
+    paths, pairs = make_files(u, tmp, n, 200, per_parent=1)
+    sids = pairs["source_id"].cast(pl.Int64).to_numpy()
+    cat = u.catalog().filter(pl.col("source_id").is_in(sids.tolist()))
+    pos = {int(s): (float(r), float(d)) for s, r, d in cat.select("source_id", "ra", "dec").iter_rows()}
+
+    # spxframe: warm (numba compiled), then timed over all files; one source per file
+    spxframe.measure(pairs.head(1), cat)
+    t0 = time.perf_counter()
+    phot = spxframe.measure(pairs, cat)
+    t_spx = time.perf_counter() - t0
+    phot = phot.with_columns(pl.col("source_id").cast(pl.Int64))
+
+    # SPXQuery 0.4.1 in its own environment, same files
+    jobs = [{"path": p, "ra": pos[int(s)][0], "dec": pos[int(s)][1], "source_id": int(s)}
+            for p, s in zip(paths, sids)]
+    jf = os.path.join(tmp, "jobs.json")
+    json.dump(jobs, open(jf, "w"))
+    r = subprocess.run([py, "-c", SPXQ_SCRIPT, jf], capture_output=True, text=True, check=True)
+    spxq = json.loads(r.stdout.strip().splitlines()[-1])
+    t_q = spxq["seconds"]
+    by_path = {j["path"]: j["source_id"] for j in jobs}
+    got = [x for x in spxq["results"] if x is not None]
+
+    acc_spx = accuracy(u, phot["source_id"].to_numpy(), phot["flux"].to_numpy(), phot["flux_err"].to_numpy(),
+                       phot["wavelength"].to_numpy(), phot["mjd"].to_numpy())
+    acc_q = accuracy(u, np.array([by_path[x["path"]] for x in got]), np.array([x["flux"] for x in got]),
+                     np.array([x["flux_err"] for x in got]), np.array([x["wavelength"] for x in got]),
+                     np.array([x["mjd"] for x in got]))
+    print(f"\n{n} files of 200x200 px (PSF cube included), one source each; machine: {os.cpu_count()} cores\n")
+    print(f"{'':22s}{'ms/file':>9s}{'rows':>7s}{'bias':>9s}{'pull med':>10s}{'pull width':>12s}")
+    for name, t, acc, rows in (("spxframe.measure", t_spx, acc_spx, phot.height),
+                               ("SPXQuery 0.4.1", t_q, acc_q, len(got))):
+        print(f"{name:22s}{1e3 * t / n:9.2f}{rows:7d}{acc['bias']:+9.3f}{acc['pull_median']:+10.2f}{acc['pull_width']:12.2f}")
+    print(f"\nspeed ratio SPXQuery / spxframe per file: {t_q / t_spx:.1f}x")
+    print(f"SPXQuery returned no measurement for {n - len(got)} of {n} files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

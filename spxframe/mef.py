@@ -36,12 +36,13 @@ class MefError(ValueError):
 class Header:
     """Lazily parsed FITS header: ``cards`` maps keyword -> raw 80-char card (parsed on first use)."""
 
-    __slots__ = ("raw", "_cards", "_cache")
+    __slots__ = ("raw", "_cards", "_cache", "_k8")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self._cards: dict[str, str] | None = None
         self._cache: dict[str, object] = {}
+        self._k8: np.ndarray | None = None  # first 8 bytes of every card as one uint64
 
     @property
     def cards(self) -> dict[str, str]:
@@ -78,11 +79,14 @@ class Header:
         """The card of ``key`` (first occurrence); short keys are found without a full parse."""
         if self._cards is not None or len(key) > 8:
             return self.cards.get(key)
-        pat = key.ljust(8).encode() + b"= "
-        i = self.raw.find(pat)
-        while i >= 0 and i % 80:
-            i = self.raw.find(pat, i + 1)
-        return None if i < 0 else self.raw[i:i + 80].decode("ascii", "replace")
+        if self._k8 is None:  # bytes.find is slow on space-filled headers; compare card starts instead
+            n = len(self.raw) // 80
+            self._k8 = np.frombuffer(self.raw, "<u8", count=n * 10).reshape(n, 10)[:, 0]
+        for i in np.flatnonzero(self._k8 == _key8(key)):
+            c = self.raw[80 * i:80 * i + 80]
+            if c[8:10] == b"= ":
+                return c.decode("ascii", "replace")
+        return None
 
     def __contains__(self, key: str) -> bool:
         return self._card(key) is not None
@@ -168,12 +172,21 @@ def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
     return hdus
 
 
+def _key8(key: str) -> int:
+    return int.from_bytes(key.ljust(8)[:8].encode("ascii"), "little")
+
+
+_END8 = _key8("END")
+
+
 def _find_end(chunk: bytes, start: int = 0) -> int:
     """Offset of the END card (at a multiple of 80 bytes) at or after ``start``; -1 if none."""
-    i = chunk.find(b"END     ", start)
-    while i >= 0 and i % 80:
-        i = chunk.find(b"END     ", i + 1)
-    return i
+    n = len(chunk) // 80 - start // 80
+    if n <= 0:
+        return -1
+    k8 = np.frombuffer(chunk, "<u8", count=n * 10, offset=start - start % 80).reshape(n, 10)[:, 0]
+    hit = np.flatnonzero(k8 == _END8)
+    return int(start - start % 80 + 80 * hit[0]) if hit.size else -1
 
 
 def read_rows(fd: int, hdu: Hdu, y0: int, y1: int) -> np.ndarray:
@@ -278,7 +291,7 @@ def open_info(path: str, fd: int) -> MefInfo:
     if missing:
         raise MefError(f"{path}: not a SPHEREx L2 file (no {', '.join(missing)} HDU)")
     im = named["IMAGE"].header
-    im.cards  # one full parse: ~30 keywords are looked up
+    # (no full parse: ~30 look-ups by card-start comparison are cheaper)
     prim = named.get("PRIMARY").header if "PRIMARY" in named else im
     version = str(prim.get("VERSION", im.get("VERSION", "")) or "")
     det = im.get("DETECTOR", prim.get("DETECTOR"))
@@ -345,6 +358,7 @@ def parent_wcs(info: MefInfo, *, fast: bool = True):
     from astropy.wcs import FITSFixedWarning, WCS, Sip
 
     h = info.image
+    h.cards  # one full parse: ~60 look-ups follow
     crpix = [float(h["CRPIX1"]) + info.x0, float(h["CRPIX2"]) + info.y0]
     ctype = [str(h.get("CTYPE1", "")), str(h.get("CTYPE2", ""))]
     if fast and ctype[0].startswith("RA---TAN") and ctype[1].startswith("DEC--TAN") and (

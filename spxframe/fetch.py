@@ -258,6 +258,11 @@ class _Fetcher:
                 if t.rel not in task.done:
                     task.errors[t.rel] = f"{type(e).__name__}: {e}"
             log.warning("%s: %s", task.url, e)
+        except Exception as e:  # noqa: BLE001 — one bad transfer must not stop the others
+            log.exception("unexpected error fetching %s", task.url)
+            for t in task.targets:
+                if t.rel not in task.done:
+                    task.errors[t.rel] = f"{type(e).__name__}: {e}"
         task.bytes = counter[0]
         for rel, err in task.errors.items():
             log.warning("failed %s (%s): %s", rel, task.url, err)
@@ -566,6 +571,9 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
             t.need_psf = not is_verified(psf_path, required=("PRIMARY", "PSF"))
         pending = []
         for tg in t.targets:
+            if t.need_psf:  # its cube is missing: rebuild the cutouts with it (rows are small)
+                pending.append(tg)
+                continue
             req = REQUIRED_HDUS
             if is_verified(tg.path, required=req, md5=t.md5 if t.access == "full" else None, request=tg.request):
                 for i in tg.rows:
@@ -636,7 +644,8 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
             sess.close()
 
     result = df.sort("_row").drop("_row", "_size", "_md5").with_columns(
-        pl.Series("path", [os.path.join(root, p) if p else None for p in out_path], dtype=pl.Utf8),
+        pl.Series("path", [os.path.join(root, p) if p and st == "done" else None
+                           for p, st in zip(out_path, out_status)], dtype=pl.Utf8),
         pl.Series("status", out_status, dtype=pl.Utf8),
         pl.Series("bytes", out_bytes, dtype=pl.Int64),
         pl.Series("attempts", out_att, dtype=pl.Int32),

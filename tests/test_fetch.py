@@ -324,6 +324,14 @@ def test_cache_key_separates_sizes_and_rerun_skips(sarc, tmp_path):
     hits = [e for e in sarc.log if e.get("endpoint") == "ibe_cutout"]
     assert len(hits) == 1  # only the damaged cutout was fetched again
     assert Path(paths[2] + ".ok").exists()
+    # a PSF cube that went missing is fetched again (with the range cutouts that point at it)
+    for p in (tmp_path / "psf").iterdir():
+        p.unlink()
+    sarc.clear_log()
+    fourth = F.fetch(out, cache_dir=tmp_path, progress=False)
+    assert set(fourth["status"]) == {"done"}
+    assert len(list((tmp_path / "psf").glob("*.fits"))) == 1
+    assert not [e for e in sarc.log if e.get("endpoint") == "ibe_cutout"]
 
 
 def test_bad_rows_fail_without_escaping(sarc, tmp_path):
@@ -613,7 +621,8 @@ def test_full_file_md5_checked(odd_server, tmp_path):
                         "checksum": ["0" * 32]})
     out = F.fetch(bad, cache_dir=tmp_path / "b", progress=False, observations=obs, retries=1, backoff=0.01)
     assert out["status"][0] == "failed" and "MD5" in out["error"][0] and out["attempts"][0] == 2
-    assert not Path(out["path"][0]).exists() and not list((tmp_path / "b").rglob("*.part"))
+    assert out["path"][0] is None and not list((tmp_path / "b").rglob("*.fits"))
+    assert not list((tmp_path / "b").rglob("*.part"))
     # a cached file whose checksum no longer matches the archive's is fetched again
     out = F.fetch(bad, cache_dir=tmp_path / "a", progress=False, observations=obs, retries=0)
     assert out["status"][0] == "failed"

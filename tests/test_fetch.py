@@ -525,6 +525,7 @@ def odd_server():
 
     data = _odd_mef()
     log: list[str] = []
+    agents: set[str] = set()
 
     class H(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -535,6 +536,7 @@ def odd_server():
         def do_GET(self):
             rg = self.headers.get("Range")
             log.append(rg or "")
+            agents.add(self.headers.get("User-Agent", ""))
             m = _re.match(r"bytes=(\d+)-(\d+)$", rg or "")
             if m:
                 s, e = int(m[1]), min(int(m[2]) + 1, len(data))
@@ -553,6 +555,7 @@ def odd_server():
     th.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}/qr2/level2/x/l2b-v20-2025-247/2/f.fits", data, log
     srv.shutdown()
+    assert agents == {F.USER_AGENT}, agents  # our User-Agent on range reads and full GETs
 
 
 def test_range_read_parses_unusual_header_lengths(odd_server, tmp_path):

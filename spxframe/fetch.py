@@ -47,7 +47,7 @@ import polars as pl
 
 from . import __version__, schema
 from .errors import FileFormatError, InputError
-from .rangeread import (BLOCK, REQUIRED_HDUS, Box, HDU, RangeFile, build_cutout, nearest_box_start,
+from .rangeread import (BLOCK, Box, HDU, RangeFile, build_cutout, nearest_box_start,
                         psf_file_bytes, scan_fits)
 from .transfer import (Cancelled, Limiters, RangeClient, RetryPolicy, TransferError, call_with_retries,
                        clean_stale_parts, default_session, file_md5, is_verified, mark_ok, stream_to_file,
@@ -515,7 +515,9 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
                     out_err[i] = str(r["error"])  # planned as failed (e.g. box off the image): keep why
                     continue
                 raise InputError(f"url {url!r} is not http(s)")
-            det = int(r["detector"])
+            det = _as_int(r.get("detector"))
+            if det is None:
+                raise InputError(f"detector {r.get('detector')!r} is not 1-6")
             box = _row_box(r)
             if access == "full":
                 rel = local_name(r["obs_id"], det, full=True)
@@ -529,8 +531,8 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
                 rel = local_name(r["obs_id"], det, box)
                 key = ("range", url)
             path = _inside(root, rel)
-        except InputError as e:
-            out_err[i] = str(e)
+        except (InputError, TypeError, ValueError, KeyError) as e:
+            out_err[i] = str(e) if isinstance(e, InputError) else f"bad manifest row: {type(e).__name__}: {e}"
             continue
         if rel in by_rel:  # the same file (same box) is already planned by another row/method
             by_rel[rel].rows.append(i)
@@ -574,8 +576,7 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
             if t.need_psf:  # its cube is missing: rebuild the cutouts with it (rows are small)
                 pending.append(tg)
                 continue
-            req = REQUIRED_HDUS
-            if is_verified(tg.path, required=req, md5=t.md5 if t.access == "full" else None, request=tg.request):
+            if is_verified(tg.path, md5=t.md5 if t.access == "full" else None, request=tg.request):
                 for i in tg.rows:
                     out_status[i] = "done"
                     if str(rows[i].get("status") or "") == "done" and rows[i].get("path") in (tg.rel, tg.path):

@@ -345,7 +345,8 @@ def test_bad_rows_fail_without_escaping(sarc, tmp_path):
                    url=f"{sarc.url}/{obs[0]['uri']}?center={obs[0]['s_ra']},{-obs[0]['s_dec']}&size=20px&gzip=false",
                    box_x0=good[0]["box_x0"] + 7)
     missing = dict(good[0], source_id="e4", access="full", url=f"{sarc.url}/ibe/data/spherex/qr2/nope.fits")
-    out = F.fetch(_manifest(good + [evil, evil2, outside, missing]), cache_dir=tmp_path / "c", progress=False,
+    nodet = dict(good[0], source_id="e5", detector=None, box_x0=good[0]["box_x0"] + 9)
+    out = F.fetch(_manifest(good + [evil, evil2, outside, missing, nodet]), cache_dir=tmp_path / "c", progress=False,
                   retries=2, backoff=0.01)
     st_ = dict(zip(out["source_id"], out["status"]))
     err = dict(zip(out["source_id"], out["error"]))
@@ -354,6 +355,7 @@ def test_bad_rows_fail_without_escaping(sarc, tmp_path):
     assert st_["e2"] == "failed" and "psf_key" in err["e2"]
     assert st_["e3"] == "failed" and "400" in err["e3"]
     assert st_["e4"] == "failed" and "404" in err["e4"]
+    assert st_["e5"] == "failed" and "detector" in err["e5"]
     att = dict(zip(out["source_id"], out["attempts"]))
     assert att["e3"] == 1 and att["e4"] == 1  # 4xx: no retries
     assert not (tmp_path / "tmp").exists() and not (tmp_path / "evil.fits").exists()

@@ -139,13 +139,19 @@ class Universe:
 
     def truth_pixel(self, source_id, obs_id: str, detector: int) -> tuple[float, float]:
         """Zero-based parent pixel (x, y) of a source at mid-exposure (NaN if off the detector)."""
-        meta = self._meta(self._by_obs[(str(obs_id), int(detector))])
+        r = self._by_obs[(str(obs_id), int(detector))]
+        meta = self._meta(r)
         idx = self._sky.index(np.atleast_1d(source_id))
         ra, dec = self._sky.positions(idx, 0.5 * (meta["t_min"] + meta["t_max"]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             x, y = frame_wcs(meta).all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50, quiet=True)
-        off = ~((x >= -0.5) & (x < NPIX - 0.5) & (y >= -0.5) & (y < NPIX - 0.5))
+        # the gnomonic projection also maps far-away points onto the plane: require the source
+        # to lie within 5 deg of the frame centre (a detector's half-diagonal is ~2.5 deg)
+        o = self._obs[r]
+        a0, d0, a1, d1 = (np.radians(v) for v in (o["s_ra"], o["s_dec"], np.asarray(ra), np.asarray(dec)))
+        cosd = np.sin(d0) * np.sin(d1) + np.cos(d0) * np.cos(d1) * np.cos(a1 - a0)
+        off = ~((x >= -0.5) & (x < NPIX - 0.5) & (y >= -0.5) & (y < NPIX - 0.5)) | (cosd < np.cos(np.radians(5.0)))
         x, y = np.where(off, np.nan, x), np.where(off, np.nan, y)
         return (float(x[0]), float(y[0])) if np.ndim(source_id) == 0 else (x, y)
 

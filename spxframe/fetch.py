@@ -17,7 +17,7 @@ Local layout (relative to ``cache_dir``)::
     data/D<n>/<obs_id>D<n>_full.fits                      full file
     psf/<psf_key>.fits                                    PSF cube (range reads)
     <file>.ok                                             JSON sidecar written after verification
-    <file>.<pid>.<token>.part                             transfer in progress (never trusted)
+    <file>.<pid>@<host>.<token>.part                      transfer in progress (never trusted)
 
 A file only reaches its final name after verification (size, FITS blocks, END cards, the seven
 HDUs, MD5 for full files); the ``.ok`` sidecar follows. Reruns skip verified files and clean
@@ -282,10 +282,16 @@ class _Fetcher:
             with open(tmp, "rb") as f:
                 magic = f.read(2)
             if magic == b"\x1f\x8b":  # gzip body despite gzip=false
-                dec = tmp + ".gz.part"
-                with gzip.open(tmp, "rb") as fi, open(dec, "wb") as fo:
-                    shutil.copyfileobj(fi, fo, 1 << 20)
-                os.replace(dec, tmp)
+                dec = tmp_name(target.path)
+                try:
+                    with gzip.open(tmp, "rb") as fi, open(dec, "wb") as fo:
+                        shutil.copyfileobj(fi, fo, 1 << 20)
+                    os.replace(dec, tmp)
+                except (OSError, EOFError) as e:
+                    raise TransferError(f"bad gzip body from {task.url}: {e}", transient=True) from e
+                finally:
+                    if os.path.exists(dec):
+                        os.unlink(dec)
             digest = dl.md5 if magic != b"\x1f\x8b" else file_md5(tmp)
             if task.access == "full":
                 if task.size and os.path.getsize(tmp) != task.size:

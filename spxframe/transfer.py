@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -416,9 +418,13 @@ def pid_alive(pid: int) -> bool:
 STALE_PART_S = 24 * 3600.0  # .part files older than this (s) are removed whoever wrote them
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
 def tmp_name(path: str) -> str:
-    """A temporary name beside ``path``: ``<path>.<pid>.<token>.part`` (never trusted by a rerun)."""
-    return f"{path}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    """A temporary name beside ``path``: ``<path>.<pid>@<host>.<token>.part`` (never trusted by a
+    rerun; removed by :func:`clean_stale_parts` once its process is gone)."""
+    return f"{path}.{os.getpid()}@{_HOST}.{secrets.token_hex(4)}.part"
 
 
 def sidecar(path: str) -> str:
@@ -512,15 +518,18 @@ def clean_stale_parts(directory: str) -> int:
         if not name.endswith(".part"):
             continue
         p = os.path.join(directory, name)
+        tag = name.split(".")[-3] if name.count(".") >= 3 else ""
+        pid_s, _, host = tag.partition("@")
         try:
-            pid = int(name.split(".")[-3])
-        except (IndexError, ValueError):
+            pid = int(pid_s)
+        except ValueError:
             pid = -1
         try:
             old = now - os.path.getmtime(p) > STALE_PART_S
         except OSError:
             continue
-        if pid == os.getpid() and not old:
+        here = host in ("", _HOST)  # another host's process cannot be checked: wait for age
+        if not old and (pid == os.getpid() or not here):
             continue
         if old or pid <= 0 or not pid_alive(pid):
             try:

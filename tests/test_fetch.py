@@ -645,3 +645,12 @@ def test_adaptive_concurrency_under_cutout_cap(sarc, tmp_path):
     n200 = sum(1 for e in sarc.log if e["status"] == 200 and e["endpoint"] == "ibe_cutout")
     assert n200 == len(rows)
     assert 1 <= n503 <= len(rows)  # it hit the cap, then backed off instead of hammering
+
+
+def test_gzipped_cutout_stored_uncompressed(sarc, tmp_path):
+    u = sarc.universe
+    rows = _rows(sarc, _obs(u, 1), "cutout", size_px=18)
+    rows[0]["url"] = rows[0]["url"].replace("gzip=false", "gzip=true")
+    out = F.fetch(_manifest(rows), cache_dir=tmp_path, progress=False)
+    assert out["status"][0] == "done", out["error"][0]
+    assert Path(out["path"][0]).read_bytes() == u.cutout(rows[0]["_key"], rows[0]["_center"], rows[0]["_size"])

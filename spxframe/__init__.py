@@ -31,12 +31,16 @@ __all__ = [
 
 logging.getLogger("spxframe").addHandler(logging.NullHandler())
 
+# ``plan`` and ``fetch`` share their names with their submodules: importing the submodule
+# (``import spxframe.plan``) would rebind the package attribute to the module, so bind the
+# functions eagerly; the submodule import system then leaves them alone.
+from .fetch import fetch  # noqa: E402
+from .plan import plan  # noqa: E402
+
 _LAZY = {
     "lightcurves": ("spxframe.pipeline", "lightcurves"),
     "read": ("spxframe.pipeline", "read"),
     "observations": ("spxframe.archive", "observations"),
-    "plan": ("spxframe.plan", "plan"),
-    "fetch": ("spxframe.fetch", "fetch"),
     "measure": ("spxframe.photometry", "measure"),
     "parse_cutout_size": ("spxframe.sizes", "parse_cutout_size"),
     "parse_cutout_center": ("spxframe.sizes", "parse_cutout_center"),

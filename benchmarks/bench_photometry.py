@@ -15,6 +15,12 @@ included) written from ``spxframe.sim.Universe(seed=1)``:
 Also: the kernel alone (:func:`spxframe.kernels.aperture_sums`, circle + annulus) vs photutils
 ``aperture_photometry`` per aperture, and accuracy vs the simulated truth (median flux/true for
 bright sources, pull median and 1.4826·MAD width).
+
+Measured 2026-11-27 (2 cores, load average 15-22 from other jobs; full run, no --quick):
+kernel 62 us vs photutils 6.6 ms per aperture (107x; 140-365x at lower load);
+300 files, 10 per parent: spxframe 1.48 ms/file vs 62.9 ms (42x wall, 30x CPU);
+120 files, 1 per parent: 4.4 ms vs 73.7 ms (17x wall and CPU: one WCS build + header parse per file);
+bias (median flux/true, bright) 0.998 vs 0.977 for the reference; pull width 0.96-1.03 vs 1.14-1.16.
 """
 
 from __future__ import annotations

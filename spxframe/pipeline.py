@@ -148,11 +148,11 @@ def run_cell(task: CellTask) -> dict:
     fetched = schema.conform(fetched, schema.MANIFEST)
     t1 = _time.perf_counter()
     done = fetched.filter(pl.col("status") == "done")
-    paths = done.get_column("path").unique().to_list()
-    if paths:
-        phot = measure(paths, task.catalog, **task.measure_options)
+    if done.height:
+        # the manifest tells measure() which sources each file serves (and which were clipped),
+        # so every done (source, obs, det) pair gets exactly one row
+        phot = measure(done, task.catalog, **task.measure_options)
         phot = schema.conform(phot, schema.PHOTOMETRY).with_columns(pl.col("source_id").cast(pl.Utf8))
-        # keep the measurement from the file planned for that (source, obs, det) row
         planned = done.select("source_id", "obs_id", "detector", pl.col("path").alias("file"))
         phot = phot.join(planned, on=["source_id", "obs_id", "detector", "file"], how="semi")
         phot = phot.unique(subset=["source_id", "obs_id", "detector"], keep="first", maintain_order=True)

@@ -6,6 +6,7 @@ Manifests are built by hand from ``universe.observations`` so these tests do not
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -22,9 +23,10 @@ import polars as pl
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from spxframe import fetch as F
 from spxframe import rangeread as R
 from spxframe.errors import InputError
+
+F = importlib.import_module("spxframe.fetch")  # the module; ``spxframe.fetch`` is the function
 
 PLANES = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
 
@@ -421,7 +423,7 @@ def test_session_and_storage_options_injection(sarc, tmp_path):
 
 
 _KILL_SCRIPT = textwrap.dedent("""
-    import sys, polars as pl, spxframe.fetch as F
+    import importlib, sys, polars as pl; F = importlib.import_module('spxframe.fetch')
     m = pl.read_parquet(sys.argv[1])
     F.fetch(m, cache_dir=sys.argv[2], progress=False, max_concurrency=2)
 """)

@@ -54,7 +54,7 @@ def run_demo(*, output_dir: str = "spxframe_out", n_sources: int = 300, seed: in
     from spxframe import sim
 
     t0 = time.perf_counter()
-    with sim.serve(seed=seed) as archive:
+    with sim.serve(seed=seed, cache_strips=512) as archive:
         print(f"simulated IRSA archive at {archive.url}  (cloud copy at {archive.cloud_url})")
         cat = demo_catalog(archive.universe, n_sources)
         print(f"catalog: {cat.height} simulated sources, classes "

@@ -9,7 +9,8 @@ import pytest
 def universe():
     from spxframe import sim
 
-    return sim.Universe(seed=1)
+    # a large strip cache: the end-to-end tests revisit the same simulated images from many cells
+    return sim.Universe(seed=1, cache_strips=768)
 
 
 @pytest.fixture(scope="session")

@@ -24,21 +24,21 @@ def _sorted(df: pl.DataFrame) -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def catalog(universe):
-    return patch_catalog(universe, 30)
+    return patch_catalog(universe, 10)
 
 
 @pytest.fixture(scope="module")
 def local_run(archive, catalog, tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
     return spxframe.lightcurves(catalog, "200px", archive=archive, output_dir=out, progress=False,
-                                plots=0, cell_order=8)
+                                plots=0, cell_order=10)
 
 
 def test_threads_cluster_matches_local(archive, catalog, local_run, tmp_path):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         phot = spxframe.lightcurves(catalog, "200px", archive=archive, output_dir=tmp_path, progress=False,
-                                    plots=0, cell_order=8, client=client)
+                                    plots=0, cell_order=10, client=client)
     assert _sorted(phot).equals(_sorted(local_run))
     parts = list((tmp_path / "parts" / "photometry").glob("cell=*/part.parquet"))
     assert len(parts) > 1  # partitioned by cell
@@ -62,7 +62,7 @@ def test_worker_death_is_retried_and_rows_are_unique(archive, catalog, local_run
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         phot = spxframe.lightcurves(catalog, "200px", archive=archive, output_dir=tmp_path, progress=False,
-                                    plots=0, cell_order=8, client=client, _cell_func=_dies_once_mid_cell)
+                                    plots=0, cell_order=10, client=client, _cell_func=_dies_once_mid_cell)
     assert list(tmp_path.glob("died-*"))  # workers really died
     assert phot.select("source_id", "obs_id", "detector").is_unique().all()
     assert _sorted(phot).equals(_sorted(local_run))

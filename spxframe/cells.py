@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-#: default HEALPix order of a work cell: nside = 2**5 = 32, cells of ~1.8 deg (~3.4 deg²)
-DEFAULT_ORDER = 5
+#: default HEALPix order of a work cell: nside = 2**3 = 8, cells of ~7.3 deg (~54 deg²), about
+#: twice a detector's 3.5 deg field, so most images fall in one cell and are fetched once
+DEFAULT_ORDER = 3
 
 
 def _spread_bits(v: np.ndarray) -> np.ndarray:

@@ -97,6 +97,7 @@ class CellTask:
     measure_options: dict = field(default_factory=dict)
     plan_hash: str = ""
     measure_hash: str = ""
+    progress: bool = False  # per-transfer progress bar (local runs with one or two cells)
 
 
 def _part_paths(output_dir: str, cell: int) -> tuple[Path, Path, Path]:
@@ -144,7 +145,7 @@ def run_cell(task: CellTask) -> dict:
 
     t0 = _time.perf_counter()
     out = Path(task.output_dir)
-    fetched = fetch(task.manifest, cache_dir=str(out), progress=False, **task.fetch_options)
+    fetched = fetch(task.manifest, cache_dir=str(out), progress=task.progress, **task.fetch_options)
     fetched = schema.conform(fetched, schema.MANIFEST)
     t1 = _time.perf_counter()
     done = fetched.filter(pl.col("status") == "done")
@@ -244,7 +245,7 @@ def lightcurves(
     aperture_radius : aperture radius in pixels (6.15″ each).
     bad_bits : FLAGS bits to mask (default ``schema.HARD_BAD_BITS``).
     max_concurrency : cap on concurrent transfers per host.
-    cell_order : HEALPix order of the work cells (5 → ~1.8° cells).
+    cell_order : HEALPix order of the work cells (3 → ~7.3° cells; higher for finer resume/Dask units).
     plots : number of sources to plot into ``plots/`` (0 for none).
     client : a ``dask.distributed.Client``: run the cells on the cluster instead of locally.
 
@@ -357,6 +358,10 @@ def _run_cells_local(tasks: list[CellTask], *, progress: bool) -> list[dict]:
     from tqdm.auto import tqdm
 
     summaries = []
+    if progress and len(tasks) <= 2:  # few big cells: show the transfers themselves
+        for t in tasks:
+            t.progress = True
+        progress = False
     n_rows = sum(t.manifest.height for t in tasks)
     with tqdm(total=n_rows, unit="meas", desc="spxframe", disable=not progress or not tasks) as bar:
         for task in tasks:
@@ -406,7 +411,8 @@ def _write_run_json(out: Path, *, locals_: dict, summaries: list[dict], skipped:
         },
         "bytes_transferred_this_run": sum(s.get("bytes", 0) for s in summaries),
         "timings_s": timings,
-        "plan": plan_summary if isinstance(plan_summary, (dict, list, str, type(None))) else str(plan_summary),
+        "plan": plan_summary.to_dicts() if isinstance(plan_summary, pl.DataFrame)
+        else plan_summary if isinstance(plan_summary, (dict, list, str, type(None))) else str(plan_summary),
         "finished": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
     }
     _atomic_write_json(out / "run.json", run)

@@ -55,3 +55,11 @@ def test_unreachable_archive_exit_code(tmp_path):
     r = sh("lightcurves", str(csv), "--out", str(tmp_path / "o"), "--archive", "http://127.0.0.1:9", "--no-progress")
     assert r.returncode == 3
     assert "127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_runs_and_reports_truth(tmp_path):
+    r = sh("demo", "--sources", "12", "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "recovered" in r.stdout and "measurements/s" in r.stdout
+    assert (tmp_path / "demo" / "photometry.parquet").is_file()
+    assert list((tmp_path / "demo" / "plots").glob("source_*.png"))

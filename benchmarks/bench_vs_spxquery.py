@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     u = sim.Universe(seed=1)
     tmp = tempfile.mkdtemp(prefix="spx_vs_spxq_")
     paths, pairs = make_files(u, tmp, n, 200, per_parent=1)
+    n = len(paths)  # the field may hold fewer parent images than asked for
     sids = pairs["source_id"].cast(pl.Int64).to_numpy()
     cat = u.catalog().filter(pl.col("source_id").is_in(sids.tolist()))
     pos = {int(s): (float(r), float(d)) for s, r, d in cat.select("source_id", "ra", "dec").iter_rows()}

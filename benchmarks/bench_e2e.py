@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="30 sources, auto and range only")
     ap.add_argument("--sources", default="1000")
     ap.add_argument("--access", default="auto,range,cutout")
-    ap.add_argument("--dask", action="store_true", help="also run the first size with a 2-worker LocalCluster")
+    ap.add_argument("--dask", action="store_true", help="also run each size with a 2-worker LocalCluster")
+    ap.add_argument("--dask-only", action="store_true", help="only the LocalCluster runs")
     ap.add_argument("--scaling", default="", help="comma-separated catalog sizes for the scaling table (access=auto)")
     a = ap.parse_args(argv)
     from spxframe import sim
@@ -105,10 +106,10 @@ def main(argv=None) -> int:
         u = archive.universe
         for n in sizes:
             cat = patch(u, n)
-            for m in methods:
+            for m in ([] if a.dask_only else methods):
                 rows.append({"sources": cat.height, "access": m, "dask": False, **run_one(archive, cat, m, False)})
                 print(rows[-1], flush=True)
-            if a.dask:
+            if a.dask or a.dask_only:
                 rows.append({"sources": cat.height, "access": "auto", "dask": True, **run_one(archive, cat, "auto", True)})
                 print(rows[-1], flush=True)
         for n in [int(x) for x in a.scaling.split(",") if x]:

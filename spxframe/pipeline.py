@@ -187,7 +187,7 @@ def _catalog_hash(cat: pl.DataFrame) -> str:
     return hashlib.sha256(h.to_numpy().tobytes()).hexdigest()[:16]
 
 
-def _observations_cached(out: Path, cat: pl.DataFrame, query: dict, archive: Any, progress: bool):
+def _observations_cached(out: Path, cat: pl.DataFrame, query: dict, archive: Any):
     """observations.parquet if the same catalog and query produced it, else query the archive."""
     from .archive import observations as query_observations
 
@@ -253,6 +253,7 @@ def lightcurves(
     -------
     polars.DataFrame in ``schema.PHOTOMETRY`` (fluxes in µJy), plus the catalog's own columns.
     """
+    from .archive import check_query_options
     from .catalog import normalize_catalog
     from .plan import plan as make_plan
     from .sizes import parse_cutout_size
@@ -265,12 +266,7 @@ def lightcurves(
     if access not in ("auto", "cutout", "range", "full"):
         from .errors import InputError
         raise InputError(f"access={access!r}: expected one of 'auto', 'cutout', 'range', 'full'")
-    if bands is not None:
-        from .errors import InputError
-        bands = [b.upper() if isinstance(b, str) else f"D{int(b)}" for b in bands]
-        bad = [b for b in bands if b not in schema.BANDS]
-        if bad:
-            raise InputError(f"bands: unknown band(s) {bad}; expected some of {list(schema.BANDS)}")
+    bands, time, _ = check_query_options(bands, time, collection)  # the archive's own validation
     measure_options = {"aperture_radius": float(aperture_radius)}
     if bad_bits is not None:
         schema.bits_to_mask(bad_bits)  # validates
@@ -282,7 +278,7 @@ def lightcurves(
     # ---- observations (cached per catalog + query)
     t0 = _time.perf_counter()
     query = {"bands": bands, "time": list(time) if time is not None else None, "collection": collection}
-    obs, reused = _observations_cached(out, cat, query, archive, progress)
+    obs, reused = _observations_cached(out, cat, query, archive)
     timings["observations"] = _time.perf_counter() - t0
 
     # ---- plan (no network)

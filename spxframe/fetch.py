@@ -18,11 +18,19 @@ Local layout (relative to ``cache_dir``)::
     psf/<psf_key>.fits                                    PSF cube (range reads)
     <file>.ok                                             JSON sidecar written after verification
     <file>.<pid>@<host>.<token>.part                      transfer in progress (never trusted)
+    <file>.lock                                           claim: another fetch is making <file>
 
 A file only reaches its final name after verification (size, FITS blocks, END cards, the seven
 HDUs, MD5 for full files); the ``.ok`` sidecar follows. Reruns skip verified files and clean
 stale ``.part`` files. A transfer that fails after its retry budget marks its rows
 ``status='failed'`` with the error; only input/programming errors raise.
+
+Concurrent fetches into one ``cache_dir`` (processes, threads, hosts sharing a filesystem) make
+each file once: a fetch claims a file (``<file>.lock``, see :mod:`spxframe._claims`) before
+transferring it; another fetch that needs the same file waits for its ``.ok`` sidecar, holding
+no transfer slot and going on with its other transfers, and fetches the file itself if the
+claimer failed or died (``stale_claim``); it waits at most ``claim_timeout`` per file, then marks
+the rows failed.
 
 Sizes are bytes, times seconds.
 """
@@ -45,13 +53,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from . import __version__, schema
+from . import __version__, _claims, schema
 from .errors import FileFormatError, InputError
 from .rangeread import (BLOCK, Box, HDU, RangeFile, build_cutout, nearest_box_start,
                         psf_file_bytes, scan_fits)
 from .transfer import (Cancelled, Limiters, RangeClient, RetryPolicy, TransferError, call_with_retries,
-                       clean_stale_parts, default_session, file_md5, is_verified, mark_ok, stream_to_file,
-                       tmp_name, write_verified)
+                       clean_stale_parts, default_session, file_md5, is_verified, mark_ok, sidecar,
+                       stream_to_file, tmp_name, write_verified)
 
 log = logging.getLogger("spxframe.fetch")
 
@@ -60,6 +68,7 @@ OBS_ID_RE = re.compile(r"^\d{4}W\d{2}_\d[A-Z]_\d{4}_\d{1,2}$")
 PSF_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _VERSION_DIR_RE = re.compile(r"/(l2b-v[0-9A-Za-z.+-]+)/")
 ACCESS = ("cutout", "range", "full")
+_POLL = (0.05, 2.0)   # s: first and longest interval between looks at another fetch's transfer
 
 
 # --------------------------------------------------------------------------------------
@@ -127,6 +136,7 @@ class Target:
     rows: list[int]
     request: dict[str, Any]
     center: tuple[float, float] | None = None   # (ra, dec) deg: range box re-centred on the file's WCS
+    wait_since: float | None = None             # monotonic s: first found claimed by another fetch
 
 
 @dataclass
@@ -146,11 +156,18 @@ class Task:
     bytes: int = 0
     attempts: int = 0
     errors: dict[str, str] = field(default_factory=dict)   # rel -> error text
-    done: set[str] = field(default_factory=set)            # rel of targets written
+    done: set[str] = field(default_factory=set)            # rel of targets written (or made by another fetch)
+    deferred: list[Target] = field(default_factory=list)   # targets another fetch is making: wait for them
+    counted: bool = True                                   # ticks the progress bar when it ends
 
     @property
     def rows(self) -> list[int]:
         return sorted(r for t in self.targets for r in t.rows)
+
+    def part(self, targets: list[Target]) -> "Task":
+        """A new transfer of the same URL for some of its targets (no results yet)."""
+        return Task(self.access, self.url, self.obs_id, self.detector, list(targets), psf_key=self.psf_key,
+                    size=self.size, md5=self.md5, need_psf=self.need_psf)
 
 
 def _as_int(v: Any) -> int | None:
@@ -222,8 +239,12 @@ class _Progress:
 class _Fetcher:
     def __init__(self, cache_dir: str, *, session: Any, fs: Any, policy: RetryPolicy,
                  limiters: Limiters, timeout: tuple[float, float], progress: _Progress,
-                 max_gap: int, headers: dict[str, str] | None = None) -> None:
+                 max_gap: int, headers: dict[str, str] | None = None,
+                 stale_claim: float = _claims.DEFAULT_STALE_S,
+                 claim_timeout: float = _claims.DEFAULT_WAIT_S) -> None:
         self.headers = headers
+        self.watcher = _claims.Watcher(stale_claim)
+        self.claim_timeout = float(claim_timeout)
         self.cache_dir, self.session, self.fs, self.policy = cache_dir, session, fs, policy
         self.limiters, self.timeout, self.progress, self.max_gap = limiters, timeout, progress, max_gap
         self.stop = threading.Event()
@@ -240,11 +261,15 @@ class _Fetcher:
             counter[0] += n
             self.progress.add_bytes(n)
 
+        claims: list[_claims.Claim] = []
+        by_others: list[Target] = []
         try:
-            if task.access == "range":
-                self._range(task, on_bytes)
-            else:
-                self._get(task, on_bytes)
+            self._claim(task, claims, by_others)
+            if task.targets:
+                if task.access == "range":
+                    self._range(task, on_bytes)
+                else:
+                    self._get(task, on_bytes)
         except Cancelled:
             for t in task.targets:
                 task.errors.setdefault(t.rel, "cancelled")
@@ -253,7 +278,7 @@ class _Fetcher:
             for t in task.targets:
                 if t.rel not in task.done:
                     task.errors[t.rel] = str(e)
-        except (FileFormatError, InputError, OSError, KeyError, ValueError) as e:
+        except (FileFormatError, InputError, OSError, KeyError, ValueError, _claims.ClaimTimeout) as e:
             for t in task.targets:
                 if t.rel not in task.done:
                     task.errors[t.rel] = f"{type(e).__name__}: {e}"
@@ -263,10 +288,60 @@ class _Fetcher:
             for t in task.targets:
                 if t.rel not in task.done:
                     task.errors[t.rel] = f"{type(e).__name__}: {e}"
+        finally:
+            for c in claims:
+                c.release()
+        task.targets.extend(by_others)
         task.bytes = counter[0]
         for rel, err in task.errors.items():
             log.warning("failed %s (%s): %s", rel, task.url, err)
         return task
+
+    # ---- claims: one transfer per file across fetches ----------------------------------
+
+    def ready(self, task: Task, t: Target, *, cheap: bool = False) -> bool:
+        """Whether ``t`` is a verified file (range cutouts: and their PSF cube). ``cheap``: only
+        trust files with a sidecar (no full scan while polling another fetch's transfer)."""
+        if cheap and not os.path.exists(sidecar(t.path)):
+            return False
+        if not is_verified(t.path, md5=task.md5 if task.access == "full" else None, request=t.request):
+            return False
+        if task.access == "range" and task.psf_key:
+            p = _inside(self.cache_dir, psf_name(task.psf_key))
+            if cheap and not os.path.exists(sidecar(p)):
+                return False
+            return is_verified(p, required=("PRIMARY", "PSF"))
+        return True
+
+    def _claim(self, task: Task, claims: list[_claims.Claim], by_others: list[Target]) -> None:
+        """Claim the task's targets. Those another fetch holds go to ``task.deferred`` (the caller
+        waits for them), those verified meanwhile to ``by_others``; ``task.targets`` keeps the
+        claimed ones still to make."""
+        mine: list[Target] = []
+        for t in task.targets:
+            if self.stop.is_set():
+                raise Cancelled()
+            c = _claims.try_claim(t.path, stale_s=self.watcher.stale_s, what=task.url)
+            if c is None and self.watcher.state(t.path) == "free":  # released or stale: try again
+                c = _claims.try_claim(t.path, stale_s=self.watcher.stale_s, what=task.url)
+            if c is None:
+                if self.ready(task, t, cheap=True):
+                    task.done.add(t.rel)
+                    by_others.append(t)
+                else:
+                    if t.wait_since is None:
+                        t.wait_since = time.monotonic()
+                    log.debug("%s: %s is being fetched by %s; waiting", task.url, t.rel,
+                              _claims.describe_owner(t.path))
+                    task.deferred.append(t)
+                continue
+            claims.append(c)
+            if self.ready(task, t):  # made by another fetch between our cache check and the claim
+                task.done.add(t.rel)
+                by_others.append(t)
+            else:
+                mine.append(t)
+        task.targets = mine
 
     def _get(self, task: Task, on_bytes) -> None:
         """cutout / full: one streamed GET, verified, then renamed into place."""
@@ -374,12 +449,29 @@ class _Fetcher:
         """The PSF cube of ``psf`` at ``cache_dir/rel``, fetched once (other threads wait)."""
         path = _inside(self.cache_dir, rel)
         req = {"psf_key": task.psf_key, "url": task.url, "offset": psf.data_offset}
+
+        def verified(cheap: bool = False) -> bool:
+            if cheap and not os.path.exists(sidecar(path)):
+                return False
+            return is_verified(path, required=("PRIMARY", "PSF"), request=req)
+
         with self._psf_lock(rel):
-            if is_verified(path, required=("PRIMARY", "PSF"), request=req):
+            if verified():
                 return
-            (data,) = read([(psf.data_offset, psf.next_offset)])
-            write_verified(path, psf_file_bytes(psf, data, task.psf_key or ""), req, required=("PRIMARY", "PSF"))
-            log.info("cached PSF cube %s", rel)
+            # another process may be writing this cube: wait for it (no transfer slot held)
+            claim = _claims.claim_or_wait(path, done=lambda: verified(cheap=True), watcher=self.watcher,
+                                          timeout=self.claim_timeout, stop=self.stop, what=task.url)
+            if claim is None:
+                return
+            try:
+                if verified():
+                    return
+                (data,) = read([(psf.data_offset, psf.next_offset)])
+                write_verified(path, psf_file_bytes(psf, data, task.psf_key or ""), req,
+                               required=("PRIMARY", "PSF"))
+                log.info("cached PSF cube %s", rel)
+            finally:
+                claim.release()
 
 
 # --------------------------------------------------------------------------------------
@@ -427,7 +519,9 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
           storage_options: dict[str, Any] | None = None, session: Any = None, progress: bool = True,
           retries: int = 5, timeout: tuple[float, float] = (10.0, 120.0), backoff: float = 0.5,
           max_backoff: float = 30.0, max_retry_after: float = 60.0, max_gap: int = 128 * 1024,
-          recenter: bool = True, observations: pl.DataFrame | None = None) -> pl.DataFrame:
+          recenter: bool = True, observations: pl.DataFrame | None = None,
+          claim_timeout: float = _claims.DEFAULT_WAIT_S, stale_claim: float = _claims.DEFAULT_STALE_S
+          ) -> pl.DataFrame:
     """Fetch every row of a manifest into ``cache_dir``; returns the manifest with ``path``,
     ``status`` ('done' | 'failed'), ``bytes``, ``attempts`` and ``error`` filled.
 
@@ -474,6 +568,14 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
     observations
         Optional observations table (``size``/``checksum``) to check full files' size and MD5;
         manifest columns ``size``/``checksum`` (or ``contentlength``/``contentchecksum``) also work.
+    claim_timeout
+        Longest wait (s) for a file another fetch (process, thread or host sharing
+        ``cache_dir``) is transferring; then its rows fail ("timed out ... waiting"). The
+        wait holds no transfer slot; other transfers go on meanwhile.
+    stale_claim
+        A claim whose lock file nobody has touched for this long (s, measured on this machine's
+        clock) is taken over; claimers touch theirs every ``stale_claim / 4`` s (at most 30 s).
+        Claims of dead processes on this host are taken over at once.
 
     ``bytes`` is the number of bytes received for a transfer (retries included), counted
     once per transfer (on its first row; 0 on the other rows it serves and for cache hits);
@@ -482,6 +584,12 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
     df = _manifest_frame(manifest)
     if retries < 0 or max_gap < 0 or (max_concurrency is not None and max_concurrency < 1):
         raise InputError("retries and max_gap must be >= 0 and max_concurrency >= 1")
+    try:
+        claim_timeout, stale_claim = float(claim_timeout), float(stale_claim)
+    except (TypeError, ValueError):
+        raise InputError("claim_timeout and stale_claim must be seconds") from None
+    if not (claim_timeout >= 0 and stale_claim > 0):
+        raise InputError("claim_timeout must be >= 0 and stale_claim > 0 (seconds)")
     try:
         connect_s, read_s = (float(timeout[0]), float(timeout[1])) if isinstance(timeout, (tuple, list)) \
             else (float(timeout), float(timeout))
@@ -563,6 +671,7 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
         out_path[i] = rel
 
     for d in ("psf", *(f"data/D{i}" for i in range(1, 7))):
+        _claims.clean_stale_locks(os.path.join(root, d))
         clean_stale_parts(os.path.join(root, d))
 
     # ---- cache: keep verified files, queue the rest ----
@@ -615,28 +724,79 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
         prog = _Progress(len(todo), progress)
         fetcher = _Fetcher(root, session=sess, fs=fs, policy=policy, limiters=limiters,
                            timeout=(connect_s, read_s), progress=prog, max_gap=int(max_gap),
-                           headers=extra_headers)
+                           headers=extra_headers, stale_claim=stale_claim, claim_timeout=claim_timeout)
         # range tasks that need a PSF cube first, one per key, so others find it cached
         todo.sort(key=lambda t: (not t.need_psf, t.access != "range"))
         ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spxframe-fetch")
+
+        def record(t: Task) -> None:
+            for tg in t.targets:
+                for i in sorted(tg.rows):
+                    out_att[i] = t.attempts
+                    if tg.rel in t.done:
+                        out_status[i], out_err[i] = "done", None
+                    else:
+                        out_status[i] = "failed"
+                        out_err[i] = t.errors.get(tg.rel, "not fetched")
+            rows_t = t.rows
+            if rows_t:
+                out_bytes[rows_t[0]] = t.bytes
+
+        # targets another fetch is transferring wait here (no thread, no slot), polled with backoff
+        waiting: list[tuple[float, float, Task]] = []   # (next poll, delay, task of those targets)
         try:
             futs = {ex.submit(fetcher.run, t) for t in todo}
-            while futs:
-                finished, futs = wait(futs, timeout=0.5, return_when=FIRST_COMPLETED)
+            while futs or waiting:
+                dt = 0.5
+                if waiting:
+                    dt = max(0.0, min(dt, min(w[0] for w in waiting) - time.monotonic()))
+                if futs:
+                    finished, futs = wait(futs, timeout=dt, return_when=FIRST_COMPLETED)
+                else:
+                    finished = set()
+                    time.sleep(dt)
                 for f in finished:
                     t = f.result()
-                    prog.file_done()
-                    for tg in t.targets:
-                        for i in sorted(tg.rows):
-                            out_att[i] = t.attempts
-                            if tg.rel in t.done:
-                                out_status[i], out_err[i] = "done", None
-                            else:
-                                out_status[i] = "failed"
-                                out_err[i] = t.errors.get(tg.rel, "not fetched")
-                    rows_t = t.rows
-                    if rows_t:
-                        out_bytes[rows_t[0]] = t.bytes
+                    record(t)
+                    if t.deferred:
+                        w = t.part(t.deferred)
+                        w.counted = t.counted
+                        waiting.append((time.monotonic() + _POLL[0], _POLL[0], w))
+                    elif t.counted:
+                        prog.file_done()
+                now = time.monotonic()
+                still = []
+                for due, delay, w in waiting:
+                    if due > now:
+                        still.append((due, delay, w))
+                        continue
+                    ended, free, held = [], [], []
+                    for tg in w.targets:
+                        if fetcher.ready(w, tg, cheap=True):  # made by the other fetch
+                            w.done.add(tg.rel)
+                            ended.append(tg)
+                        elif fetcher.watcher.state(tg.path) == "free":  # its claimer failed or died
+                            free.append(tg)
+                        elif now - (tg.wait_since or now) > claim_timeout:
+                            w.errors[tg.rel] = (f"timed out after {claim_timeout:g} s waiting for "
+                                                f"{_claims.describe_owner(tg.path)} to fetch {tg.rel}")
+                            ended.append(tg)
+                        else:
+                            held.append(tg)
+                    if ended:
+                        done_part = w.part(ended)
+                        done_part.done, done_part.errors = w.done, w.errors
+                        record(done_part)
+                    if free:
+                        p = w.part(free)
+                        p.counted = w.counted and not held
+                        futs.add(ex.submit(fetcher.run, p))
+                    if held:
+                        w.targets = held
+                        still.append((now + delay, min(_POLL[1], delay * 1.5), w))
+                    elif not free and w.counted:
+                        prog.file_done()
+                waiting = still
         except BaseException:
             fetcher.stop.set()
             ex.shutdown(wait=True, cancel_futures=True)

@@ -1,7 +1,7 @@
 """``spxframe`` command line, mirroring the Python API.
 
-    spxframe lightcurves CATALOG --cutout-size 200px --out DIR [--bands D1,D2] [--archive URL]
-                                 [--access auto|cutout|range|full] [--time MJD0,MJD1]
+    spxframe lightcurves CATALOG --cutout-size 200px --out DIR|URL [--cache-dir DIR] [--bands D1,D2]
+                                 [--archive URL] [--access auto|cutout|range|full] [--time MJD0,MJD1]
     spxframe plot DIR SOURCE_ID [--png PATH]
     spxframe sim serve [--port P] [--seed S]
     spxframe demo [--out DIR] [--sources N]
@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     lc.add_argument("--cutout-size", default="200px",
                     help="cutout size, IRSA grammar: '200px', '3arcmin', '0.1' (deg), '200,400px'; 'full' for whole images")
     lc.add_argument("--cutout-center", default=None, help="custom centre 'ra,dec' (deg) or 'x,y px'")
-    lc.add_argument("--out", default="spxframe_out", help="output folder (rerun the same folder to resume)")
+    lc.add_argument("--out", default="spxframe_out",
+                    help="output folder or fsspec URL, e.g. s3://bucket/run (rerun the same one to resume)")
+    lc.add_argument("--cache-dir", default=None,
+                    help="local folder for the fetched files (default: OUT; ~/.cache/spxframe when OUT is a URL)")
     lc.add_argument("--bands", default=None, help="comma-separated detectors, e.g. D1,D2 (default all six)")
     lc.add_argument("--time", default=None, help="MJD range 'start,end' (UTC)")
     lc.add_argument("--archive", default=None, help="archive base URL (default IRSA; e.g. the URL `spxframe sim serve` prints)")
@@ -68,7 +71,7 @@ def _lightcurves(a: argparse.Namespace) -> int:
     time = tuple(float(x) for x in a.time.split(",")) if a.time else None
     bands = [b.strip() for b in a.bands.split(",")] if a.bands else None
     phot = spxframe.lightcurves(a.catalog, size, cutout_center=a.cutout_center, bands=bands, time=time,
-                                access=a.access, output_dir=a.out, archive=a.archive,
+                                access=a.access, output_dir=a.out, cache_dir=a.cache_dir, archive=a.archive,
                                 progress=not a.no_progress, aperture_radius=a.aperture_radius,
                                 max_concurrency=a.max_concurrency, plots=a.plots)
     n_ok = phot.filter(phot["flux"].is_not_nan()).height if phot.height else 0

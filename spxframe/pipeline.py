@@ -7,9 +7,13 @@ Output folder layout (``output_dir``)::
     photometry.parquet     one row per (source, observation, detector); sorted by source, time
     run.json               versions, parameters, counts, timings per stage, bytes transferred
     results/query_summary.json   SPXQuery-style summary (total_size_gb, band_sizes, ...)
-    data/D1 … data/D6      the fetched files;  psf/  cached PSF cubes (range reads)
     plots/                 PNG light curves / spectra of the first sources and a run summary
     parts/                 per-cell results (the unit of resume); safe to delete after a run
+
+The fetched files (``data/D1`` … ``data/D6``, ``psf/``) go to ``cache_dir``, by default the
+output folder itself. ``output_dir`` may be an fsspec URL (``s3://bucket/run``; options in
+``output_options``); the cache must then be a local (or shared POSIX) folder, because photometry
+memory-maps the files.
 
 A rerun with the same ``output_dir`` does only what is missing: finished cells are skipped,
 changed photometry options re-measure from the files on disk, failed transfers are retried.
@@ -21,10 +25,8 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time as _time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,54 +34,15 @@ import numpy as np
 import polars as pl
 
 from . import schema
+from ._outputs import merge, part_paths, write_plots, write_query_summary, write_run_json
+from ._store import Store, is_url
 from .cells import DEFAULT_ORDER, cell_of
 
 log = logging.getLogger("spxframe.pipeline")
 
-_DEP_NAMES = ("numpy", "polars", "pyarrow", "numba", "astropy", "pyvo", "requests", "fsspec")
-
-
-# ------------------------------------------------------------------------------ helpers
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
-def write_parquet(df: pl.DataFrame, path: Path, table: schema.Table | None = None, *,
-                  row_group_size: int | None = None) -> None:
-    """Write ``df`` atomically as Parquet, units and descriptions in the file metadata."""
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tab = df.to_arrow()
-    if table is not None:
-        meta = dict(tab.schema.metadata or {})
-        meta.update(schema.parquet_metadata(table))
-        tab = tab.replace_schema_metadata(meta)
-    tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    pq.write_table(tab, tmp, row_group_size=row_group_size, compression="zstd")
-    os.replace(tmp, path)
-
-
-def _versions() -> dict[str, str]:
-    out = {"spxframe": __import__("spxframe").__version__, "python": platform.python_version()}
-    for n in _DEP_NAMES:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = "not installed"
-    return out
 
 
 # ------------------------------------------------------------------------------ the cell task
@@ -89,7 +52,7 @@ class CellTask:
     """Everything one sky cell needs; picklable, so it runs locally or on a Dask worker."""
 
     cell: int
-    output_dir: str
+    output_dir: str  # path or fsspec URL of the run's outputs
     catalog: pl.DataFrame  # the cell's sources (normalised catalog)
     manifest: pl.DataFrame  # the cell's manifest rows (schema.MANIFEST)
     observations: pl.DataFrame  # obs_id, detector, mjd_mid, band of the cell's rows
@@ -98,22 +61,13 @@ class CellTask:
     plan_hash: str = ""
     measure_hash: str = ""
     progress: bool = False  # per-transfer progress bar (local runs with one or two cells)
+    cache_dir: str = ""  # local folder of the fetched files (default: output_dir)
+    output_options: dict | None = None  # fsspec storage options of output_dir
 
 
-def _part_paths(output_dir: str, cell: int) -> tuple[Path, Path, Path]:
-    root = Path(output_dir) / "parts"
-    return (root / "photometry" / f"cell={cell}" / "part.parquet",
-            root / "manifest" / f"cell={cell}" / "part.parquet",
-            root / "cells" / f"{cell}.json")
-
-
-def cell_state(output_dir: str, cell: int) -> dict | None:
+def cell_state(store: Store, cell: int) -> dict | None:
     """The done-marker of a cell, or None."""
-    marker = _part_paths(output_dir, cell)[2]
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
+    return store.read_json(part_paths(cell)[2])
 
 
 def _missing_rows(manifest: pl.DataFrame, observations: pl.DataFrame, phot: pl.DataFrame) -> pl.DataFrame:
@@ -144,8 +98,9 @@ def run_cell(task: CellTask) -> dict:
     from .photometry import measure
 
     t0 = _time.perf_counter()
-    out = Path(task.output_dir)
-    fetched = fetch(task.manifest, cache_dir=str(out), progress=task.progress, **task.fetch_options)
+    store = Store(task.output_dir, task.output_options)
+    fetched = fetch(task.manifest, cache_dir=task.cache_dir or task.output_dir, progress=task.progress,
+                    **task.fetch_options)
     fetched = schema.conform(fetched, schema.MANIFEST)
     t1 = _time.perf_counter()
     done = fetched.filter(pl.col("status") == "done")
@@ -162,9 +117,9 @@ def run_cell(task: CellTask) -> dict:
     phot = pl.concat([schema.conform(phot, schema.PHOTOMETRY, extra=False),
                       _missing_rows(fetched, task.observations, phot)], how="vertical_relaxed")
     t2 = _time.perf_counter()
-    p_phot, p_man, marker = _part_paths(task.output_dir, task.cell)
-    write_parquet(phot, p_phot, schema.PHOTOMETRY)
-    write_parquet(fetched, p_man, schema.MANIFEST)
+    p_phot, p_man, marker = part_paths(task.cell)
+    store.write_parquet(p_phot, phot, schema.PHOTOMETRY)
+    store.write_parquet(p_man, fetched, schema.MANIFEST)
     n_failed = int((fetched.get_column("status") != "done").sum())
     summary = {
         "cell": task.cell, "sources": task.catalog.height, "rows": phot.height,
@@ -175,7 +130,7 @@ def run_cell(task: CellTask) -> dict:
         "plan_hash": task.plan_hash, "measure_hash": task.measure_hash,
         "complete": n_failed == 0,
     }
-    _atomic_write_json(marker, summary)
+    store.write_json(marker, summary)
     return summary
 
 
@@ -187,22 +142,18 @@ def _catalog_hash(cat: pl.DataFrame) -> str:
     return hashlib.sha256(h.to_numpy().tobytes()).hexdigest()[:16]
 
 
-def _observations_cached(out: Path, cat: pl.DataFrame, query: dict, archive: Any):
+def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: Any):
     """observations.parquet if the same catalog and query produced it, else query the archive."""
     from .archive import observations as query_observations
 
     key = _hash({"catalog": _catalog_hash(cat), **query})
-    state_path = out / "parts" / "observations.json"
-    obs_path = out / "observations.parquet"
-    try:
-        if json.loads(state_path.read_text()).get("key") == key and obs_path.exists():
-            log.info("reusing %s (same catalog and query)", obs_path)
-            return pl.read_parquet(obs_path), True
-    except (OSError, ValueError):
-        pass
+    state = store.read_json("parts/observations.json")
+    if state and state.get("key") == key and store.exists("observations.parquet"):
+        log.info("reusing %s/observations.parquet (same catalog and query)", store.url)
+        return store.read_parquet("observations.parquet"), True
     obs = query_observations(cat, archive=archive, **query)
-    write_parquet(schema.conform(obs, schema.OBSERVATIONS), obs_path, schema.OBSERVATIONS)
-    _atomic_write_json(state_path, {"key": key})
+    store.write_parquet("observations.parquet", schema.conform(obs, schema.OBSERVATIONS), schema.OBSERVATIONS)
+    store.write_json("parts/observations.json", {"key": key})
     return obs, False
 
 
@@ -216,6 +167,8 @@ def lightcurves(
     collection: str = "spherex_qr2",
     access: str = "auto",
     output_dir: str | os.PathLike = "spxframe_out",
+    cache_dir: str | os.PathLike | None = None,
+    output_options: dict | None = None,
     archive: Any = None,
     progress: bool = True,
     aperture_radius: float = 2.0,
@@ -240,7 +193,11 @@ def lightcurves(
     bands : detectors to use, e.g. ``["D1", "D2"]``; default all six.
     time : (mjd_start, mjd_end) in MJD (UTC); default all.
     access : ``"auto"`` (cost model), ``"cutout"``, ``"range"`` (cloud byte ranges) or ``"full"``.
-    output_dir : folder for the outputs (see module docstring); a rerun resumes it.
+    output_dir : folder or fsspec URL for the outputs (see module docstring); a rerun resumes it.
+    cache_dir : local folder for the fetched files (default ``output_dir``; required when
+        ``output_dir`` is a URL, else ``~/.cache/spxframe``). On a cluster, a folder on each
+        worker (or a shared mount).
+    output_options : fsspec storage options for a URL ``output_dir`` (credentials, endpoint).
     archive : None for IRSA, a base URL, or the object ``spxframe.sim.serve()`` yields.
     aperture_radius : aperture radius in pixels (6.15″ each).
     bad_bits : FLAGS bits to mask (default ``schema.HARD_BAD_BITS``).
@@ -271,14 +228,20 @@ def lightcurves(
     if bad_bits is not None:
         schema.bits_to_mask(bad_bits)  # validates
         measure_options["bad_bits"] = sorted(int(b) for b in bad_bits)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    store = Store(output_dir, output_options)
+    if cache_dir is None:
+        cache_dir = str(Path.home() / ".cache" / "spxframe") if is_url(output_dir) else store.root
+    cache_dir = str(cache_dir)
+    if is_url(cache_dir):
+        from .errors import InputError
+        raise InputError(f"cache_dir={cache_dir!r}: must be a local (or mounted) folder; "
+                         "photometry memory-maps the fetched files")
     src_dtype = cat.schema["source_id"]
 
     # ---- observations (cached per catalog + query)
     t0 = _time.perf_counter()
     query = {"bands": bands, "time": list(time) if time is not None else None, "collection": collection}
-    obs, reused = _observations_cached(out, cat, query, archive)
+    obs, reused = _observations_cached(store, cat, query, archive)
     timings["observations"] = _time.perf_counter() - t0
 
     # ---- plan (no network)
@@ -297,13 +260,13 @@ def lightcurves(
     fetch_options = {"max_concurrency": max_concurrency, "storage_options": storage_options}
     tasks, skipped = [], []
     for cell in np.unique(cells).tolist():
-        state = cell_state(str(out), cell)
+        state = cell_state(store, cell)
         if state and state.get("complete") and state.get("plan_hash") == plan_hash \
                 and state.get("measure_hash") == measure_hash:
             skipped.append(state)
             continue
         tasks.append(CellTask(
-            cell=cell, output_dir=str(out),
+            cell=cell, output_dir=store.url, cache_dir=cache_dir, output_options=output_options,
             catalog=cat_c.filter(pl.col("_cell") == cell).drop("_cell", "_sid"),
             manifest=man_c.filter(pl.col("_cell") == cell).drop("_cell"),
             observations=obs_small, fetch_options=fetch_options, measure_options=measure_options,
@@ -318,29 +281,26 @@ def lightcurves(
         summaries = _run_cells_local(tasks, progress=progress)
     timings["fetch_and_measure"] = _time.perf_counter() - t0
 
-    # ---- merge parts into the final tables
+    # ---- merge parts into the final tables (streaming, one cell at a time)
     t0 = _time.perf_counter()
-    phot = _merge(out, cat, src_dtype, manifest, np.unique(cells).tolist())
+    counts = merge(store, cat, src_dtype, manifest, np.unique(cells).tolist())
+    phot = store.read_parquet("photometry.parquet")
     timings["merge"] = _time.perf_counter() - t0
 
     t0 = _time.perf_counter()
     if plots:
-        from .plot import write_plots
-        try:
-            write_plots(phot, out / "plots", n_sources=plots)
-        except Exception as exc:  # plots must never lose a run
-            log.warning("plots not written: %s", exc)
+        write_plots(store, phot, plots)
     timings["plots"] = _time.perf_counter() - t0
     timings["total"] = _time.perf_counter() - t_start
 
-    _write_run_json(out, locals_=dict(
+    write_run_json(store, parameters=dict(
         catalog_rows=cat.height, cutout_size=None if size is None else str(size),
         cutout_center=cutout_center, bands=bands, time=time, collection=collection, access=access,
         archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
-        cell_order=cell_order, dask=client is not None, observations_reused=reused),
+        cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=cache_dir),
         summaries=summaries, skipped=skipped, timings=timings, plan_summary=getattr(pl_, "summary", None),
-        phot=phot)
-    _write_query_summary(out, obs, cat)
+        counts=counts)
+    write_query_summary(store, cache_dir, obs, cat)
     return phot
 
 
@@ -368,83 +328,24 @@ def _run_cells_local(tasks: list[CellTask], *, progress: bool) -> list[dict]:
     return summaries
 
 
-def _merge(out: Path, cat: pl.DataFrame, src_dtype: Any, manifest: pl.DataFrame,
-           cells: list[int]) -> pl.DataFrame:
-    """Join the parts of ``cells`` into photometry.parquet and manifest.parquet."""
-    parts = [_part_paths(str(out), c) for c in cells]
-    p_files = [p for p, _, _ in parts if p.exists()]
-    m_files = [m for _, m, _ in parts if m.exists()]
-    wanted = cat.select(pl.col("source_id").cast(pl.Utf8)).get_column("source_id")
-    phot = pl.concat([pl.read_parquet(f) for f in p_files], how="vertical_relaxed") if p_files \
-        else schema.empty(schema.PHOTOMETRY)
-    phot = phot.filter(pl.col("source_id").is_in(wanted.implode()))
-    man = pl.concat([pl.read_parquet(f) for f in m_files], how="vertical_relaxed") if m_files else manifest
-    man = man.filter(pl.col("source_id").is_in(wanted.implode()))
-    write_parquet(schema.conform(man, schema.MANIFEST).sort("source_id", "obs_id", "detector"),
-                  out / "manifest.parquet", schema.MANIFEST)
-    extra = [c for c in cat.columns if c not in phot.columns or c == "source_id"]
-    phot = phot.with_columns(pl.col("source_id").cast(src_dtype, strict=False)) \
-        .join(cat.select(extra), on="source_id", how="left") \
-        .sort("source_id", "mjd", "detector")
-    write_parquet(phot, out / "photometry.parquet", schema.PHOTOMETRY, row_group_size=65536)
-    return phot
-
-
-def _write_run_json(out: Path, *, locals_: dict, summaries: list[dict], skipped: list[dict],
-                    timings: dict, plan_summary: Any, phot: pl.DataFrame) -> None:
-    allc = summaries + skipped
-    ok = phot.filter(pl.col("flux").is_not_nan()) if phot.height else phot
-    run = {
-        "versions": _versions(),
-        "parameters": locals_,
-        "counts": {
-            "sources": locals_["catalog_rows"],
-            "cells": len(allc), "cells_run": len(summaries), "cells_skipped": len(skipped),
-            "measurements": phot.height, "measured": ok.height,
-            "failed_transfers": sum(s.get("failed_transfers", 0) for s in summaries),
-            "qc": {q.name: int((phot.get_column("qc") & q.value > 0).sum()) for q in schema.QC_BITS}
-            if phot.height else {},
-        },
-        "bytes_transferred_this_run": sum(s.get("bytes", 0) for s in summaries),
-        "timings_s": timings,
-        "plan": plan_summary.to_dicts() if isinstance(plan_summary, pl.DataFrame)
-        else plan_summary if isinstance(plan_summary, (dict, list, str, type(None))) else str(plan_summary),
-        "finished": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
-    }
-    _atomic_write_json(out / "run.json", run)
-
-
-def _write_query_summary(out: Path, obs: pl.DataFrame, cat: pl.DataFrame) -> None:
-    """results/query_summary.json as SPXQuery users know it (sizes of the files on disk)."""
-    sizes: dict[str, int] = {b: 0 for b in schema.BANDS}
-    for b in schema.BANDS:
-        d = out / "data" / b
-        if d.is_dir():
-            sizes[b] = sum(p.stat().st_size for p in d.glob("*.fits"))
-    counts = obs.group_by("band").agg(pl.len()).sort("band") if obs.height else None
-    summary = {
-        "total_size_gb": sum(sizes.values()) / 1e9,
-        "band_sizes": {b: v / 1e9 for b, v in sizes.items()},
-        "band_sizes_unit": "GB",
-        "observations_per_band": dict(counts.iter_rows()) if counts is not None else {},
-        "n_observations": obs.select(pl.col("obs_id").n_unique()).item() if obs.height else 0,
-        "n_files": obs.height,
-        "time_span_mjd": [float(obs["t_min"].min()), float(obs["t_max"].max())] if obs.height else None,
-        "n_sources": cat.height,
-    }
-    _atomic_write_json(out / "results" / "query_summary.json", summary)
-
-
 # ------------------------------------------------------------------------------ reading back
 
 def read(output_dir: str | os.PathLike = "spxframe_out", *, table: str = "photometry",
-         lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
-    """Read a run's table (``photometry``, ``manifest`` or ``observations``) with Polars."""
+         lazy: bool = False, storage_options: dict | None = None) -> pl.DataFrame | pl.LazyFrame:
+    """Read a run's table (``photometry``, ``manifest`` or ``observations``) with Polars.
+
+    ``output_dir`` may be an fsspec URL (``storage_options`` as for ``lightcurves``'s
+    ``output_options``); ``lazy`` scans local files and object-store URLs Polars understands.
+    """
+    from .errors import InputError
+
     if table not in schema.TABLES:
-        from .errors import InputError
         raise InputError(f"table={table!r}: expected one of {list(schema.TABLES)}")
-    path = Path(output_dir) / f"{table}.parquet"
-    if not path.exists():
-        from .errors import InputError
-        raise InputError(f"{path} does not exist: is {output_dir!s} the output_dir of a spxframe run?")
-    return pl.scan_parquet(path) if lazy else pl.read_parquet(path)
+    store = Store(output_dir, storage_options)
+    rel = f"{table}.parquet"
+    if not store.exists(rel):
+        raise InputError(f"{store.path(rel)} does not exist: is {output_dir!s} the output_dir of a spxframe run?")
+    if lazy:
+        src = store.path(rel) if store.local else f"{str(output_dir).rstrip('/')}/{rel}"
+        return pl.scan_parquet(src, storage_options=None if store.local else storage_options)
+    return store.read_parquet(rel)

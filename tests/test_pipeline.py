@@ -167,3 +167,53 @@ def test_interrupted_run_completes_with_identical_results(archive, universe, tmp
     b = again.select(cols).sort("source_id", "obs_id", "detector")
     assert a.equals(b)
     assert not list(out.rglob("*.part"))  # no partial file survived into a finished run
+
+
+def test_output_to_fsspec_url_with_separate_cache(run, archive):
+    """output_dir as an fsspec URL, files cached in another (local) folder: same rows and values,
+    nothing refetched that the cache holds, and a rerun resumes from the URL's parts."""
+    url = f"memory://spx-{os.getpid()}/run"
+    archive.clear_log()
+    phot = spxframe.lightcurves(run["cat"], "200px", archive=archive, output_dir=url, cache_dir=run["out"],
+                                progress=False, plots=2)
+    assert transfers(archive) == []  # every file was already in cache_dir
+    cols = [c for c in phot.columns if c != "file"]
+    assert phot.select(cols).sort("source_id", "obs_id", "detector").equals(
+        run["phot"].select(cols).sort("source_id", "obs_id", "detector"))
+    back = spxframe.read(url)
+    assert back.equals(phot)
+    assert spxframe.read(url, table="manifest").height == phot.height
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(url)}
+    assert {"photometry.parquet", "manifest.parquet", "observations.parquet", "run.json", "summary.png"} <= names
+    assert not any(n.endswith(".part") for n in names)
+    assert json.loads(fs.cat_file(f"{url}/run.json"))["counts"]["measurements"] == phot.height
+    assert not (Path(run["out"]) / "summary.png").exists()
+    archive.clear_log()
+    spxframe.lightcurves(run["cat"], "200px", archive=archive, output_dir=url, cache_dir=run["out"],
+                         progress=False, plots=0)
+    assert archive.log == []  # observations and every cell reused from the URL
+
+
+def test_cache_dir_must_be_local(run, archive):
+    archive.clear_log()
+    with pytest.raises(InputError, match="cache_dir"):
+        spxframe.lightcurves(run["cat"], "200px", archive=archive, output_dir="memory://x/y",
+                             cache_dir="memory://x/cache", progress=False)
+    assert archive.log == []
+
+
+def test_photometry_file_keeps_each_source_contiguous_and_in_time_order(run):
+    """The streaming merge writes cell by cell: each source's rows are one block, in time order."""
+    import pyarrow.parquet as pq
+
+    path = Path(run["out"]) / "photometry.parquet"
+    df = pl.read_parquet(path)
+    ids = df["source_id"].to_list()
+    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+    assert len(starts) == df["source_id"].n_unique()  # no source appears in two blocks
+    per = df.group_by("source_id", maintain_order=True).agg(pl.col("mjd"))
+    assert all(np.all(np.diff(np.array(m)) >= 0) for m in per["mjd"].to_list())
+    meta = pq.read_schema(path).metadata
+    assert json.loads(meta[b"spxframe"])["columns"]["flux"]["unit"] == "uJy"

@@ -1,0 +1,147 @@
+"""The run's final tables and records, written from the per-cell parts.
+
+The merge streams: it reads one cell's part at a time and appends it to ``photometry.parquet``
+as row groups, so its memory is that of the largest cell, not of the run. The file is ordered by
+sky cell, then source, then time, so each source's rows are contiguous (one cell holds each
+source whole) and a source's light curve is one or two row groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time as _time
+from importlib import metadata
+from typing import Any
+
+import polars as pl
+
+from . import schema
+from ._store import Store, with_units
+
+log = logging.getLogger("spxframe.pipeline")
+
+_DEP_NAMES = ("numpy", "polars", "pyarrow", "numba", "astropy", "pyvo", "requests", "fsspec")
+ROW_GROUP = 65536
+
+
+def part_paths(cell: int) -> tuple[str, str, str]:
+    """(photometry part, manifest part, done marker) of ``cell``, relative to the output root."""
+    return (f"parts/photometry/cell={cell}/part.parquet", f"parts/manifest/cell={cell}/part.parquet",
+            f"parts/cells/{cell}.json")
+
+
+def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, manifest: pl.DataFrame,
+          cells: list[int]) -> dict:
+    """Write photometry.parquet and manifest.parquet from the parts of ``cells``; return counts.
+
+    The catalog's own columns are joined on; only sources of ``cat`` are kept (a reused output
+    folder may hold parts of other sources).
+    """
+    wanted = cat.select(pl.col("source_id").cast(pl.Utf8)).get_column("source_id").implode()
+    extra = [c for c in cat.columns if c not in schema.PHOTOMETRY.names or c == "source_id"]
+    catx = cat.select(extra)
+
+    def finish(part: pl.DataFrame) -> pl.DataFrame:
+        part = schema.conform(part, schema.PHOTOMETRY, extra=False)
+        return part.with_columns(pl.col("source_id").cast(src_dtype, strict=False)) \
+            .join(catx, on="source_id", how="left").sort("source_id", "mjd", "detector")
+
+    empty = finish(schema.empty(schema.PHOTOMETRY))
+    arrow_schema = with_units(empty.to_arrow(), schema.PHOTOMETRY).schema
+    counts = {"measurements": 0, "measured": 0, "qc": {q.name: 0 for q in schema.QC_BITS}}
+    mans = []
+    with store.parquet_writer("photometry.parquet", arrow_schema) as w:
+        for cell in cells:
+            p_rel, m_rel, _ = part_paths(cell)
+            if store.exists(m_rel):
+                mans.append(store.read_parquet(m_rel).filter(pl.col("source_id").is_in(wanted)))
+            if not store.exists(p_rel):
+                continue
+            part = finish(store.read_parquet(p_rel).filter(pl.col("source_id").cast(pl.Utf8).is_in(wanted)))
+            if part.height == 0:
+                continue
+            counts["measurements"] += part.height
+            counts["measured"] += int(part.get_column("flux").is_not_nan().sum())
+            qc = part.get_column("qc").fill_null(0)
+            for q in schema.QC_BITS:
+                counts["qc"][q.name] += int((qc & q.value > 0).sum())
+            w.write_table(part.to_arrow().select(arrow_schema.names).cast(arrow_schema), row_group_size=ROW_GROUP)
+        if not counts["measurements"]:
+            w.write_table(empty.to_arrow().cast(arrow_schema))
+    man = pl.concat(mans, how="vertical_relaxed") if mans else manifest
+    store.write_parquet("manifest.parquet", schema.conform(man, schema.MANIFEST).sort("source_id", "obs_id", "detector"),
+                        schema.MANIFEST)
+    return counts
+
+
+def versions() -> dict[str, str]:
+    out = {"spxframe": __import__("spxframe").__version__, "python": platform.python_version()}
+    for n in _DEP_NAMES:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], skipped: list[dict],
+                   timings: dict, plan_summary: Any, counts: dict) -> None:
+    """run.json: versions, parameters, counts, timings per stage and bytes transferred."""
+    allc = summaries + skipped
+    run = {
+        "versions": versions(),
+        "parameters": parameters,
+        "counts": {
+            "sources": parameters["catalog_rows"],
+            "cells": len(allc), "cells_run": len(summaries), "cells_skipped": len(skipped),
+            "failed_transfers": sum(s.get("failed_transfers", 0) for s in summaries),
+            **counts,
+        },
+        "bytes_transferred_this_run": sum(s.get("bytes", 0) for s in summaries),
+        "timings_s": timings,
+        "plan": plan_summary.to_dicts() if isinstance(plan_summary, pl.DataFrame)
+        else plan_summary if isinstance(plan_summary, (dict, list, str, type(None))) else str(plan_summary),
+        "finished": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
+    }
+    store.write_json("run.json", run)
+
+
+def write_query_summary(store: Store, cache_dir: str, obs: pl.DataFrame, cat: pl.DataFrame) -> None:
+    """results/query_summary.json as SPXQuery users know it (sizes of the files in the cache)."""
+    from pathlib import Path
+
+    sizes: dict[str, int] = {b: 0 for b in schema.BANDS}
+    for b in schema.BANDS:
+        d = Path(cache_dir) / "data" / b
+        if d.is_dir():
+            sizes[b] = sum(p.stat().st_size for p in d.glob("*.fits"))
+    counts = obs.group_by("band").agg(pl.len()).sort("band") if obs.height else None
+    summary = {
+        "total_size_gb": sum(sizes.values()) / 1e9,
+        "band_sizes": {b: v / 1e9 for b, v in sizes.items()},
+        "band_sizes_unit": "GB",
+        "observations_per_band": dict(counts.iter_rows()) if counts is not None else {},
+        "n_observations": obs.select(pl.col("obs_id").n_unique()).item() if obs.height else 0,
+        "n_files": obs.height,
+        "time_span_mjd": [float(obs["t_min"].min()), float(obs["t_max"].max())] if obs.height else None,
+        "n_sources": cat.height,
+    }
+    store.write_json("results/query_summary.json", summary)
+
+
+def write_plots(store: Store, phot: pl.DataFrame, n_sources: int) -> None:
+    """PNG plots into ``plots/`` of the store (drawn locally, then copied for remote stores)."""
+    import tempfile
+
+    from .plot import write_plots as draw
+
+    try:
+        if store.local:
+            draw(phot, store.path("plots"), n_sources=n_sources)
+        else:
+            with tempfile.TemporaryDirectory(prefix="spxframe-plots-") as d:
+                draw(phot, d, n_sources=n_sources)
+                store.put_dir(d, "plots")
+    except Exception as exc:  # plots must never lose a run
+        log.warning("plots not written: %s", exc)

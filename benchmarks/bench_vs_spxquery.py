@@ -9,6 +9,14 @@ on our simulated cutouts (IBE layout, PSF cube included) in a subprocess that ti
 call; spxframe measures the same files in this process. Both are compared to the simulated
 truth: bias = median(flux / true − 1) over bright sources, pull = (flux − true) / flux_err
 (median and 1.4826·MAD width), and how many files each returned a measurement for.
+
+Timing is interleaved so that load from other jobs on the (shared) machine hits both sides
+alike: SPXQuery runs in one persistent subprocess that times its whole loop over the files each
+time it is told to, and ``--rounds`` rounds (default 3) alternate spxframe, SPXQuery, spxframe,
+...; each side's figure is its minimum over the rounds. Before each spxframe round its per-file
+caches (parent WCS, PSF cube, PSF zones, WCS-WAVE) are cleared, so every round pays the
+per-parent costs again: every file here is a different parent image. Both sides are warmed up
+once first (imports, numba cache, the page cache) outside the timing.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,14 +47,16 @@ from spxquery.core.config import Source, PhotometryConfig
 from spxquery.processing.photometry import extract_source_photometry
 jobs = json.load(open(sys.argv[1]))
 cfg = PhotometryConfig()
-out = []
 extract_source_photometry(Path(jobs[0]["path"]), Source(ra=jobs[0]["ra"], dec=jobs[0]["dec"]), cfg)  # warm-up
-t0 = time.perf_counter()
-for j in jobs:
-    r = extract_source_photometry(Path(j["path"]), Source(ra=j["ra"], dec=j["dec"]), cfg)
-    out.append(None if r is None else dict(path=j["path"], flux=r.flux, flux_err=r.flux_error,
-                                           wavelength=r.wavelength, mjd=r.mjd))
-print(json.dumps({"seconds": time.perf_counter() - t0, "results": out}))
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:  # one timed pass over all files per line received
+    out = []
+    t0 = time.perf_counter()
+    for j in jobs:
+        r = extract_source_photometry(Path(j["path"]), Source(ra=j["ra"], dec=j["dec"]), cfg)
+        out.append(None if r is None else dict(path=j["path"], flux=r.flux, flux_err=r.flux_error,
+                                               wavelength=r.wavelength, mjd=r.mjd))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "results": out}), flush=True)
 """
 
 
@@ -77,37 +88,64 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="40 files instead of 300")
     ap.add_argument("--files", type=int, default=None)
     ap.add_argument("--spxquery-python", default=None, help="python of an environment with spxquery 0.4.1")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (minimum per side)")
     a = ap.parse_args(argv)
     n = a.files or (40 if a.quick else 300)
     py = spxquery_python(a.spxquery_python)
 
-    import spxframe
-    from bench_photometry import make_files
     from spxframe import sim
 
     u = sim.Universe(seed=1)
     tmp = tempfile.mkdtemp(prefix="spx_vs_spxq_")
+    try:
+        return _run(a, n, py, u, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ~0.8 GB of cutouts for --files 200
+
+
+def _run(a, n: int, py: str, u, tmp: str) -> int:
+    import spxframe
+    from bench_photometry import make_files
+
     paths, pairs = make_files(u, tmp, n, 200, per_parent=1)
     n = len(paths)  # the field may hold fewer parent images than asked for
     sids = pairs["source_id"].cast(pl.Int64).to_numpy()
     cat = u.catalog().filter(pl.col("source_id").is_in(sids.tolist()))
     pos = {int(s): (float(r), float(d)) for s, r, d in cat.select("source_id", "ra", "dec").iter_rows()}
 
-    # spxframe: warm (numba compiled), then timed over all files; one source per file
-    spxframe.measure(pairs.head(1), cat)
-    t0 = time.perf_counter()
-    phot = spxframe.measure(pairs, cat)
-    t_spx = time.perf_counter() - t0
-    phot = phot.with_columns(pl.col("source_id").cast(pl.Int64))
-
-    # SPXQuery 0.4.1 in its own environment, same files
     jobs = [{"path": p, "ra": pos[int(s)][0], "dec": pos[int(s)][1], "source_id": int(s)}
             for p, s in zip(paths, sids)]
     jf = os.path.join(tmp, "jobs.json")
     json.dump(jobs, open(jf, "w"))
-    r = subprocess.run([py, "-c", SPXQ_SCRIPT, jf], capture_output=True, text=True, check=True)
-    spxq = json.loads(r.stdout.strip().splitlines()[-1])
-    t_q = spxq["seconds"]
+    q = subprocess.Popen([py, "-c", SPXQ_SCRIPT, jf], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    q.stdout.readline()  # SPXQuery imported and warmed up
+
+    def run_spxquery() -> dict:
+        q.stdin.write("run\n")
+        q.stdin.flush()
+        line = q.stdout.readline()
+        if not line:
+            raise RuntimeError("the SPXQuery subprocess died")
+        return json.loads(line)
+
+    from spxframe import photometry
+    spxframe.measure(pairs.head(1), cat)  # warm-up: imports, numba cache
+    t_spx, t_q, loads = [], [], []
+    for rnd in range(a.rounds):  # interleaved: load from other jobs hits both sides alike
+        for c in (photometry._WCS_CACHE, photometry._PSF_CACHE, photometry._ZONE_CACHE, photometry._WAVE_CACHE):
+            c.clear()
+        t0 = time.perf_counter()
+        phot = spxframe.measure(pairs, cat)
+        t_spx.append(time.perf_counter() - t0)
+        spxq = run_spxquery()
+        t_q.append(spxq["seconds"])
+        loads.append(os.getloadavg()[0])
+        print(f"round {rnd + 1}: spxframe {1e3 * t_spx[-1] / n:.2f} ms/file, SPXQuery {1e3 * t_q[-1] / n:.2f} ms/file, "
+              f"load average {loads[-1]:.2f}", flush=True)
+    q.stdin.close()
+    q.wait()
+    t_spx, t_q = min(t_spx), min(t_q)
+    phot = phot.with_columns(pl.col("source_id").cast(pl.Int64))
     by_path = {j["path"]: j["source_id"] for j in jobs}
     got = [x for x in spxq["results"] if x is not None]
 
@@ -116,7 +154,8 @@ def main(argv=None) -> int:
     acc_q = accuracy(u, np.array([by_path[x["path"]] for x in got]), np.array([x["flux"] for x in got]),
                      np.array([x["flux_err"] for x in got]), np.array([x["wavelength"] for x in got]),
                      np.array([x["mjd"] for x in got]))
-    print(f"\n{n} files of 200x200 px (PSF cube included), one source each; machine: {os.cpu_count()} cores\n")
+    print(f"\n{n} files of 200x200 px (PSF cube included), one source each; machine: {os.cpu_count()} cores; "
+          f"minimum of {a.rounds} interleaved rounds; load average {min(loads):.2f}-{max(loads):.2f}\n")
     print(f"{'':22s}{'ms/file':>9s}{'rows':>7s}{'bias':>9s}{'pull med':>10s}{'pull width':>12s}")
     for name, t, acc, rows in (("spxframe.measure", t_spx, acc_spx, phot.height),
                                ("SPXQuery 0.4.1", t_q, acc_q, len(got))):

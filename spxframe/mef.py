@@ -4,7 +4,8 @@ Speed (DESIGN "Speed rules"): headers are parsed by hand from 2880-byte blocks r
 ``os.pread`` (astropy ``fits.open`` costs milliseconds per file); only the HDUs that are needed
 are read; the PSF cube is read only when its key is not yet cached; the parent celestial WCS
 (astropy, TAN-SIP) is built once per (OBSID, DETECTOR, VERSION) and shared by all cutouts of that
-parent through the A-system offsets ``x0 = 1 - CRPIX1A``, ``y0 = 1 - CRPIX2A``.
+parent through the A-system offsets ``x0 = 1 - CRPIX1A``, ``y0 = 1 - CRPIX2A`` (celestial WCS:
+``spxframe._wcs``).
 
 Coordinates: ``x, y`` zero-based pixels; "parent" pixels = file pixels + (x0, y0).
 """
@@ -15,11 +16,12 @@ import hashlib
 import math
 import os
 import re
-import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .psf import PsfZones, is_legacy_version, parse_psf_zones  # noqa: F401  (re-exported)
+from ._wcs import parent_wcs, pixel_area_arcsec2, table_bilinear  # noqa: F401  (re-exported)
+from .psf import PsfPlanes, PsfZones, is_legacy_version, parse_psf_zones  # noqa: F401  (re-exported)
 
 import numpy as np
 
@@ -34,15 +36,21 @@ class MefError(ValueError):
 
 # ------------------------------------------------------------------------------ headers
 class Header:
-    """Lazily parsed FITS header: ``cards`` maps keyword -> raw 80-char card (parsed on first use)."""
+    """Lazily parsed FITS header: ``cards`` maps keyword -> raw 80-char card (parsed on first use).
 
-    __slots__ = ("raw", "_cards", "_cache", "_k8")
+    Look-ups of short keywords compare the first 8 bytes of every card (numpy) for the first few
+    keys, then build a keyword -> card index once (cheaper when many keys are read, as for the WCS).
+    """
+
+    __slots__ = ("raw", "_cards", "_cache", "_k8", "_idx", "_nlook")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self._cards: dict[str, str] | None = None
         self._cache: dict[str, object] = {}
         self._k8: np.ndarray | None = None  # first 8 bytes of every card as one uint64
+        self._idx: dict[bytes, int] | None = None  # 8-byte keyword -> first card index
+        self._nlook = 0
 
     @property
     def cards(self) -> dict[str, str]:
@@ -79,14 +87,51 @@ class Header:
         """The card of ``key`` (first occurrence); short keys are found without a full parse."""
         if self._cards is not None or len(key) > 8:
             return self.cards.get(key)
+        c = self._raw_card(key)
+        return None if c is None else c.decode("ascii", "replace")
+
+    def _raw_card(self, key: str) -> bytes | None:
+        """The 80 bytes of the first ``key = value`` card of a keyword of <= 8 characters."""
+        k8 = _PAD8.get(key)
+        if k8 is None:
+            k8 = _PAD8[key] = key.ljust(8)[:8].encode("ascii")
+        raw = self.raw
+        if self._idx is None:
+            self._nlook += 1
+            if self._nlook <= 3:  # a few keys: the first block (where EXTNAME, OBSID... live), else numpy
+                i = raw.find(k8 + b"= ", 0, BLOCK)
+                if i >= 0 and i % 80 == 0:
+                    return raw[i:i + 80]
+                return self._scan_card(k8)
+            n = len(raw) // 80
+            keys = np.frombuffer(raw, _KEYDT, count=n)["k"].tolist()
+            self._idx = dict(zip(keys[::-1], range(n - 1, -1, -1)))  # first occurrence wins
+        i = self._idx.get(k8)
+        if i is None:
+            return None
+        c = raw[80 * i:80 * i + 80]
+        return c if c[8:10] == b"= " else self._scan_card(k8)
+
+    def _scan_card(self, k8: bytes) -> bytes | None:
         if self._k8 is None:  # bytes.find is slow on space-filled headers; compare card starts instead
             n = len(self.raw) // 80
             self._k8 = np.frombuffer(self.raw, "<u8", count=n * 10).reshape(n, 10)[:, 0]
-        for i in np.flatnonzero(self._k8 == _key8(key)):
+        for i in np.flatnonzero(self._k8 == int.from_bytes(k8, "little")):
             c = self.raw[80 * i:80 * i + 80]
             if c[8:10] == b"= ":
-                return c.decode("ascii", "replace")
+                return c
         return None
+
+    def num(self, key: str, default: float | None = None) -> float | None:
+        """``float(get(key, default))`` for a numeric card, parsed straight from the bytes."""
+        c = None if self._cards is not None or len(key) > 8 else self._raw_card(key)
+        if c is not None and b"'" not in c:
+            try:
+                return float(c[10:].split(b"/", 1)[0])
+            except ValueError:
+                pass
+        v = self.get(key, default)
+        return None if v is None else float(v)
 
     def __contains__(self, key: str) -> bool:
         return self._card(key) is not None
@@ -109,28 +154,36 @@ class Header:
         return "" if c is None else _parse_value(c[10:])[1]
 
 
+_PAD8: dict[str, bytes] = {}
+_KEYDT = np.dtype([("k", "S8"), ("r", "V72")])
+
+
 _STR_RE = re.compile(r"'((?:[^']|'')*)'\s*(?:/(.*))?$")
 
 
 def _parse_value(s: str) -> tuple[object, str]:
     """(value, comment) of the value field of a card (string, logical, int, float or None)."""
     t = s.strip()
-    if t.startswith("'"):
+    if t[:1] == "'":
         m = _STR_RE.match(t)
         if m:
             return m.group(1).replace("''", "'").rstrip(), (m.group(2) or "").strip()
     k = t.find("/")
     v, com = (t[:k].strip(), t[k + 1:].strip()) if k >= 0 else (t, "")
-    if v in ("T", "F"):
+    if v == "T" or v == "F":
         return v == "T", com
     if not v:
         return None, com
-    for conv in (int, lambda z: float(z.replace("D", "E"))):
-        try:
-            return conv(v), com
-        except ValueError:
-            pass
-    return v, com
+    if v.isdigit() or (v[0] in "+-" and v[1:].isdigit()):
+        return int(v), com
+    try:
+        return float(v.replace("D", "E")), com
+    except ValueError:
+        pass
+    try:
+        return int(v), com
+    except ValueError:
+        return v, com
 
 
 @dataclass
@@ -138,10 +191,8 @@ class Hdu:
     header: Header
     data_offset: int
     data_size: int  #: bytes, unpadded
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.header.structure()[1][::-1]  # numpy order
+    bitpix: int = 0
+    shape: tuple[int, ...] = ()  #: numpy order
 
 
 def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
@@ -165,7 +216,7 @@ def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
         except ValueError:
             raise MefError(f"{path}: malformed mandatory cards in the header at byte {off}") from None
         n = abs(bitpix) // 8 * math.prod(ax) + pcount if ax and math.prod(ax) else 0
-        hdus.append(Hdu(h, off + hlen, n))
+        hdus.append(Hdu(h, off + hlen, n, bitpix, ax[::-1]))
         off += hlen + math.ceil(n / BLOCK) * BLOCK
     if off > file_size:
         raise MefError(f"{path}: truncated FITS data ({file_size} bytes, need {off})")
@@ -193,7 +244,7 @@ def read_rows(fd: int, hdu: Hdu, y0: int, y1: int) -> np.ndarray:
     """Rows [y0, y1) of a 2-D image HDU, native-endian float64 (int64 for integer data)."""
     ny, nx = hdu.shape
     y0, y1 = max(y0, 0), min(y1, ny)
-    dt = np.dtype(_BITPIX[hdu.header.structure()[0]])
+    dt = np.dtype(_BITPIX[hdu.bitpix])
     if y1 <= y0:
         return np.zeros((0, nx), np.float64 if dt.kind == "f" else np.int64)
     buf = os.pread(fd, (y1 - y0) * nx * dt.itemsize, hdu.data_offset + y0 * nx * dt.itemsize)
@@ -203,7 +254,7 @@ def read_rows(fd: int, hdu: Hdu, y0: int, y1: int) -> np.ndarray:
 
 def read_array(fd: int, hdu: Hdu) -> np.ndarray:
     """The whole data array of an HDU as a zero-copy big-endian view (convert what you use)."""
-    dt = np.dtype(_BITPIX[hdu.header.structure()[0]])
+    dt = np.dtype(_BITPIX[hdu.bitpix])
     buf = os.pread(fd, hdu.data_size, hdu.data_offset)
     return np.frombuffer(buf, dt).reshape(hdu.shape)
 
@@ -219,14 +270,8 @@ class WaveTable:
 
     def __call__(self, xp1: np.ndarray, yp1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Bilinear (wavelength, bandwidth) in µm at 1-based parent pixels (spec §3.7)."""
-        xp1, yp1 = np.asarray(xp1, float), np.asarray(yp1, float)
-        i = np.clip(np.searchsorted(self.x, xp1, side="right") - 1, 0, len(self.x) - 2)
-        j = np.clip(np.searchsorted(self.y, yp1, side="right") - 1, 0, len(self.y) - 2)
-        fx = (xp1 - self.x[i]) / (self.x[i + 1] - self.x[i])
-        fy = (yp1 - self.y[j]) / (self.y[j + 1] - self.y[j])
-        v = self.values
-        r = ((1 - fx) * (1 - fy))[:, None] * v[j, i] + (fx * (1 - fy))[:, None] * v[j, i + 1] \
-            + ((1 - fx) * fy)[:, None] * v[j + 1, i] + (fx * fy)[:, None] * v[j + 1, i + 1]
+        r = table_bilinear(self.x, self.y, self.values, np.ascontiguousarray(xp1, np.float64),
+                           np.ascontiguousarray(yp1, np.float64))
         return r[:, 0], r[:, 1]
 
 
@@ -245,7 +290,7 @@ def parse_wave_table(fd: int, hdu: Hdu) -> WaveTable:
             a = a.reshape(tuple(int(v) for v in str(tdim).strip("() ").split(","))[::-1])
         cols[str(h[f"TTYPE{k}"]).strip().upper()] = a
     x, y, v = cols["X"].ravel(), cols["Y"].ravel(), cols["VALUES"]
-    return WaveTable(x, y, v.reshape(len(y), len(x), 2))
+    return WaveTable(np.ascontiguousarray(x), np.ascontiguousarray(y), np.ascontiguousarray(v.reshape(len(y), len(x), 2)))
 
 
 # ------------------------------------------------------------------------------ files
@@ -311,13 +356,12 @@ def open_info(path: str, fd: int) -> MefInfo:
     ph = named.get("PSF")
     if ph is not None:
         info.psf_header = ph.header
-        pf = ph.header.get("PSFFILE") if b"PSFFILE " in ph.header.raw else None
+        pf = ph.header.get("PSFFILE")
         if pf:
             info.psffile = str((cache_root(path) / str(pf)).resolve())
             info.psf_key = "file:" + info.psffile
         else:
-            hh = hashlib.blake2b(ph.header.raw, digest_size=12).hexdigest()
-            info.psf_key = f"D{det}|{version}|{hh}"
+            info.psf_key = f"D{det}|{version}|{_header_id(ph.header.raw)}"
     wv = named.get("WCS-WAVE")
     if wv is not None:
         info.wave_key = hashlib.blake2b(wv.header.raw + os.pread(fd, wv.data_size, wv.data_offset),
@@ -325,95 +369,41 @@ def open_info(path: str, fd: int) -> MefInfo:
     return info
 
 
-def read_psf_cube(info: MefInfo, fd: int) -> np.ndarray | None:
-    """The (nzones, py, px) PSF cube of a file: its own PSF data, or the PSFFILE cube (None if absent)."""
+_HEADER_IDS: dict[tuple[int, int], list[bytes]] = {}
+
+
+def _header_id(raw: bytes) -> str:
+    """A short id unique to the exact bytes of a header in this process (CRC + byte comparison)."""
+    k = (zlib.crc32(raw), len(raw))
+    seen = _HEADER_IDS.setdefault(k, [])
+    for i, r in enumerate(seen):
+        if r == raw:
+            return f"{k[0]:08x}{k[1]:x}.{i}"
+    seen.append(raw)
+    return f"{k[0]:08x}{k[1]:x}.{len(seen) - 1}"
+
+
+def psf_cube(info: MefInfo, fd: int):
+    """The file's (nzones, py, px) PSF cube as a :class:`~spxframe.psf.PsfPlanes` (planes read on
+    demand): its own PSF data, or the PSFFILE cube; None if absent or unreadable."""
     if not info.psffile:
         hd = info.hdus.get("PSF")
-        return read_array(fd, hd) if hd is not None and len(hd.shape) == 3 else None
+        return PsfPlanes(hd.shape, _BITPIX[hd.bitpix]) if hd is not None and len(hd.shape) == 3 else None
     try:
         pfd = os.open(info.psffile, os.O_RDONLY)
     except OSError:
         return None
     try:
         cubes = [hd for hd in scan(pfd, os.fstat(pfd).st_size, path=info.psffile) if len(hd.shape) == 3]
-        return read_array(pfd, cubes[0]) if cubes else None
     finally:
         os.close(pfd)
+    hd = cubes[0] if cubes else None
+    return None if hd is None else PsfPlanes(hd.shape, _BITPIX[hd.bitpix], info.psffile, hd.data_offset)
 
 
-# ------------------------------------------------------------------------------ celestial WCS
-_WCS_KEYS = re.compile(r"^(CTYPE\d|CUNIT\d|CRVAL\d|CDELT\d|CD\d_\d|PC\d_\d|[AB]P?_(\d+_\d+|ORDER)|"
-                       r"LONPOLE|LATPOLE|RADESYS|EQUINOX|MJD-OBS|DATE-OBS)$")
-
-
-def parent_wcs(info: MefInfo, *, fast: bool = True):
-    """An astropy TAN-SIP WCS of the parent 2040x2040 image, built from a file's IMAGE header.
-
-    Only the primary celestial keywords are used (no A/W alternates, no SCAMP PV cards); CRPIXn are
-    shifted by the file's A-system offsets, so the result is the parent's WCS for any cutout.
-    ``fast``: fill a ``WCS`` object from the parsed values (≈0.3 ms) instead of astropy parsing a
-    Header (≈6 ms); falls back to the Header path for anything but TAN / TAN-SIP with PC or CD.
-    """
-    from astropy.io import fits
-    from astropy.wcs import FITSFixedWarning, WCS, Sip
-
-    h = info.image
-    h.cards  # one full parse: ~60 look-ups follow
-    crpix = [float(h["CRPIX1"]) + info.x0, float(h["CRPIX2"]) + info.y0]
-    ctype = [str(h.get("CTYPE1", "")), str(h.get("CTYPE2", ""))]
-    if fast and ctype[0].startswith("RA---TAN") and ctype[1].startswith("DEC--TAN") and (
-            "PC1_1" in h or "CD1_1" in h):
-        w = WCS(naxis=2)
-        w.wcs.ctype = [c.replace("-SIP", "") for c in ctype]
-        w.wcs.crpix = crpix
-        w.wcs.crval = [float(h["CRVAL1"]), float(h["CRVAL2"])]
-        if "CD1_1" in h:
-            w.wcs.cd = [[float(h.get(f"CD{i}_{j}", 0.0)) for j in (1, 2)] for i in (1, 2)]
-        else:
-            w.wcs.pc = [[float(h.get(f"PC{i}_{j}", float(i == j))) for j in (1, 2)] for i in (1, 2)]
-            w.wcs.cdelt = [float(h.get("CDELT1", 1.0)), float(h.get("CDELT2", 1.0))]
-        w.wcs.cunit = ["deg", "deg"]
-        w.wcs.radesys = str(h.get("RADESYS", "ICRS")).strip() or "ICRS"
-        for k in ("LONPOLE", "LATPOLE"):
-            if k in h:
-                setattr(w.wcs, k.lower(), float(h[k]))
-        if ctype[0].endswith("-SIP"):
-            mats = []
-            for name in ("A", "B", "AP", "BP"):
-                order = h.get(f"{name}_ORDER")
-                if order is None:
-                    mats.append(None)
-                    continue
-                m = np.zeros((int(order) + 1, int(order) + 1))
-                for pq in range(int(order) + 1):
-                    for q in range(pq + 1):
-                        m[pq - q, q] = float(h.get(f"{name}_{pq - q}_{q}", 0.0) or 0.0)
-                mats.append(m)
-            w.sip = Sip(mats[0], mats[1], mats[2], mats[3], crpix)
-        w.pixel_shape = (2040, 2040)
-        w.wcs.set()
-        return w
-    keep = [c for k, c in h.cards.items() if _WCS_KEYS.match(k)]
-    hdr = fits.Header.fromstring("".join(keep), sep="")
-    hdr["NAXIS"] = 2
-    hdr["NAXIS1"] = 2040
-    hdr["NAXIS2"] = 2040
-    hdr["CRPIX1"], hdr["CRPIX2"] = crpix
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        return WCS(hdr)
-
-
-def pixel_area_arcsec2(wcs, xp: np.ndarray, yp: np.ndarray) -> np.ndarray:
-    """Solid angle (arcsec²) of the pixel at zero-based parent (xp, yp) from the local Jacobian."""
-    xs = np.concatenate([xp - 0.5, xp + 0.5, xp, xp])
-    ys = np.concatenate([yp, yp, yp - 0.5, yp + 0.5])
-    ra, dec = wcs.all_pix2world(xs, ys, 0)
-    n = len(xp)
-    ra, dec = np.radians(ra).reshape(4, n), np.radians(dec).reshape(4, n)
-    dra = (ra - ra[0] + np.pi) % (2 * np.pi) - np.pi
-    cosd = np.cos(dec.mean(axis=0))
-    a = (dra[1] - dra[0]) * cosd, dec[1] - dec[0]
-    b = (dra[3] - dra[2]) * cosd, dec[3] - dec[2]
-    return np.abs(a[0] * b[1] - a[1] * b[0]) * (180 / np.pi * 3600) ** 2
+def load_psf_planes(cube, info: MefInfo, fd: int, planes) -> None:
+    """Read the ``planes`` of ``cube`` (from :func:`psf_cube`) that are not loaded yet."""
+    if cube.path is None:
+        cube.load(planes, fd, info.hdus["PSF"].data_offset)
+    else:
+        cube.load(planes)

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 import polars as pl
 
+from . import _wcs
 from . import kernels as K
 from . import mef
 from . import schema
@@ -36,7 +37,7 @@ from .errors import InputError
 log = logging.getLogger("spxframe")
 C_KM_S = 299792.458
 _WCS_CACHE: dict[tuple, Any] = {}
-_PSF_CACHE: dict[str, np.ndarray | None] = {}
+_PSF_CACHE: dict[str, mef.PsfPlanes | None] = {}
 _ZONE_CACHE: dict[tuple, mef.PsfZones] = {}
 _WAVE_CACHE: dict[bytes, mef.WaveTable] = {}
 
@@ -124,7 +125,7 @@ class _Stack:
         self.n_done = 0
         self.results: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def plane_index(self, key: str, cube: np.ndarray, plane: int) -> int:
+    def plane_index(self, key: str, cube, plane: int) -> int:
         k = (key, int(plane))
         if k not in self.plane_ids:
             self.plane_ids[k] = len(self.planes)
@@ -168,14 +169,17 @@ def _cut(fd: int, info: mef.MefInfo, x: np.ndarray, y: np.ndarray, half: int):
     ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
     r0, r1 = int(iy.min()) - half, int(iy.max()) + half + 1
     rows = (iy - half - r0)[:, None] + np.arange(s)[None]  # index into the row block
-    cols = ix[:, None] + np.arange(s)[None]  # index into the block padded by `half` columns
+    inside = r0 >= 0 and r1 <= ny and int(ix.min()) >= half and int(ix.max()) + half < nx
+    cols = ix[:, None] + np.arange(-half if inside else 0, s - half if inside else s)[None]
     out = []
     for name, fill in (("IMAGE", np.nan), ("VARIANCE", np.nan), ("FLAGS", 0), ("ZODI", np.nan)):
         blk = mef.read_rows(fd, info.hdus[name], r0, r1)
-        pad = np.full((r1 - r0, nx + 2 * half), fill, dtype=blk.dtype)
-        a, b = max(r0, 0) - r0, max(r0, 0) - r0 + blk.shape[0]
-        pad[a:b, half:half + nx] = blk
-        out.append(pad[rows[:, :, None], cols[:, None, :]])
+        if not inside:  # pad by `half` columns and the missing rows (cols index the padded block)
+            pad = np.full((r1 - r0, nx + 2 * half), fill, dtype=blk.dtype)
+            a, b = max(r0, 0) - r0, max(r0, 0) - r0 + blk.shape[0]
+            pad[a:b, half:half + nx] = blk
+            blk = pad
+        out.append(blk[rows[:, :, None], cols[:, None, :]])
     return out, x - (ix - half), y - (iy - half)
 
 
@@ -239,17 +243,17 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
                 im.get("CD1_1"))
         wcs = _WCS_CACHE.get(wkey)
         if wcs is None:
-            wcs = _WCS_CACHE[wkey] = mef.parent_wcs(info)
+            wcs = _WCS_CACHE[wkey] = _wcs.celestial_wcs(info)
         ny, nx = info.shape
         listed = want is not None  # manifest pairs: every pair gets a row, OFF_FILE if needed
         if want is None:  # candidates: catalog sources within 3.2 deg of the file's reference point
-            c = np.radians(wcs.wcs.crval)
+            c = np.radians(wcs.crval)
             v = np.array([math.cos(c[1]) * math.cos(c[0]), math.cos(c[1]) * math.sin(c[0]), math.sin(c[1])])
             want = np.nonzero(cvec @ v > math.cos(math.radians(3.2)))[0]
         if len(want) == 0:
             return
         ra, dec = _apply_pm(cat, want, info.mjd)
-        xp, yp = wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=50, quiet=True)
+        xp, yp = wcs.world2pix(ra, dec, tolerance=1e-8, maxiter=50)
         x, y = xp - info.x0, yp - info.y0
         on = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5) & np.isfinite(x) & np.isfinite(y)
         base = dict(obs_id=info.obs_id, detector=info.detector, file=path, mjd=info.mjd)
@@ -267,7 +271,7 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
             if tab is None:
                 tab = _WAVE_CACHE[info.wave_key] = mef.parse_wave_table(fd, info.hdus["WCS-WAVE"])
             wave, bw = tab(xp + 1.0, yp + 1.0)
-        area = mef.pixel_area_arcsec2(wcs, xp, yp)
+        area = wcs.pixel_area(xp, yp)
         qc0 = 0
         cube, planes = None, None
         if info.psf_header is not None:
@@ -276,12 +280,13 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
             if zones is None:
                 zones = _ZONE_CACHE[zk] = mef.parse_psf_zones(info.psf_header, info.version)
             if info.psf_key not in _PSF_CACHE:
-                _PSF_CACHE[info.psf_key] = mef.read_psf_cube(info, fd)
+                _PSF_CACHE[info.psf_key] = mef.psf_cube(info, fd)
             cube = _PSF_CACHE[info.psf_key]
             if zones.legacy:
                 qc0 |= schema.QC["LEGACY_PSF_HEADER"]
             if cube is not None and len(zones.xctr):
                 planes = zones.zone_plane(xp, yp)
+                mef.load_psf_planes(cube, info, fd, planes)
         stamps, cx, cy = _cut(fd, info, x, y, st.half)
     finally:
         os.close(fd)

@@ -97,3 +97,42 @@ def _parse_zones_slow(h):
         ks.append(k)
         k += 1
     return xs, ys, ixs, iys, ks
+
+
+class PsfPlanes:
+    """A (nplanes, py, px) PSF cube on disk whose planes are read once each, when first needed.
+
+    ``path``/``offset`` locate an external cube (PSFFILE); for a cube inside the data files the
+    caller passes the open file and the cube's offset in it (every file with the same ``psf_key``
+    holds the same cube). ``cube[k]`` is plane k as stored (big-endian), like the whole-array view.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], dtype: np.dtype, path: str | None = None, offset: int = 0):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.path, self.offset = path, offset
+        self.planes: dict[int, np.ndarray] = {}
+
+    def load(self, wanted, fd: int | None = None, offset: int = 0) -> None:
+        """Read the planes in ``wanted`` (ints; out-of-range ones are ignored) not read yet."""
+        import os
+
+        need = sorted({int(k) for k in wanted if 0 <= k < self.shape[0]} - self.planes.keys())
+        if not need:
+            return
+        own = fd is None
+        if own:
+            fd, offset = os.open(self.path, os.O_RDONLY), self.offset
+        try:
+            nb = self.shape[1] * self.shape[2] * self.dtype.itemsize
+            for k in need:
+                buf = os.pread(fd, nb, offset + k * nb)
+                if len(buf) != nb:
+                    raise OSError(f"truncated PSF cube plane {k}")
+                self.planes[k] = np.frombuffer(buf, self.dtype).reshape(self.shape[1:])
+        finally:
+            if own:
+                os.close(fd)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.planes[int(k)]

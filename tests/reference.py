@@ -119,3 +119,14 @@ def measure_one_reference(img, var, flg, zod, plane, cx, cy, *, r_ap, r_in, r_ou
     fo = int(np.bitwise_or.reduce(flg[inap & onfile].astype(np.int64))) if (inap & onfile).any() else 0
     return dict(flux=sf / pin, err=math.sqrt(sv + (berr * swm) ** 2) / pin, bkg=b, bkg_err=berr,
                 scale=scale, psf_in=pin, psf_all=pall, masked=1 - pin / pall, flags_or=fo, status=status)
+
+
+def table_bilinear_reference(tx, ty, values, xp1, yp1):
+    """Vectorised NumPy bilinear interpolation of values (nY, nX, m) on (tx, ty), edge cells extrapolated."""
+    i = np.clip(np.searchsorted(tx, xp1, side="right") - 1, 0, len(tx) - 2)
+    j = np.clip(np.searchsorted(ty, yp1, side="right") - 1, 0, len(ty) - 2)
+    fx = (xp1 - tx[i]) / (tx[i + 1] - tx[i])
+    fy = (yp1 - ty[j]) / (ty[j + 1] - ty[j])
+    v = values
+    return (((1 - fx) * (1 - fy))[:, None] * v[j, i] + (fx * (1 - fy))[:, None] * v[j, i + 1]
+            + ((1 - fx) * fy)[:, None] * v[j + 1, i] + (fx * fy)[:, None] * v[j + 1, i + 1])

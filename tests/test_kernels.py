@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from spxframe import kernels as K
 
 from reference import (circle_rect_area_reference, clipped_stats_reference, measure_one_reference,
-                        overlap_weights_reference, psf_pixel_fractions_reference)
+                        overlap_weights_reference, psf_pixel_fractions_reference, table_bilinear_reference)
 
 photutils = pytest.importorskip("photutils.aperture")
 
@@ -163,3 +163,71 @@ def test_integer_shift_invariance(dx, dy, seed):
     b = K.measure_stamps(shift(img, np.nan), shift(var, np.nan), shift(flg, 0), shift(zod, np.nan), psfs,
                          np.zeros(3, int), cx + pad + dx, cy + pad + dy, **kw)[0]
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def _sip_wcs(rng, *, cd: bool, sip: bool):
+    """A random SPHEREx-like TAN(-SIP) WCS as TanSip and as astropy (the reference)."""
+    from spxframe._wcs import TanSip
+
+    crval = (rng.uniform(0, 360), rng.uniform(-85, 85))
+    crpix = (rng.uniform(-500, 2500), rng.uniform(-500, 2500))
+    th, s = rng.uniform(0, 2 * np.pi), 6.15 / 3600
+    m = s * np.array([[-math.cos(th), math.sin(th)], [math.sin(th), math.cos(th)]])
+    a = b = None
+    if sip:
+        a, b = np.zeros((4, 4)), np.zeros((4, 4))
+        for p in range(4):
+            for q in range(4 - p):
+                if 2 <= p + q:
+                    a[p, q], b[p, q] = rng.normal(0, 1e-6 if p + q == 2 else 1e-9, 2)
+    w = TanSip(crval, crpix, m, a, b)
+    ref = w.to_astropy()
+    if not cd:  # the same matrix as PC + CDELT
+        ref.wcs.cd = np.zeros((2, 2))
+        del ref.wcs.cd
+        ref.wcs.pc, ref.wcs.cdelt = m / s, [s, s]
+        ref.wcs.set()
+    return w, ref
+
+
+@pytest.mark.parametrize("seed,cd,sip", [(0, True, True), (1, False, True), (2, True, False), (3, False, True)])
+def test_tan_sip_vs_astropy(seed, cd, sip):
+    rng = np.random.default_rng(seed)
+    w, ref = _sip_wcs(rng, cd=cd, sip=sip)
+    x, y = rng.uniform(-300, 2340, 400), rng.uniform(-300, 2340, 400)
+    ra, dec = ref.all_pix2world(x, y, 0)
+    r2, d2 = w.pix2world(x, y)
+    dra = (r2 - ra + 180) % 360 - 180
+    assert np.abs(dra * np.cos(np.radians(dec))).max() * 3600 < 1e-9 and np.abs(d2 - dec).max() * 3600 < 1e-9
+    xa, ya = ref.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=50, quiet=True)
+    xb, yb = w.world2pix(ra, dec, tolerance=1e-8, maxiter=50)
+    assert np.abs(xb - xa).max() < 1e-9 and np.abs(yb - ya).max() < 1e-9
+    assert np.abs(xb - x).max() < 1e-6 and np.abs(yb - y).max() < 1e-6
+    from spxframe._wcs import pixel_area_arcsec2
+
+    np.testing.assert_allclose(w.pixel_area(x, y), pixel_area_arcsec2(ref, x, y), rtol=1e-9)
+
+
+def test_tan_sip_far_points_and_divergence_fallback():
+    """Points behind the projection give NaN; a diverging SIP inverse falls back to astropy."""
+    rng = np.random.default_rng(5)
+    w, ref = _sip_wcs(rng, cd=True, sip=True)
+    x, y = w.world2pix(np.array([w.crval[0] + 180.0]), np.array([-w.crval[1]]))
+    assert np.isnan(x).all() and np.isnan(y).all()
+    w.a[2, 0] = w.b[0, 2] = 5e-4  # strongly non-linear: the fixed-point iteration diverges far out
+    ref = w.to_astropy()
+    ra, dec = ref.all_pix2world(np.array([100.0, 3000.0, 6000.0]), np.array([100.0, 2500.0, 5000.0]), 0)
+    xa, ya = ref.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=50, quiet=True)
+    xb, yb = w.world2pix(ra, dec)
+    np.testing.assert_allclose(xb, xa, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(yb, ya, rtol=1e-12, atol=1e-9)
+
+
+def test_table_bilinear_vs_reference():
+    from spxframe._wcs import table_bilinear
+
+    rng = np.random.default_rng(0)
+    tx, ty = np.sort(rng.uniform(0, 2040, 9)), np.sort(rng.uniform(0, 2040, 7))
+    v = rng.normal(size=(7, 9, 2))
+    xp, yp = rng.uniform(-100, 2140, 500), rng.uniform(-100, 2140, 500)
+    np.testing.assert_array_equal(table_bilinear(tx, ty, v, xp, yp), table_bilinear_reference(tx, ty, v, xp, yp))

@@ -190,7 +190,8 @@ class TanSip:
         self.crval = np.asarray(crval, np.float64)
         self.crpix = np.asarray(crpix, np.float64)
         self.cd = np.ascontiguousarray(cd, np.float64)
-        self.cdinv = np.linalg.inv(self.cd)
+        (c11, c12), (c21, c22) = self.cd.tolist()
+        self.cdinv = np.array([[c22, -c12], [-c21, c11]]) / (c11 * c22 - c12 * c21)
         self.a = _EMPTY if a is None else np.ascontiguousarray(a, np.float64)
         self.b = _EMPTY if b is None else np.ascontiguousarray(b, np.float64)
 
@@ -258,10 +259,12 @@ def tan_sip_from_header(h, x0: int, y0: int) -> TanSip | None:
         return None
     f = h.num
     if "CD1_1" in h:
-        cd = [[f(f"CD{i}_{j}", 0.0) for j in (1, 2)] for i in (1, 2)]
+        cd = np.reshape(h.floats(["CD1_1", "CD1_2", "CD2_1", "CD2_2"], 0.0), (2, 2))
     elif "PC1_1" in h:
         cdelt = (f("CDELT1", 1.0), f("CDELT2", 1.0))
-        cd = [[cdelt[i - 1] * f(f"PC{i}_{j}", float(i == j)) for j in (1, 2)] for i in (1, 2)]
+        pc = h.floats(["PC1_1", "PC1_2", "PC2_1", "PC2_2"], math.nan)
+        pc = [1.0 if math.isnan(v) and k in (0, 3) else 0.0 if math.isnan(v) else v for k, v in enumerate(pc)]
+        cd = [[cdelt[i] * pc[2 * i + j] for j in (0, 1)] for i in (0, 1)]
     else:
         return None
     crpix = (f("CRPIX1") + x0, f("CRPIX2") + y0)
@@ -274,9 +277,9 @@ def tan_sip_from_header(h, x0: int, y0: int) -> TanSip | None:
             if order is None:
                 return None
             m = np.zeros((int(order) + 1, int(order) + 1))
-            for pq in range(int(order) + 1):
-                for q in range(pq + 1):
-                    m[pq - q, q] = f(f"{name}_{pq - q}_{q}", 0.0) or 0.0
+            pq = [(p, q) for p in range(int(order) + 1) for q in range(int(order) + 1 - p)]
+            for (p, q), v in zip(pq, h.floats([f"{name}_{p}_{q}" for p, q in pq], 0.0)):
+                m[p, q] = v or 0.0
             mats.append(m)
         a, b = mats
     return TanSip(crval, crpix, cd, a, b)

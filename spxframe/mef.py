@@ -133,6 +133,28 @@ class Header:
         v = self.get(key, default)
         return None if v is None else float(v)
 
+    def floats(self, keys: list[str], default: float = 0.0) -> list[float]:
+        """``[num(k, default) for k in keys]`` in one pass over the keyword index (WCS matrices)."""
+        if self._idx is None:
+            self._nlook = 99
+            self._raw_card("END")  # builds the index
+        idx, raw, out = self._idx, self.raw, []
+        for key in keys:
+            k8 = _PAD8.get(key) or key.ljust(8)[:8].encode("ascii")
+            i = idx.get(k8)
+            if i is None and self._cards is None and len(key) <= 8:
+                out.append(default)
+                continue
+            c = raw[80 * i:80 * i + 80] if i is not None else b""
+            if c[8:10] == b"= " and b"'" not in c:
+                try:
+                    out.append(float(c[10:].split(b"/", 1)[0]))
+                    continue
+                except ValueError:
+                    pass
+            out.append(self.num(key, default))
+        return out
+
     def __contains__(self, key: str) -> bool:
         return self._card(key) is not None
 
@@ -195,13 +217,21 @@ class Hdu:
     shape: tuple[int, ...] = ()  #: numpy order
 
 
+_HDR_BLOCKS: dict[int, int] = {}  #: header length (blocks) of the i-th HDU of the last file scanned
+
+
 def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
-    """All HDUs of an open FITS file: headers parsed, data located (not read)."""
+    """All HDUs of an open FITS file: headers parsed, data located (not read).
+
+    Each header is read with as many blocks as the same HDU had in the previous file (files come
+    in few layouts), then more if END was not found: copying header bytes dominates the cost.
+    """
     hdus, off = [], 0
     while off < file_size:
         chunk = b""
+        nb = _HDR_BLOCKS.get(len(hdus), 2)
         while True:
-            more = os.pread(fd, 10 * BLOCK, off + len(chunk))
+            more = os.pread(fd, nb * BLOCK, off + len(chunk))
             if not more:
                 raise MefError(f"{path}: truncated FITS header at byte {off}")
             start = len(chunk)  # a multiple of 80: search only the new blocks
@@ -209,7 +239,9 @@ def scan(fd: int, file_size: int, *, path: str = "") -> list[Hdu]:
             end = _find_end(chunk, start)
             if end >= 0:
                 break
+            nb = max(2 * nb, 8)
         hlen = (end // BLOCK + 1) * BLOCK
+        _HDR_BLOCKS[len(hdus)] = hlen // BLOCK
         h = Header(chunk[:end + 80])
         try:
             bitpix, ax, pcount = h.structure()
@@ -338,8 +370,10 @@ def open_info(path: str, fd: int) -> MefInfo:
     im = named["IMAGE"].header
     # (no full parse: ~30 look-ups by card-start comparison are cheaper)
     prim = named.get("PRIMARY").header if "PRIMARY" in named else im
-    version = str(prim.get("VERSION", im.get("VERSION", "")) or "")
-    det = im.get("DETECTOR", prim.get("DETECTOR"))
+    version = prim.get("VERSION")
+    version = str((im.get("VERSION", "") if version is None else version) or "")
+    det = im.get("DETECTOR")
+    det = prim.get("DETECTOR") if det is None else det
     if det is None:
         raise MefError(f"{path}: no DETECTOR keyword")
     det = int(str(det).strip().lstrip("Dd"))
@@ -351,7 +385,8 @@ def open_info(path: str, fd: int) -> MefInfo:
         mjd = (b + e) / 2 if b is not None and e is not None else im.get("MJD-OBS", math.nan)
     sc = tuple(float(im[k]) for k in ("X_SC", "Y_SC", "Z_SC")) if "X_SC" in im and "Z_SC" in im else None
     ny, nx = named["IMAGE"].shape
-    info = MefInfo(path, str(im.get("OBSID", prim.get("OBSID", ""))).strip(), det, version, (ny, nx),
+    obsid = im.get("OBSID")
+    info = MefInfo(path, str(prim.get("OBSID", "") if obsid is None else obsid).strip(), det, version, (ny, nx),
                    x0, y0, float(mjd), sc, im, named)
     ph = named.get("PSF")
     if ph is not None:

@@ -44,8 +44,8 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .transfer import _HOST, STALE_PART_S, Cancelled, pid_alive, tmp_name
 
@@ -64,7 +64,7 @@ def lock_name(path: str) -> str:
 # held claims of this process and their heartbeat
 # --------------------------------------------------------------------------------------
 
-_held: dict[str, "Claim"] = {}          # token -> claim, for this process
+_held: dict[str, Claim] = {}          # token -> claim, for this process
 _held_lock = threading.Condition()
 _beat_thread: threading.Thread | None = None
 
@@ -100,7 +100,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
-def _register(c: "Claim") -> None:
+def _register(c: Claim) -> None:
     global _beat_thread
     with _held_lock:
         _held[c.token] = c
@@ -110,7 +110,7 @@ def _register(c: "Claim") -> None:
         _held_lock.notify_all()
 
 
-def _unregister(c: "Claim") -> None:
+def _unregister(c: Claim) -> None:
     with _held_lock:
         _held.pop(c.token, None)
         _held_lock.notify_all()
@@ -144,12 +144,6 @@ class Claim:
                 os.unlink(self.lock)
         except OSError:
             pass
-
-    def __enter__(self) -> "Claim":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def read_owner(lock: str) -> dict:
@@ -191,7 +185,10 @@ def _create(lock: str, body: bytes) -> bool:
             os.link(tmp, lock)
             return True
         except FileExistsError:
-            return False
+            try:  # NFS: a retransmitted link() whose first try succeeded answers EEXIST
+                return os.stat(tmp).st_nlink == 2
+            except OSError:
+                return False
         except OSError as e:
             if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
                 return _create_excl(lock, body)
@@ -323,7 +320,7 @@ def claim_or_wait(path: str, *, done: Callable[[], bool], watcher: Watcher, time
         if watcher.state(path) == "free":
             continue
         if time.monotonic() - t0 > timeout:
-            raise ClaimTimeout(f"timed out after {timeout:.0f} s waiting for {describe_owner(path)} "
+            raise ClaimTimeout(f"timed out after {timeout:g} s waiting for {describe_owner(path)} "
                                f"to fetch {os.path.basename(path)}")
         if stop is not None:
             if stop.wait(delay):
@@ -356,7 +353,6 @@ def clean_stale_locks(directory: str, max_age: float = STALE_PART_S) -> int:
             st = os.stat(lock)
         except OSError:
             continue
-        if _owner_dead(read_owner(lock)) or now - st.st_mtime > max_age:
-            if break_lock(lock, st):
-                n += 1
+        if (_owner_dead(read_owner(lock)) or now - st.st_mtime > max_age) and break_lock(lock, st):
+            n += 1
     return n

@@ -158,6 +158,7 @@ class Task:
     errors: dict[str, str] = field(default_factory=dict)   # rel -> error text
     done: set[str] = field(default_factory=set)            # rel of targets written (or made by another fetch)
     deferred: list[Target] = field(default_factory=list)   # targets another fetch is making: wait for them
+    by_others: set[str] = field(default_factory=set)       # rel of targets another fetch made meanwhile
     counted: bool = True                                   # ticks the progress bar when it ends
 
     @property
@@ -265,6 +266,7 @@ class _Fetcher:
         by_others: list[Target] = []
         try:
             self._claim(task, claims, by_others)
+            task.by_others.update(t.rel for t in by_others)
             if task.targets:
                 if task.access == "range":
                     self._range(task, on_bytes)
@@ -732,13 +734,13 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
         def record(t: Task) -> None:
             for tg in t.targets:
                 for i in sorted(tg.rows):
-                    out_att[i] = t.attempts
+                    out_att[i] = 0 if tg.rel in t.by_others else t.attempts
                     if tg.rel in t.done:
                         out_status[i], out_err[i] = "done", None
                     else:
                         out_status[i] = "failed"
                         out_err[i] = t.errors.get(tg.rel, "not fetched")
-            rows_t = t.rows
+            rows_t = sorted(i for tg in t.targets if tg.rel not in t.by_others for i in tg.rows)
             if rows_t:
                 out_bytes[rows_t[0]] = t.bytes
 
@@ -774,6 +776,7 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
                     for tg in w.targets:
                         if fetcher.ready(w, tg, cheap=True):  # made by the other fetch
                             w.done.add(tg.rel)
+                            w.by_others.add(tg.rel)
                             ended.append(tg)
                         elif fetcher.watcher.state(tg.path) == "free":  # its claimer failed or died
                             free.append(tg)
@@ -785,7 +788,7 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
                             held.append(tg)
                     if ended:
                         done_part = w.part(ended)
-                        done_part.done, done_part.errors = w.done, w.errors
+                        done_part.done, done_part.errors, done_part.by_others = w.done, w.errors, w.by_others
                         record(done_part)
                     if free:
                         p = w.part(free)

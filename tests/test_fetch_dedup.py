@@ -244,6 +244,50 @@ def test_untouched_foreign_claim_is_broken_after_stale_claim(sarc, tmp_path):
     assert first >= time.time() - dt + 0.5
 
 
+def test_claimer_killed_mid_transfer(sarc, tmp_path):
+    """Process A is downloading a full file (slowly) when it is killed; B, waiting on its claim,
+    sees the claimer's pid gone and downloads the file itself at once."""
+    u = sarc.universe
+    o = _obs(u, 1)
+    man = tmp_path / "a.parquet"
+    pl.DataFrame(_rows(sarc, o, "full")).write_parquet(man)
+    b_rows = _rows(sarc, o, "full", cloud_full=True)
+    cache = tmp_path / "c"
+    f = sarc.faults
+    f.bandwidth_bps, f.endpoints = 4_000_000, ("ibe_file",)  # A would need ~18 s
+    pa, _, _ = _start(man, cache, "a", tmp_path)
+    final = cache / F.local_name(o[0]["obs_id"], o[0]["detector"], full=True)
+    lock = Path(str(final) + ".lock")
+    try:
+        deadline = time.monotonic() + 60
+        # A is transferring (its download's temporary file, not the lock's: <name>.lock.<pid>@...part)
+        while not [p for p in final.parent.glob(final.name + ".*.part") if not p.name.startswith(lock.name)]:
+            assert time.monotonic() < deadline and pa.poll() is None, pa.stderr.read().decode()[-2000:]
+            time.sleep(0.01)
+        assert lock.exists()
+        res = {}
+        th = threading.Thread(target=lambda: res.update(b=F.fetch(pl.DataFrame(b_rows), cache_dir=cache,
+                                                                  progress=False, claim_timeout=60)))
+        th.start()
+        time.sleep(0.5)
+        assert th.is_alive() and not [e for e in sarc.log if e["endpoint"] == "cloud"]  # B waits
+        pa.kill()
+        pa.wait(10)
+        t_kill = time.monotonic()
+        th.join(60)
+        assert time.monotonic() - t_kill < 10
+    finally:
+        if pa.poll() is None:
+            pa.kill()
+    b = res["b"]
+    assert b["status"][0] == "done", b["error"][0]
+    assert final.stat().st_size == b_rows[0]["size"] and hashlib.md5(final.read_bytes()).hexdigest() == b_rows[0]["checksum"]
+    assert len([e for e in sarc.log if e["endpoint"] == "cloud"]) == 1
+    assert not lock.exists()  # A's .part stays until the next run's clean-up (A's pid is gone)
+    F.fetch(pl.DataFrame(b_rows), cache_dir=cache, progress=False)
+    assert _leftovers(cache) == []
+
+
 # --------------------------------------------------------------------------------------
 # (3) a claimer that fails; a claimer that never finishes
 # --------------------------------------------------------------------------------------

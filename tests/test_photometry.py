@@ -304,6 +304,17 @@ def test_fast_paths_match_slow(simfiles):
     r1, d1 = w1.all_pix2world(x, y, 0)
     r2, d2 = w2.all_pix2world(x, y, 0)
     assert np.abs(r1 - r2).max() * 3600 < 1e-8 and np.abs(d1 - d2).max() * 3600 < 1e-8
+    # what measure() uses: the numba TAN-SIP, same as astropy's all_world2pix / all_pix2world
+    from spxframe import _wcs
+
+    w3 = _wcs.celestial_wcs(info)
+    assert isinstance(w3, _wcs.TanSip)
+    r3, d3 = w3.pix2world(x, y)
+    assert np.abs((r3 - r1 + 180) % 360 - 180).max() * 3600 < 1e-9 and np.abs(d3 - d1).max() * 3600 < 1e-9
+    xa, ya = w1.all_world2pix(r1, d1, 0, tolerance=1e-8, maxiter=50, quiet=True)
+    xb, yb = w3.world2pix(r1, d1, tolerance=1e-8, maxiter=50)
+    assert np.abs(xb - xa).max() < 1e-9 and np.abs(yb - ya).max() < 1e-9
+    np.testing.assert_allclose(w3.pixel_area(x, y), mef.pixel_area_arcsec2(w1, x, y), rtol=1e-9)
     assert not psf.is_legacy_version("6.5.6") and psf.is_legacy_version("6.4.0")
     assert not psf.is_legacy_version("6.5.5+psffix1") and not psf.is_legacy_version("6.3.9")
 

@@ -272,6 +272,8 @@ class Watcher:
         except FileNotFoundError:
             self._forget(lock)
             return "free"
+        except OSError:  # cannot look (e.g. ESTALE on NFS): assume held; waits are bounded anyway
+            return "held"
         now = time.monotonic()
         with self._guard:
             prev = self._seen.get(lock)

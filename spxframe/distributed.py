@@ -5,12 +5,23 @@ part of the Parquet dataset (``parts/photometry/cell=<id>/part.parquet``) atomic
 idempotent, so a task retried after a worker died leaves each row exactly once. The driver
 then merges the parts exactly as a local run does, so results are identical.
 
-On a real cluster, ``output_dir`` must be storage every worker sees (a shared file system
-mounted at the same path on all workers)::
+On a real cluster, the outputs go to storage every worker and the driver can reach: an fsspec
+URL (``s3://``, ``gs://``, ``abfs://``, credentials in ``output_options``) or a shared file system
+mounted at the same path everywhere. The fetched L2 files go to ``cache_dir``, a local folder on
+each worker (photometry memory-maps them; it need not be shared — a part records the results,
+not the files) or a shared mount, where concurrent cells claim a file before fetching it so it
+is downloaded once::
 
     from dask.distributed import Client
     client = Client("tcp://scheduler:8786")
-    spxframe.lightcurves(catalog, "200px", output_dir="/shared/run1", client=client)
+    spxframe.lightcurves(catalog, "200px", client=client,
+                         output_dir="s3://my-bucket/spherex/run1",
+                         output_options={"profile": "science"},
+                         cache_dir="/local/scratch/spxframe-cache",
+                         cell_order=5)   # ~1.8° cells: more, smaller tasks than the default 7°
+
+Rerunning the same call resumes: cells whose done-marker is in ``output_dir`` are skipped.
+Install ``spxframe[dask]`` (and ``s3fs``/``gcsfs`` for the URL) on the workers as well.
 """
 
 from __future__ import annotations

@@ -70,12 +70,14 @@ def make_files(u, outdir: str, n_files: int, size: int, *, per_parent: int) -> t
 def reference_measure(paths: list[str], pairs: pl.DataFrame, cat: pl.DataFrame, *, r_ap=2.0, r_in=5.0,
                       r_out=9.0, verbose: bool = True) -> pl.DataFrame:
     """What SPXQuery 0.4.1 does per file (astropy + photutils), one source per file."""
+    from astropy import log as astropy_log
     from astropy.coordinates import SkyCoord
     from astropy.io import fits
     from astropy.stats import SigmaClip
     from astropy.wcs import WCS
     from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
 
+    astropy_log.setLevel("WARNING")  # WCS(key='W') logs an INFO about the SIP cards for every file
     bad = schema.DEFAULT_BAD_MASK
     pos = {str(s): (ra, dec) for s, ra, dec in cat.select("source_id", "ra", "dec").iter_rows()}
     src_of = dict(zip(pairs["path"].to_list(), pairs["source_id"].to_list()))

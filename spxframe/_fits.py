@@ -263,16 +263,18 @@ def _find_end(chunk: bytes, start: int = 0) -> int:
     return int(start - start % 80 + 80 * hit[0]) if hit.size else -1
 
 
-def read_rows(fd: int, hdu: Hdu, y0: int, y1: int) -> np.ndarray:
-    """Rows [y0, y1) of a 2-D image HDU, native-endian float64 (int64 for integer data)."""
+def read_rows(fd: int, hdu: Hdu, y0: int, y1: int, *, convert: bool = True) -> np.ndarray:
+    """Rows [y0, y1) of a 2-D image HDU, native-endian float64 (int64 for integer data); with
+    ``convert=False`` a read-only view in the stored (big-endian) type: convert what you use."""
     ny, nx = hdu.shape
     y0, y1 = max(y0, 0), min(y1, ny)
     dt = np.dtype(_BITPIX[hdu.bitpix])
+    out = np.float64 if dt.kind == "f" else np.int64
     if y1 <= y0:
-        return np.zeros((0, nx), np.float64 if dt.kind == "f" else np.int64)
+        return np.zeros((0, nx), out if convert else dt)
     buf = os.pread(fd, (y1 - y0) * nx * dt.itemsize, hdu.data_offset + y0 * nx * dt.itemsize)
     a = np.frombuffer(buf, dt).reshape(y1 - y0, nx)
-    return a.astype(np.float64 if dt.kind == "f" else np.int64)
+    return a.astype(out) if convert else a
 
 
 def read_array(fd: int, hdu: Hdu) -> np.ndarray:

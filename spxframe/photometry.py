@@ -173,13 +173,13 @@ def _cut(fd: int, info: mef.MefInfo, x: np.ndarray, y: np.ndarray, half: int):
     cols = ix[:, None] + np.arange(-half if inside else 0, s - half if inside else s)[None]
     out = []
     for name, fill in (("IMAGE", np.nan), ("VARIANCE", np.nan), ("FLAGS", 0), ("ZODI", np.nan)):
-        blk = mef.read_rows(fd, info.hdus[name], r0, r1)
+        blk = mef.read_rows(fd, info.hdus[name], r0, r1, convert=False)  # stored type: convert the stamps only
         if not inside:  # pad by `half` columns and the missing rows (cols index the padded block)
             pad = np.full((r1 - r0, nx + 2 * half), fill, dtype=blk.dtype)
             a, b = max(r0, 0) - r0, max(r0, 0) - r0 + blk.shape[0]
             pad[a:b, half:half + nx] = blk
             blk = pad
-        out.append(blk[rows[:, :, None], cols[:, None, :]])
+        out.append(blk[rows[:, :, None], cols[:, None, :]].astype(np.float64 if blk.dtype.kind == "f" else np.int64))
     return out, x - (ix - half), y - (iy - half)
 
 

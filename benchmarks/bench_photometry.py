@@ -21,6 +21,12 @@ kernel 62 us vs photutils 6.6 ms per aperture (107x; 140-365x at lower load);
 300 files, 10 per parent: spxframe 1.48 ms/file vs 62.9 ms (42x wall, 30x CPU);
 120 files, 1 per parent: 4.4 ms vs 73.7 ms (17x wall and CPU: one WCS build + header parse per file);
 bias (median flux/true, bright) 0.998 vs 0.977 for the reference; pull width 0.96-1.03 vs 1.14-1.16.
+
+After the per-file work was cut (numba TAN-SIP instead of an astropy WCS per parent, keyword-index
+header look-ups, header reads sized from the previous file, PSF planes read on demand), full run,
+load average 0.7-0.9: kernel 8.4 us vs photutils 886 us per aperture (105x);
+300 files, 10 per parent: 0.57 ms/file vs 28.6 ms (51x); 120 files, 1 per parent: 0.70 ms vs
+27.0 ms (39x); accuracy unchanged (0.998 / 1.004 bias, pull width 0.96-1.03).
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ time it is told to, and ``--rounds`` rounds (default 3) alternate spxframe, SPXQ
 caches (parent WCS, PSF cube, PSF zones, WCS-WAVE) are cleared, so every round pays the
 per-parent costs again: every file here is a different parent image. Both sides are warmed up
 once first (imports, numba cache, the page cache) outside the timing.
+
+Measured with ``--files 200`` (147 files, each from a different parent image), 2 cores, minimum
+of 3 interleaved rounds: before the per-file work was cut, 1.79 vs 30.7 ms/file (17.1x, load
+average 1.1) and 1.60 vs 31.1 (19.5x, load 7-9); after, 0.69 vs 31.0 ms/file (45.1x, load 1.3),
+0.76 vs 33.3 (43.9x, load 0.8), 0.78 vs 33.2 (42.7x, load 1.3), 0.71 vs 30.6 (43.4x, load 6).
 """
 
 from __future__ import annotations

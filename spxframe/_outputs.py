@@ -32,8 +32,11 @@ def part_paths(cell: int) -> tuple[str, str, str]:
 
 
 def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, manifest: pl.DataFrame,
-          cells: list[int]) -> dict:
-    """Write photometry.parquet and manifest.parquet from the parts of ``cells``; return counts.
+          cells: list[int]) -> tuple[dict, pl.DataFrame]:
+    """Write photometry.parquet and manifest.parquet from the parts of ``cells``.
+
+    Returns (counts, the merged manifest). Parts are buffered to ~``ROW_GROUP`` rows, so many
+    small cells still make few row groups.
 
     The catalog's own columns are joined on; only sources of ``cat`` are kept (a reused output
     folder may hold parts of other sources).
@@ -50,7 +53,15 @@ def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, manifest: pl.DataFram
     empty = finish(schema.empty(schema.PHOTOMETRY))
     arrow_schema = with_units(empty.to_arrow(), schema.PHOTOMETRY).schema
     counts = {"measurements": 0, "measured": 0, "qc": {q.name: 0 for q in schema.QC_BITS}}
-    mans = []
+    mans, buf, nbuf = [], [], 0
+
+    def flush(w: Any) -> None:
+        nonlocal buf, nbuf
+        if buf:
+            tab = pl.concat(buf, how="vertical_relaxed").to_arrow()
+            w.write_table(tab.select(arrow_schema.names).cast(arrow_schema), row_group_size=ROW_GROUP)
+        buf, nbuf = [], 0
+
     with store.parquet_writer("photometry.parquet", arrow_schema) as w:
         for cell in cells:
             p_rel, m_rel, _ = part_paths(cell)
@@ -66,13 +77,17 @@ def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, manifest: pl.DataFram
             qc = part.get_column("qc").fill_null(0)
             for q in schema.QC_BITS:
                 counts["qc"][q.name] += int((qc & q.value > 0).sum())
-            w.write_table(part.to_arrow().select(arrow_schema.names).cast(arrow_schema), row_group_size=ROW_GROUP)
+            buf.append(part)
+            nbuf += part.height
+            if nbuf >= ROW_GROUP:
+                flush(w)
+        flush(w)
         if not counts["measurements"]:
             w.write_table(empty.to_arrow().cast(arrow_schema))
     man = pl.concat(mans, how="vertical_relaxed") if mans else manifest
-    store.write_parquet("manifest.parquet", schema.conform(man, schema.MANIFEST).sort("source_id", "obs_id", "detector"),
-                        schema.MANIFEST)
-    return counts
+    man = schema.conform(man, schema.MANIFEST).sort("source_id", "obs_id", "detector")
+    store.write_parquet("manifest.parquet", man, schema.MANIFEST)
+    return counts, man
 
 
 def versions() -> dict[str, str]:
@@ -107,15 +122,24 @@ def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], ski
     store.write_json("run.json", run)
 
 
-def write_query_summary(store: Store, cache_dir: str, obs: pl.DataFrame, cat: pl.DataFrame) -> None:
-    """results/query_summary.json as SPXQuery users know it (sizes of the files in the cache)."""
-    from pathlib import Path
+def write_query_summary(store: Store, manifest: pl.DataFrame, obs: pl.DataFrame, cat: pl.DataFrame) -> None:
+    """results/query_summary.json as SPXQuery users know it: sizes of this run's fetched files.
+
+    A file's size is read from the cache when the driver sees it, else (per-worker caches on a
+    cluster) the bytes its transfer reported.
+    """
+    import os
 
     sizes: dict[str, int] = {b: 0 for b in schema.BANDS}
-    for b in schema.BANDS:
-        d = Path(cache_dir) / "data" / b
-        if d.is_dir():
-            sizes[b] = sum(p.stat().st_size for p in d.glob("*.fits"))
+    done = manifest.filter((pl.col("status") == "done") & pl.col("path").is_not_null()) \
+        .unique("path", keep="first").select("band", "path", "bytes")
+    for band, path, nbytes in done.iter_rows():
+        try:
+            n = os.path.getsize(path)
+        except OSError:
+            n = int(nbytes or 0)
+        if band in sizes:
+            sizes[band] += n
     counts = obs.group_by("band").agg(pl.len()).sort("band") if obs.height else None
     summary = {
         "total_size_gb": sum(sizes.values()) / 1e9,

@@ -1,8 +1,8 @@
 """Where a run's outputs live: a local folder or any fsspec URL (``s3://``, ``gs://``, ``memory://``).
 
-Every write is whole-or-nothing: the bytes go to ``<name>.<pid>@<host>.part`` first and are then
-moved onto the final name (a rename on POSIX; on object stores a write becomes visible only when
-the upload completes), so a reader or a rerun never sees a half-written part, marker or table.
+Every write is whole-or-nothing: the bytes go to ``<name>.<pid>@<host>.<token>.part`` first and
+are then moved onto the final name (``os.replace`` on local disks; on object stores a server-side
+copy, so the final object appears whole or not at all), so a reader or a rerun never sees a half-written part, marker or table.
 The downloaded L2 files themselves are not kept here but in a local ``cache_dir``: photometry
 memory-maps them.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import secrets
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +21,6 @@ from typing import Any
 import polars as pl
 
 from . import schema
-
-_TAG = f"{os.getpid()}@{socket.gethostname()}"
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -33,13 +32,16 @@ def is_url(path: str | os.PathLike) -> bool:
 class Store:
     """A run's output folder. ``root``: a path or fsspec URL; ``storage_options`` go to fsspec."""
 
-    def __init__(self, root: str | os.PathLike, storage_options: dict | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, storage_options: dict | None = None, *,
+                 create: bool = True) -> None:
         import fsspec
 
-        self.fs, self.root = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
+        root = os.path.expanduser(str(root)) if not is_url(root) else str(root)
+        self.fs, self.root = fsspec.core.url_to_fs(root, **(storage_options or {}))
         self.local = not is_url(root)
-        self.url = self.root if self.local else str(root)  #: absolute path, or the URL
-        self.fs.makedirs(self.root, exist_ok=True)
+        self.url = self.root if self.local else root  #: absolute path, or the URL
+        if create:
+            self.fs.makedirs(self.root, exist_ok=True)
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
@@ -57,11 +59,14 @@ class Store:
     def _atomic(self, rel: str) -> Iterator[Any]:
         final = self.path(rel)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        tmp = f"{final}.{_TAG}.part"
+        tmp = f"{final}.{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}.part"
         try:
             with self.fs.open(tmp, "wb") as f:
                 yield f
-            self.fs.mv(tmp, final)
+            if self.local:
+                os.replace(tmp, final)  # atomic; raises if final is a directory
+            else:
+                self.fs.mv(tmp, final)
         finally:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)

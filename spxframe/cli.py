@@ -87,7 +87,10 @@ def _plot(a: argparse.Namespace) -> int:
     from .plot import plot_source
 
     phot = read(a.out)
-    png = a.png or str(Path(a.out) / "plots" / f"source_{a.source_id}.png")
+    from ._store import is_url
+
+    plots = Path("plots") if is_url(a.out) else Path(a.out) / "plots"
+    png = a.png or str(plots / f"source_{a.source_id}.png")
     plot_source(phot, a.source_id, path=png)
     print(png)
     return EXIT_OK

@@ -4,7 +4,7 @@ Output folder layout (``output_dir``)::
 
     observations.parquet   the archive's observations of the catalog (schema.OBSERVATIONS)
     manifest.parquet       one row per (source, observation, detector): request, path, status
-    photometry.parquet     one row per (source, observation, detector); sorted by source, time
+    photometry.parquet     one row per (source, observation, detector); by sky cell, then source, time
     run.json               versions, parameters, counts, timings per stage, bytes transferred
     results/query_summary.json   SPXQuery-style summary (total_size_gb, band_sizes, ...)
     plots/                 PNG light curves / spectra of the first sources and a run summary
@@ -15,7 +15,8 @@ output folder itself. ``output_dir`` may be an fsspec URL (``s3://bucket/run``; 
 ``output_options``); the cache must then be a local (or shared POSIX) folder, because photometry
 memory-maps the files.
 
-A rerun with the same ``output_dir`` does only what is missing: finished cells are skipped,
+A rerun with the same ``output_dir`` does only what is missing: finished cells are skipped
+(when their sources, the query, the cutouts and the cell order are unchanged),
 changed photometry options re-measure from the files on disk, failed transfers are retried.
 """
 
@@ -27,7 +28,6 @@ import logging
 import os
 import time as _time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,7 +99,8 @@ def run_cell(task: CellTask) -> dict:
 
     t0 = _time.perf_counter()
     store = Store(task.output_dir, task.output_options)
-    fetched = fetch(task.manifest, cache_dir=task.cache_dir or task.output_dir, progress=task.progress,
+    cache_dir = os.path.expanduser(task.cache_dir or task.output_dir)
+    fetched = fetch(task.manifest, cache_dir=cache_dir, progress=task.progress,
                     **task.fetch_options)
     fetched = schema.conform(fetched, schema.MANIFEST)
     t1 = _time.perf_counter()
@@ -194,9 +195,9 @@ def lightcurves(
     time : (mjd_start, mjd_end) in MJD (UTC); default all.
     access : ``"auto"`` (cost model), ``"cutout"``, ``"range"`` (cloud byte ranges) or ``"full"``.
     output_dir : folder or fsspec URL for the outputs (see module docstring); a rerun resumes it.
-    cache_dir : local folder for the fetched files (default ``output_dir``; required when
-        ``output_dir`` is a URL, else ``~/.cache/spxframe``). On a cluster, a folder on each
-        worker (or a shared mount).
+    cache_dir : local folder for the fetched files (default: ``output_dir`` when it is a folder,
+        ``~/.cache/spxframe`` when it is a URL; ``~`` is expanded on each worker). On a cluster,
+        a folder on each worker or a shared mount.
     output_options : fsspec storage options for a URL ``output_dir`` (credentials, endpoint).
     archive : None for IRSA, a base URL, or the object ``spxframe.sim.serve()`` yields.
     aperture_radius : aperture radius in pixels (6.15″ each).
@@ -208,7 +209,8 @@ def lightcurves(
 
     Returns
     -------
-    polars.DataFrame in ``schema.PHOTOMETRY`` (fluxes in µJy), plus the catalog's own columns.
+    polars.DataFrame in ``schema.PHOTOMETRY`` (fluxes in µJy), plus the catalog's own columns,
+    ordered by sky cell, then source, then time (each source's rows are contiguous).
     """
     from .archive import check_query_options
     from .catalog import normalize_catalog
@@ -228,14 +230,15 @@ def lightcurves(
     if bad_bits is not None:
         schema.bits_to_mask(bad_bits)  # validates
         measure_options["bad_bits"] = sorted(int(b) for b in bad_bits)
+    if cache_dir is not None:
+        cache_dir = str(cache_dir).removeprefix("file://")
+        if is_url(cache_dir):
+            from .errors import InputError
+            raise InputError(f"cache_dir={cache_dir!r}: must be a local (or mounted) folder; "
+                             "photometry memory-maps the fetched files")
     store = Store(output_dir, output_options)
     if cache_dir is None:
-        cache_dir = str(Path.home() / ".cache" / "spxframe") if is_url(output_dir) else store.root
-    cache_dir = str(cache_dir)
-    if is_url(cache_dir):
-        from .errors import InputError
-        raise InputError(f"cache_dir={cache_dir!r}: must be a local (or mounted) folder; "
-                         "photometry memory-maps the fetched files")
+        cache_dir = "~/.cache/spxframe" if is_url(output_dir) else store.root
     src_dtype = cat.schema["source_id"]
 
     # ---- observations (cached per catalog + query)
@@ -260,17 +263,20 @@ def lightcurves(
     fetch_options = {"max_concurrency": max_concurrency, "storage_options": storage_options}
     tasks, skipped = [], []
     for cell in np.unique(cells).tolist():
+        ccat = cat_c.filter(pl.col("_cell") == cell).drop("_cell", "_sid")
+        # a cell is done only for the same sources, query, cutouts and cell order
+        cell_hash = _hash({"plan": plan_hash, "query": query, "order": cell_order, "cat": _catalog_hash(ccat)})
         state = cell_state(store, cell)
-        if state and state.get("complete") and state.get("plan_hash") == plan_hash \
+        if state and state.get("complete") and state.get("plan_hash") == cell_hash \
                 and state.get("measure_hash") == measure_hash:
             skipped.append(state)
             continue
         tasks.append(CellTask(
             cell=cell, output_dir=store.url, cache_dir=cache_dir, output_options=output_options,
-            catalog=cat_c.filter(pl.col("_cell") == cell).drop("_cell", "_sid"),
+            catalog=ccat,
             manifest=man_c.filter(pl.col("_cell") == cell).drop("_cell"),
             observations=obs_small, fetch_options=fetch_options, measure_options=measure_options,
-            plan_hash=plan_hash, measure_hash=measure_hash))
+            plan_hash=cell_hash, measure_hash=measure_hash))
     log.info("%d cells: %d to run, %d already complete", len(tasks) + len(skipped), len(tasks), len(skipped))
 
     t0 = _time.perf_counter()
@@ -283,7 +289,7 @@ def lightcurves(
 
     # ---- merge parts into the final tables (streaming, one cell at a time)
     t0 = _time.perf_counter()
-    counts = merge(store, cat, src_dtype, manifest, np.unique(cells).tolist())
+    counts, merged_manifest = merge(store, cat, src_dtype, manifest, np.unique(cells).tolist())
     phot = store.read_parquet("photometry.parquet")
     timings["merge"] = _time.perf_counter() - t0
 
@@ -300,7 +306,7 @@ def lightcurves(
         cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=cache_dir),
         summaries=summaries, skipped=skipped, timings=timings, plan_summary=getattr(pl_, "summary", None),
         counts=counts)
-    write_query_summary(store, cache_dir, obs, cat)
+    write_query_summary(store, merged_manifest, obs, cat)
     return phot
 
 
@@ -334,18 +340,21 @@ def read(output_dir: str | os.PathLike = "spxframe_out", *, table: str = "photom
          lazy: bool = False, storage_options: dict | None = None) -> pl.DataFrame | pl.LazyFrame:
     """Read a run's table (``photometry``, ``manifest`` or ``observations``) with Polars.
 
-    ``output_dir`` may be an fsspec URL (``storage_options`` as for ``lightcurves``'s
-    ``output_options``); ``lazy`` scans local files and object-store URLs Polars understands.
+    ``output_dir`` may be an fsspec URL (``storage_options``: fsspec options, as
+    ``lightcurves``'s ``output_options``); ``lazy`` returns a LazyFrame that reads only what a
+    query needs (Polars for local files, a pyarrow dataset over fsspec for URLs).
     """
     from .errors import InputError
 
     if table not in schema.TABLES:
         raise InputError(f"table={table!r}: expected one of {list(schema.TABLES)}")
-    store = Store(output_dir, storage_options)
+    store = Store(output_dir, storage_options, create=False)
     rel = f"{table}.parquet"
     if not store.exists(rel):
         raise InputError(f"{store.path(rel)} does not exist: is {output_dir!s} the output_dir of a spxframe run?")
     if lazy:
-        src = store.path(rel) if store.local else f"{str(output_dir).rstrip('/')}/{rel}"
-        return pl.scan_parquet(src, storage_options=None if store.local else storage_options)
+        if store.local:
+            return pl.scan_parquet(store.path(rel))
+        import pyarrow.dataset as ds
+        return pl.scan_pyarrow_dataset(ds.dataset(store.path(rel), filesystem=store.fs, format="parquet"))
     return store.read_parquet(rel)

@@ -27,9 +27,11 @@ def units_from_parquet(path: str | os.PathLike) -> dict[str, str | None]:
 def _as_frame(data: Any) -> tuple[pl.DataFrame, dict[str, str | None]]:
     if isinstance(data, (str, os.PathLike)):
         from ._store import is_url
-        if is_url(data) and not str(data).endswith(".parquet"):
-            from .pipeline import read
-            return read(data), {c.name: c.unit for c in schema.PHOTOMETRY.columns}
+        if is_url(data):
+            import fsspec
+            url = str(data) if str(data).endswith(".parquet") else str(data).rstrip("/") + "/photometry.parquet"
+            with fsspec.open(url, "rb") as f:
+                return pl.read_parquet(f), {c.name: c.unit for c in schema.PHOTOMETRY.columns}
         p = Path(data)
         if p.is_dir():
             p = p / "photometry.parquet"

@@ -50,6 +50,9 @@ def test_threads_cluster_matches_local(archive, catalog, local_run, tmp_path, wh
     parts = fs.glob(f"{root}/parts/photometry/cell=*/part.parquet")
     assert len(parts) > 1  # partitioned by cell
     assert spxframe.read(out).equals(phot)
+    import pyarrow.parquet as pq
+    with fs.open(f"{root}/photometry.parquet", "rb") as f:
+        assert pq.ParquetFile(f).metadata.num_row_groups == 1  # small cells share a row group
 
 
 def _dies_once_mid_cell(task):

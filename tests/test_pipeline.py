@@ -182,6 +182,11 @@ def test_output_to_fsspec_url_with_separate_cache(run, archive):
         run["phot"].select(cols).sort("source_id", "obs_id", "detector"))
     back = spxframe.read(url)
     assert back.equals(phot)
+    one = phot["source_id"][0]
+    lazy = spxframe.read(url, lazy=True).filter(pl.col("source_id") == one).collect()
+    assert lazy.equals(phot.filter(pl.col("source_id") == one))
+    from spxframe.results import to_qtable
+    assert len(to_qtable(f"{url}/photometry.parquet")) == phot.height
     assert spxframe.read(url, table="manifest").height == phot.height
     import fsspec
     fs = fsspec.filesystem("memory")
@@ -217,3 +222,22 @@ def test_photometry_file_keeps_each_source_contiguous_and_in_time_order(run):
     assert all(np.all(np.diff(np.array(m)) >= 0) for m in per["mjd"].to_list())
     meta = pq.read_schema(path).metadata
     assert json.loads(meta[b"spxframe"])["columns"]["flux"]["unit"] == "uJy"
+
+
+def test_rerun_with_more_sources_in_a_done_cell_measures_them(archive, universe, tmp_path):
+    """A cell marked done for 3 sources is not 'done' for 5: the 2 new sources get their rows."""
+    few, more = patch_catalog(universe, 3), patch_catalog(universe, 5)
+    kw = dict(archive=archive, output_dir=tmp_path, progress=False, plots=0, bands=["D1"])
+    a = spxframe.lightcurves(few, "64px", **kw)
+    b = spxframe.lightcurves(more, "64px", **kw)
+    assert set(b["source_id"]) == set(more["source_id"])
+    assert b.filter(pl.col("source_id").is_in(few["source_id"].implode())).sort("source_id", "obs_id").equals(
+        a.sort("source_id", "obs_id"))
+    c = spxframe.lightcurves(more, "64px", **{**kw, "bands": ["D1", "D2"]})  # a changed query re-runs too
+    assert set(c["band"]) == {"D1", "D2"} and c.height > b.height
+
+
+def test_read_reports_missing_run_without_creating_it(tmp_path):
+    with pytest.raises(InputError, match="output_dir"):
+        spxframe.read(tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()

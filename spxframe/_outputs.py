@@ -31,15 +31,33 @@ def part_paths(cell: int) -> tuple[str, str, str]:
             f"parts/cells/{cell}.json")
 
 
-def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, manifest: pl.DataFrame,
-          cells: list[int]) -> tuple[dict, pl.DataFrame]:
-    """Write photometry.parquet and manifest.parquet from the parts of ``cells``.
+class _Appender:
+    """Appends frames to a ParquetWriter in row groups of ~``ROW_GROUP`` rows."""
 
-    Returns (counts, the merged manifest). Parts are buffered to ~``ROW_GROUP`` rows, so many
-    small cells still make few row groups.
+    def __init__(self, writer: Any, arrow_schema: Any) -> None:
+        self.w, self.schema, self.buf, self.n = writer, arrow_schema, [], 0
 
-    The catalog's own columns are joined on; only sources of ``cat`` are kept (a reused output
-    folder may hold parts of other sources).
+    def add(self, df: pl.DataFrame) -> None:
+        if df.height:
+            self.buf.append(df)
+            self.n += df.height
+        if self.n >= ROW_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            tab = pl.concat(self.buf, how="vertical_relaxed").to_arrow()
+            self.w.write_table(tab.select(self.schema.names).cast(self.schema), row_group_size=ROW_GROUP)
+        self.buf, self.n = [], 0
+
+
+def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, cells: list[int]) -> tuple[dict, dict]:
+    """Write photometry.parquet and manifest.parquet from the parts of ``cells``, one cell at a time.
+
+    Returns (counts, bytes of this run's fetched files per band). Parts are buffered to
+    ~``ROW_GROUP`` rows, so many small cells still make few row groups. The catalog's own columns
+    are joined on; only sources of ``cat`` are kept (a reused output folder may hold parts of
+    other sources).
     """
     wanted = cat.select(pl.col("source_id").cast(pl.Utf8)).get_column("source_id").implode()
     extra = [c for c in cat.columns if c not in schema.PHOTOMETRY.names or c == "source_id"]
@@ -50,44 +68,52 @@ def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, manifest: pl.DataFram
         return part.with_columns(pl.col("source_id").cast(src_dtype, strict=False)) \
             .join(catx, on="source_id", how="left").sort("source_id", "mjd", "detector")
 
-    empty = finish(schema.empty(schema.PHOTOMETRY))
-    arrow_schema = with_units(empty.to_arrow(), schema.PHOTOMETRY).schema
+    def finish_man(part: pl.DataFrame) -> pl.DataFrame:
+        return schema.conform(part, schema.MANIFEST).sort("source_id", "obs_id", "detector")
+
+    p_schema = with_units(finish(schema.empty(schema.PHOTOMETRY)).to_arrow(), schema.PHOTOMETRY).schema
+    m_schema = with_units(finish_man(schema.empty(schema.MANIFEST)).to_arrow(), schema.MANIFEST).schema
     counts = {"measurements": 0, "measured": 0, "qc": {q.name: 0 for q in schema.QC_BITS}}
-    mans, buf, nbuf = [], [], 0
-
-    def flush(w: Any) -> None:
-        nonlocal buf, nbuf
-        if buf:
-            tab = pl.concat(buf, how="vertical_relaxed").to_arrow()
-            w.write_table(tab.select(arrow_schema.names).cast(arrow_schema), row_group_size=ROW_GROUP)
-        buf, nbuf = [], 0
-
-    with store.parquet_writer("photometry.parquet", arrow_schema) as w:
+    sizes: dict[str, int] = {b: 0 for b in schema.BANDS}
+    seen: set[str] = set()
+    with store.parquet_writer("photometry.parquet", p_schema) as pw, \
+            store.parquet_writer("manifest.parquet", m_schema) as mw:
+        phot_out, man_out = _Appender(pw, p_schema), _Appender(mw, m_schema)
         for cell in cells:
             p_rel, m_rel, _ = part_paths(cell)
             if store.exists(m_rel):
-                mans.append(store.read_parquet(m_rel).filter(pl.col("source_id").is_in(wanted)))
+                man = finish_man(store.read_parquet(m_rel).filter(pl.col("source_id").is_in(wanted)))
+                man_out.add(man)
+                _add_sizes(sizes, seen, man)
             if not store.exists(p_rel):
                 continue
             part = finish(store.read_parquet(p_rel).filter(pl.col("source_id").cast(pl.Utf8).is_in(wanted)))
-            if part.height == 0:
-                continue
             counts["measurements"] += part.height
             counts["measured"] += int(part.get_column("flux").is_not_nan().sum())
             qc = part.get_column("qc").fill_null(0)
             for q in schema.QC_BITS:
                 counts["qc"][q.name] += int((qc & q.value > 0).sum())
-            buf.append(part)
-            nbuf += part.height
-            if nbuf >= ROW_GROUP:
-                flush(w)
-        flush(w)
-        if not counts["measurements"]:
-            w.write_table(empty.to_arrow().cast(arrow_schema))
-    man = pl.concat(mans, how="vertical_relaxed") if mans else manifest
-    man = schema.conform(man, schema.MANIFEST).sort("source_id", "obs_id", "detector")
-    store.write_parquet("manifest.parquet", man, schema.MANIFEST)
-    return counts, man
+            phot_out.add(part)
+        phot_out.flush()
+        man_out.flush()
+    return counts, sizes
+
+
+def _add_sizes(sizes: dict[str, int], seen: set[str], man: pl.DataFrame) -> None:
+    """Add the sizes of ``man``'s fetched files not seen before: from the cache when the driver
+    sees it, else (per-worker caches on a cluster) the bytes the transfer reported."""
+    import os
+
+    done = man.filter((pl.col("status") == "done") & pl.col("path").is_not_null()) \
+        .unique("path", keep="first").select("band", "path", "bytes")
+    for band, path, nbytes in done.iter_rows():
+        if path in seen or band not in sizes:
+            continue
+        seen.add(path)
+        try:
+            sizes[band] += os.path.getsize(path)
+        except OSError:
+            sizes[band] += int(nbytes or 0)
 
 
 def versions() -> dict[str, str]:
@@ -101,7 +127,7 @@ def versions() -> dict[str, str]:
 
 
 def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], skipped: list[dict],
-                   timings: dict, plan_summary: Any, counts: dict) -> None:
+                   timings: dict, counts: dict) -> None:
     """run.json: versions, parameters, counts, timings per stage and bytes transferred."""
     allc = summaries + skipped
     run = {
@@ -115,31 +141,25 @@ def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], ski
         },
         "bytes_transferred_this_run": sum(s.get("bytes", 0) for s in summaries),
         "timings_s": timings,
-        "plan": plan_summary.to_dicts() if isinstance(plan_summary, pl.DataFrame)
-        else plan_summary if isinstance(plan_summary, (dict, list, str, type(None))) else str(plan_summary),
+        "plan": _plan_totals(allc),
         "finished": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
     }
     store.write_json("run.json", run)
 
 
-def write_query_summary(store: Store, manifest: pl.DataFrame, obs: pl.DataFrame, cat: pl.DataFrame) -> None:
-    """results/query_summary.json as SPXQuery users know it: sizes of this run's fetched files.
+def _plan_totals(cells: list[dict]) -> list[dict]:
+    """Per access method, the cells' plans summed (an image planned by two cells counts twice)."""
+    rows = [r for c in cells for r in c.get("plan") or []]
+    if not rows:
+        return []
+    df = pl.DataFrame(rows)
+    num = [c for c in df.columns if c != "access" and df.schema[c].is_numeric()]
+    return df.group_by("access").agg(pl.col(num).sum()).sort("access").to_dicts()
 
-    A file's size is read from the cache when the driver sees it, else (per-worker caches on a
-    cluster) the bytes its transfer reported.
-    """
-    import os
 
-    sizes: dict[str, int] = {b: 0 for b in schema.BANDS}
-    done = manifest.filter((pl.col("status") == "done") & pl.col("path").is_not_null()) \
-        .unique("path", keep="first").select("band", "path", "bytes")
-    for band, path, nbytes in done.iter_rows():
-        try:
-            n = os.path.getsize(path)
-        except OSError:
-            n = int(nbytes or 0)
-        if band in sizes:
-            sizes[band] += n
+def write_query_summary(store: Store, sizes: dict[str, int], obs: pl.DataFrame, cat: pl.DataFrame) -> None:
+    """results/query_summary.json as SPXQuery users know it; ``sizes``: bytes per band of this
+    run's fetched files (from :func:`merge`)."""
     counts = obs.group_by("band").agg(pl.len()).sort("band") if obs.height else None
     summary = {
         "total_size_gb": sum(sizes.values()) / 1e9,

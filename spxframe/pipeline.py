@@ -54,8 +54,8 @@ class CellTask:
     cell: int
     output_dir: str  # path or fsspec URL of the run's outputs
     catalog: pl.DataFrame  # the cell's sources (normalised catalog)
-    manifest: pl.DataFrame  # the cell's manifest rows (schema.MANIFEST)
-    observations: pl.DataFrame  # obs_id, detector, mjd_mid, band of the cell's rows
+    observations: pl.DataFrame  # the run's observations (schema.OBSERVATIONS)
+    plan_options: dict = field(default_factory=dict)  # cutout_size, cutout_center, access, archive
     fetch_options: dict = field(default_factory=dict)
     measure_options: dict = field(default_factory=dict)
     plan_hash: str = ""
@@ -89,19 +89,25 @@ def _missing_rows(manifest: pl.DataFrame, observations: pl.DataFrame, phot: pl.D
 
 
 def run_cell(task: CellTask) -> dict:
-    """Fetch and measure one sky cell; write its parts atomically; return its summary.
+    """Plan, fetch and measure one sky cell; write its parts atomically; return its summary.
+
+    The cell is planned here, not by the driver, so the driver never holds the whole manifest:
+    memory follows the largest cell, not the catalog.
 
     Idempotent: rerunning a cell overwrites its parts, so a retried task (a worker that died)
     leaves each row exactly once.
     """
     from .fetch import fetch
     from .photometry import measure
+    from .plan import plan
 
-    t0 = _time.perf_counter()
+    tp = _time.perf_counter()
     store = Store(task.output_dir, task.output_options)
     cache_dir = os.path.expanduser(task.cache_dir or task.output_dir)
-    fetched = fetch(task.manifest, cache_dir=cache_dir, progress=task.progress,
-                    **task.fetch_options)
+    cell_plan = plan(task.catalog, task.observations, **task.plan_options)
+    t0 = _time.perf_counter()
+    fetched = fetch(schema.conform(cell_plan.manifest, schema.MANIFEST), cache_dir=cache_dir,
+                    progress=task.progress, **task.fetch_options)
     fetched = schema.conform(fetched, schema.MANIFEST)
     t1 = _time.perf_counter()
     done = fetched.filter(pl.col("status") == "done")
@@ -127,9 +133,9 @@ def run_cell(task: CellTask) -> dict:
         "measured": int(phot.get_column("flux").is_not_nan().sum()) if phot.height else 0,
         "failed_transfers": n_failed,
         "bytes": int(fetched.select(pl.col("bytes").fill_null(0).sum()).item() or 0),
-        "seconds_fetch": t1 - t0, "seconds_measure": t2 - t1,
+        "seconds_plan": t0 - tp, "seconds_fetch": t1 - t0, "seconds_measure": t2 - t1,
         "plan_hash": task.plan_hash, "measure_hash": task.measure_hash,
-        "complete": n_failed == 0,
+        "complete": n_failed == 0, "plan": cell_plan.summary.to_dicts(),
     }
     store.write_json(marker, summary)
     return summary
@@ -212,16 +218,17 @@ def lightcurves(
     polars.DataFrame in ``schema.PHOTOMETRY`` (fluxes in µJy), plus the catalog's own columns,
     ordered by sky cell, then source, then time (each source's rows are contiguous).
     """
-    from .archive import check_query_options
+    from .archive import check_query_options, resolve_archive
     from .catalog import normalize_catalog
-    from .plan import plan as make_plan
-    from .sizes import parse_cutout_size
+    from .sizes import parse_cutout_center, parse_cutout_size
 
     t_start = _time.perf_counter()
     timings: dict[str, float] = {}
     # ---- validate everything before any network traffic
     cat = normalize_catalog(catalog)
     size = parse_cutout_size(cutout_size) if cutout_size is not None else None
+    if cutout_center is not None:
+        parse_cutout_center(cutout_center)  # validates
     if access not in ("auto", "cutout", "range", "full"):
         from .errors import InputError
         raise InputError(f"access={access!r}: expected one of 'auto', 'cutout', 'range', 'full'")
@@ -247,23 +254,17 @@ def lightcurves(
     obs, reused = _observations_cached(store, cat, query, archive)
     timings["observations"] = _time.perf_counter() - t0
 
-    # ---- plan (no network)
-    t0 = _time.perf_counter()
-    pl_ = make_plan(cat, obs, cutout_size=size, cutout_center=cutout_center, access=access, archive=archive)
-    manifest = schema.conform(pl_.manifest, schema.MANIFEST)
+    # ---- cells: each is planned, fetched and measured as one unit (locally or on Dask)
+    plan_options = {"cutout_size": size, "cutout_center": cutout_center, "access": access,
+                    "archive": resolve_archive(archive)}
     plan_hash = _hash({"size": str(size), "center": cutout_center, "access": access})
     measure_hash = _hash(measure_options)
-    timings["plan"] = _time.perf_counter() - t0
-
-    # ---- cells
     cells = cell_of(cat.get_column("ra").to_numpy(), cat.get_column("dec").to_numpy(), order=cell_order)
-    cat_c = cat.with_columns(pl.Series("_cell", cells), pl.col("source_id").cast(pl.Utf8).alias("_sid"))
-    man_c = manifest.join(cat_c.select(pl.col("_sid").alias("source_id"), "_cell"), on="source_id", how="left")
-    obs_small = obs.select("obs_id", "detector", "mjd_mid", "band")
+    cat_c = cat.with_columns(pl.Series("_cell", cells))
     fetch_options = {"max_concurrency": max_concurrency, "storage_options": storage_options}
     tasks, skipped = [], []
     for cell in np.unique(cells).tolist():
-        ccat = cat_c.filter(pl.col("_cell") == cell).drop("_cell", "_sid")
+        ccat = cat_c.filter(pl.col("_cell") == cell).drop("_cell")
         # a cell is done only for the same sources, query, cutouts and cell order
         cell_hash = _hash({"plan": plan_hash, "query": query, "order": cell_order, "cat": _catalog_hash(ccat)})
         state = cell_state(store, cell)
@@ -273,9 +274,8 @@ def lightcurves(
             continue
         tasks.append(CellTask(
             cell=cell, output_dir=store.url, cache_dir=cache_dir, output_options=output_options,
-            catalog=ccat,
-            manifest=man_c.filter(pl.col("_cell") == cell).drop("_cell"),
-            observations=obs_small, fetch_options=fetch_options, measure_options=measure_options,
+            catalog=ccat, observations=obs, plan_options=plan_options,
+            fetch_options=fetch_options, measure_options=measure_options,
             plan_hash=cell_hash, measure_hash=measure_hash))
     log.info("%d cells: %d to run, %d already complete", len(tasks) + len(skipped), len(tasks), len(skipped))
 
@@ -285,11 +285,13 @@ def lightcurves(
         summaries = run_cells_dask(client, tasks, progress=progress, func=_cell_func)
     else:
         summaries = _run_cells_local(tasks, progress=progress)
-    timings["fetch_and_measure"] = _time.perf_counter() - t0
+    timings["plan_fetch_measure"] = _time.perf_counter() - t0
+    for k in ("plan", "fetch", "measure"):
+        timings[f"cells_{k}_s"] = sum(x.get(f"seconds_{k}", 0.0) for x in summaries)
 
     # ---- merge parts into the final tables (streaming, one cell at a time)
     t0 = _time.perf_counter()
-    counts, merged_manifest = merge(store, cat, src_dtype, manifest, np.unique(cells).tolist())
+    counts, sizes = merge(store, cat, src_dtype, np.unique(cells).tolist())
     phot = store.read_parquet("photometry.parquet")
     timings["merge"] = _time.perf_counter() - t0
 
@@ -304,9 +306,9 @@ def lightcurves(
         cutout_center=cutout_center, bands=bands, time=time, collection=collection, access=access,
         archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
         cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=cache_dir),
-        summaries=summaries, skipped=skipped, timings=timings, plan_summary=getattr(pl_, "summary", None),
+        summaries=summaries, skipped=skipped, timings=timings,
         counts=counts)
-    write_query_summary(store, merged_manifest, obs, cat)
+    write_query_summary(store, sizes, obs, cat)
     return phot
 
 
@@ -324,12 +326,12 @@ def _run_cells_local(tasks: list[CellTask], *, progress: bool) -> list[dict]:
         for t in tasks:
             t.progress = True
         progress = False
-    n_rows = sum(t.manifest.height for t in tasks)
-    with tqdm(total=n_rows, unit="meas", desc="spxframe", disable=not progress or not tasks) as bar:
+    n_src = sum(t.catalog.height for t in tasks)
+    with tqdm(total=n_src, unit="src", desc="spxframe", disable=not progress or not tasks) as bar:
         for task in tasks:
             s = run_cell(task)
             summaries.append(s)
-            bar.update(task.manifest.height)
+            bar.update(task.catalog.height)
             bar.set_postfix(cells=f"{len(summaries)}/{len(tasks)}", MB=f"{sum(x['bytes'] for x in summaries)/1e6:.0f}")
     return summaries
 

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     df = pl.DataFrame(rows)
     cols = ["sources", "access", "dask", "wall", "measured", "meas_per_s", "MB_total", "kB_per_meas",
             "req_tap", "req_ibe_cutout", "req_cloud", "req_ibe_file", "peak_mb", "cells", "t_observations",
-            "t_plan", "t_fetch_and_measure", "t_merge"]
+            "t_plan_fetch_measure", "t_cells_plan_s", "t_cells_fetch_s", "t_cells_measure_s", "t_merge"]
     with pl.Config(tbl_rows=50, tbl_cols=20, float_precision=1, tbl_width_chars=200):
         print(df.select([c for c in cols if c in df.columns]))
     return 0

@@ -47,10 +47,13 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel) -> pl.DataFrame:
     k = g["k"].to_numpy()
     shared_bytes = cutout_bytes(g["bx1"].to_numpy() - g["bx0"].to_numpy(), g["by1"].to_numpy() - g["by0"].to_numpy())
     range_bytes = HEADER_BYTES + BLOCK + 4 * g["rows"].to_numpy() * ROW + PSF_BYTES / g["_nk"].to_numpy()
-    c = np.stack([cost.seconds(g["each_bytes"].to_numpy(), k, k),
-                  np.where(k > 1, cost.seconds(shared_bytes, 1, 1), np.inf),
-                  np.where(g["_cloud"].to_numpy(), cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy()), np.inf),
-                  cost.seconds(np.full(len(k), schema.FULL_FILE_BYTES), 1)], axis=1)
+    each = g["each_bytes"].to_numpy()
+    full = np.full(len(k), schema.FULL_FILE_BYTES)
+    c = np.stack([cost.seconds(each, k, k) + cost.local(each, k),
+                  np.where(k > 1, cost.seconds(shared_bytes, 1, 1) + cost.local(shared_bytes, 1), np.inf),
+                  np.where(g["_cloud"].to_numpy(), cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy())
+                           + cost.local(each - k * PSF_BYTES, k), np.inf),  # one box file per source, no PSF data
+                  cost.seconds(full, 1) + cost.local(full, 1)], axis=1)
     if access == "cutout":
         c[:, 2:] = np.inf
     elif access == "full":

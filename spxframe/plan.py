@@ -71,16 +71,25 @@ LAYOUT: dict[str, tuple[int, int, int]] = _layout()
 class CostModel:
     """Predicted seconds = bytes / ``bandwidth_Bps`` + requests × ``request_s`` + cutouts ×
     ``cutout_server_s`` (IBE builds each cutout for seconds; 2 s ≈ 50 MB at 25 MB/s).
-    ``gap_rows``: range reads of two boxes less than this many rows apart are merged."""
+    ``gap_rows``: range reads of two boxes less than this many rows apart are merged.
+
+    ``local`` adds the cost of the files written to the cache: bytes / ``disk_Bps`` + files ×
+    ``file_s`` (write, verify, sidecar). It matters in dense fields: 500 sources on one image as
+    500 range cutouts write ~330 MB in 500 files, where the whole file is 72 MB in one."""
 
     bandwidth_Bps: float = 25e6
     request_s: float = 0.05
     cutout_server_s: float = 2.0
     gap_rows: int = 32
+    disk_Bps: float = 200e6
+    file_s: float = 0.01
 
     def seconds(self, nbytes, requests, cutouts=0):
         return np.asarray(nbytes) / self.bandwidth_Bps + np.asarray(requests) * self.request_s \
             + np.asarray(cutouts) * self.cutout_server_s
+
+    def local(self, nbytes, files):
+        return np.asarray(nbytes) / self.disk_Bps + np.asarray(files) * self.file_s
 
 
 def cutout_bytes(nx, ny):

@@ -29,8 +29,12 @@ def cutout_url(file_url: str, ra: float, dec: float, nx: int, ny: int) -> str:
     return f"{file_url}?{q}"
 
 
-def _choose(df: pl.DataFrame, access: str, cost: CostModel) -> pl.DataFrame:
-    """Per image (``_fi``): the cheapest allowed method among cutout/shared/range/full."""
+def _choose(df: pl.DataFrame, access: str, cost: CostModel, forced: np.ndarray | None = None) -> pl.DataFrame:
+    """Per image (``_fi``): the cheapest allowed method among cutout/shared/range/full.
+
+    ``forced`` (per observation row, or None): an access already decided for the image
+    ("full", "range" or "cutout"; "" = free), e.g. by a plan of the whole catalog, so that the
+    sky cells sharing an image fetch it the same way."""
     g = (df.sort(["_fi", "y0"])
          .with_columns(pl.col("y1").cum_max().shift(1).over("_fi").alias("_prev"))
          .with_columns(
@@ -54,6 +58,12 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel) -> pl.DataFrame:
                   np.where(g["_cloud"].to_numpy(), cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy())
                            + cost.local(each - k * PSF_BYTES, k), np.inf),  # one box file per source, no PSF data
                   cost.seconds(full, 1) + cost.local(full, 1)], axis=1)
+    if forced is not None and len(k):
+        f = forced[g["_fi"].to_numpy()]
+        c[f == "full", :3] = np.inf
+        c[f == "range", 0:2] = np.inf
+        c[f == "range", 3] = np.inf
+        c[f == "cutout", 2:] = np.inf
     if access == "cutout":
         c[:, 2:] = np.inf
     elif access == "full":
@@ -68,7 +78,8 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel) -> pl.DataFrame:
 
 
 def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutSize | None,
-               center: CutoutCenter | None, access: str, cloud_url: str, cost: CostModel) -> pl.DataFrame:
+               center: CutoutCenter | None, access: str, cloud_url: str, cost: CostModel,
+               forced: np.ndarray | None = None) -> pl.DataFrame:
     """The manifest rows (MANIFEST columns; conform/sort done by the caller)."""
     n = len(si)
     o = obs[fi.tolist()] if n else obs.clear()
@@ -108,7 +119,7 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
         pl.lit("cutout").alias("access"), pl.lit("failed").alias("status"), pl.lit(0, pl.Int64).alias("predicted_bytes"),
         pl.lit("cutout box does not overlap the detector (cutout_center off this image)").alias("error"))
     good = base.filter(pl.col("_ok"))
-    choice = _choose(good, access, cost)
+    choice = _choose(good, access, cost, forced)
     good = good.join(choice.select("_fi", "method", "bx0", "bx1", "by0", "by1"), on="_fi")
     parts = [_cutouts(good.filter(pl.col("method") == "cutout"), nx, ny),
              _shared(good.filter(pl.col("method") == "shared"), fp),

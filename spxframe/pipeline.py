@@ -261,6 +261,14 @@ def lightcurves(
     measure_hash = _hash(measure_options)
     cells = cell_of(cat.get_column("ra").to_numpy(), cat.get_column("dec").to_numpy(), order=cell_order)
     cat_c = cat.with_columns(pl.Series("_cell", cells))
+    if access == "auto" and len(np.unique(cells)) > 1:
+        # decide each image's access once for the whole catalog, so that cells sharing an image
+        # fetch it the same way (one whole file, not a whole file here and range reads there);
+        # only this per-image decision is kept, not the catalog's manifest
+        from .plan import plan as make_plan
+        whole = make_plan(cat, obs, **plan_options).manifest
+        plan_options["image_access"] = whole.group_by("obs_id", "detector").agg(pl.first("access"))
+        del whole
     fetch_options = {"max_concurrency": max_concurrency, "storage_options": storage_options}
     tasks, skipped = [], []
     for cell in np.unique(cells).tolist():

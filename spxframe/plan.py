@@ -204,6 +204,7 @@ def plan(
     matches: pl.DataFrame | None = None,
     margin_px: float = 2.0,
     cost: CostModel | None = None,
+    image_access: pl.DataFrame | None = None,
 ) -> Plan:
     """Plan the transfers for every (source, obs_id, detector) pair; no network traffic.
 
@@ -212,7 +213,9 @@ def plan(
     ``cutout_size`` IRSA grammar (None = full images); ``cutout_center`` ``"ra,dec"`` or
     ``"x,ypx"`` (zero-based parent pixels) instead of each source's position; ``access``
     ``auto|cutout|range|full``; ``archive`` only for the cloud URL; ``matches`` candidate
-    (source_id, obs_id, detector) pairs; ``margin_px`` keep sources this far outside the edge.
+    (source_id, obs_id, detector) pairs; ``margin_px`` keep sources this far outside the edge;
+    ``image_access`` (obs_id, detector, access) fixes the access of those images under ``auto``
+    (``lightcurves`` plans the whole catalog once and passes this to each sky cell's plan).
     """
     from .archive import resolve_archive
     from ._plan_rows import build_rows
@@ -232,8 +235,14 @@ def plan(
     cost = cost or CostModel()
     fp = Footprints.from_s_region(obs["s_region"].to_list()) if obs.height else Footprints(np.zeros((0, 4, 2)))
     si, fi, ra, dec, x, y = _pairs(cat, obs, fp, matches, margin_px)
+    forced = None
+    if image_access is not None and access == "auto" and obs.height:
+        ia = image_access.select("obs_id", pl.col("detector").cast(obs.schema["detector"]), "access") \
+            .unique(["obs_id", "detector"], keep="first")
+        forced = obs.select("obs_id", "detector").with_row_index("_r").join(ia, on=["obs_id", "detector"], how="left") \
+            .sort("_r").get_column("access").fill_null("").to_numpy()
     manifest = build_rows(cat, obs, fp, si, fi, ra, dec, x, y, size=size, center=center, access=access,
-                          cloud_url=ep.cloud_url, cost=cost)
+                          cloud_url=ep.cloud_url, cost=cost, forced=forced)
     manifest = schema.conform(manifest, schema.MANIFEST, extra=False).sort(["obs_id", "detector", "source_id"])
     n_clip = int(manifest["clipped"].sum()) if manifest.height else 0
     if n_clip:

@@ -102,6 +102,24 @@ def test_cost_model_one_source_vs_hundreds(universe, archive):
     assert "Plan:" in repr(pm) and "full" in repr(pm)
 
 
+def test_image_access_fixes_the_method_of_listed_images(field_cat, field_obs, archive):
+    """lightcurves plans the whole catalog once and hands each sky cell the per-image decision."""
+    obs, matches = field_obs
+    free = plan(field_cat, obs, matches=matches, archive=archive).manifest
+    per_img = free.group_by("obs_id", "detector").agg(pl.first("access")).sort("obs_id", "detector")
+    flip = per_img.head(3).with_columns(
+        pl.when(pl.col("access") == "full").then(pl.lit("range")).otherwise(pl.lit("full")).alias("access"))
+    fixed = plan(field_cat, obs, matches=matches, archive=archive, image_access=flip).manifest
+    got = fixed.group_by("obs_id", "detector").agg(pl.first("access"), pl.col("access").n_unique().alias("n"))
+    assert (got["n"] == 1).all()
+    j = got.join(flip, on=["obs_id", "detector"], suffix="_want")
+    assert j.height == 3 and (j["access"] == j["access_want"]).all()
+    rest = got.join(flip, on=["obs_id", "detector"], how="anti").join(per_img, on=["obs_id", "detector"], suffix="_free")
+    assert (rest["access"] == rest["access_free"]).all()
+    assert fixed.sort("source_id", "obs_id", "detector").select("source_id", "obs_id", "detector").equals(
+        free.sort("source_id", "obs_id", "detector").select("source_id", "obs_id", "detector"))
+
+
 def test_request_grouping_and_bytes(universe, archive, field_cat, field_obs):
     obs, matches = field_obs
     p = plan(field_cat, obs, matches=matches, archive=archive)

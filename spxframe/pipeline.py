@@ -267,7 +267,8 @@ def lightcurves(
         # only this per-image decision is kept, not the catalog's manifest
         from .plan import plan as make_plan
         whole = make_plan(cat, obs, **plan_options).manifest
-        plan_options["image_access"] = whole.group_by("obs_id", "detector").agg(pl.first("access"))
+        plan_options["image_access"] = whole.filter(pl.col("status") == "planned") \
+            .group_by("obs_id", "detector").agg(pl.first("access"))
         del whole
     fetch_options = {"max_concurrency": max_concurrency, "storage_options": storage_options}
     tasks, skipped = [], []

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     per_file = args.per_file or (8 if args.quick else 10)
 
     from spxframe import sim
-    from spxframe.fetch import fetch
+    from spxframe.fetcher.engine import fetch
     from spxframe.sim.mefgen import NSTRIP
 
     u = sim.Universe(seed=1, cache_strips=(n_files + 2) * NSTRIP)

@@ -12,7 +12,7 @@ included) written from ``spxframe.sim.Universe(seed=1)``:
 - spxframe: ``spxframe.measure(paths, catalog)`` (warm: numba compiled, caches cold per run
   except the numba cache).
 
-Also: the kernel alone (:func:`spxframe.kernels.aperture_sums`, circle + annulus) vs photutils
+Also: the kernel alone (:func:`spxframe.photometry.kernels.aperture_sums`, circle + annulus) vs photutils
 ``aperture_photometry`` per aperture, and accuracy vs the simulated truth (median flux/true for
 bright sources, pull median and 1.4826·MAD width).
 
@@ -44,9 +44,9 @@ import polars as pl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import spxframe  # noqa: E402
-from spxframe import kernels as K  # noqa: E402
-from spxframe import photometry  # noqa: E402
-from spxframe import schema  # noqa: E402
+from spxframe import schema, spherex  # noqa: E402
+from spxframe.photometry import forced as photometry  # noqa: E402
+from spxframe.photometry import kernels as K  # noqa: E402
 
 
 def make_files(u, outdir: str, n_files: int, size: int, *, per_parent: int) -> tuple[list[str], pl.DataFrame]:
@@ -84,7 +84,7 @@ def reference_measure(paths: list[str], pairs: pl.DataFrame, cat: pl.DataFrame, 
     from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
 
     astropy_log.setLevel("WARNING")  # WCS(key='W') logs an INFO about the SIP cards for every file
-    bad = schema.DEFAULT_BAD_MASK
+    bad = spherex.DEFAULT_BAD_MASK
     pos = {str(s): (ra, dec) for s, ra, dec in cat.select("source_id", "ra", "dec").iter_rows()}
     src_of = dict(zip(pairs["path"].to_list(), pairs["source_id"].to_list()))
     out = []
@@ -116,7 +116,7 @@ def reference_measure(paths: list[str], pairs: pl.DataFrame, cat: pl.DataFrame, 
                 fallbacks += 1
             ap = CircularAperture((x, y), r=r_ap)
             t = aperture_photometry(sub - bkg, ap, error=np.sqrt(np.where(mask, 0, var)), mask=mask, method="exact")
-            fac = 6.15 ** 2 * schema.MJY_SR_TO_UJY_PER_ARCSEC2
+            fac = 6.15 ** 2 * spherex.MJY_SR_TO_UJY_PER_ARCSEC2
             out.append((sid, p, hdr.get("OBSID"), int(hdr["DETECTOR"]), float(hdr["MJD-AVG"]), float(lam),
                         float(t["aperture_sum"][0]) * fac, float(t["aperture_sum_err"][0]) * fac))
     if fallbacks and verbose:

@@ -36,8 +36,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from spxframe import sim
-    from spxframe.archive import observations
-    from spxframe.plan import plan
+    from spxframe.archive.query import observations
+    from spxframe.planner.manifest import plan
 
     sizes = [1000, 10000] if args.quick else [1000, 10000, 30000]
     t0 = time.perf_counter()

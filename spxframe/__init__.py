@@ -15,7 +15,8 @@ from __future__ import annotations
 import importlib
 import logging
 
-__version__ = "0.1.0"
+from spxframe._version import __version__
+
 __all__ = [
     "lightcurves",
     "observations",
@@ -34,12 +35,12 @@ logging.getLogger("spxframe").addHandler(logging.NullHandler())
 # ``plan`` and ``fetch`` share their names with their submodules: importing the submodule
 # (``import spxframe.plan``) would rebind the package attribute to the module, so bind the
 # functions eagerly; the submodule import system then leaves them alone.
-from .fetch import fetch  # noqa: E402
-from .plan import plan  # noqa: E402
+from spxframe.fetcher.engine import fetch  # noqa: E402
+from spxframe.planner.manifest import plan  # noqa: E402
 
 _LAZY = {
-    "lightcurves": ("spxframe.pipeline", "lightcurves"),
-    "read": ("spxframe.pipeline", "read"),
+    "lightcurves": ("spxframe.run.driver", "lightcurves"),
+    "read": ("spxframe.run.driver", "read"),
     "observations": ("spxframe.archive", "observations"),
     "measure": ("spxframe.photometry", "measure"),
     "parse_cutout_size": ("spxframe.sizes", "parse_cutout_size"),

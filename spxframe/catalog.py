@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .errors import InputError
+from spxframe.errors import InputError
 
 __all__ = ["normalize_catalog", "source_id_dtype", "ids_as_text", "restore_source_id", "REQUIRED"]
 

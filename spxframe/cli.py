@@ -83,11 +83,11 @@ def _lightcurves(a: argparse.Namespace) -> int:
 def _plot(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pipeline import read
-    from .plot import plot_source
+    from spxframe.plot import plot_source
+    from spxframe.run.driver import read
 
     phot = read(a.out)
-    from ._store import is_url
+    from spxframe.store import is_url
 
     plots = Path("plots") if is_url(a.out) else Path(a.out) / "plots"
     png = a.png or str(plots / f"source_{a.source_id}.png")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from .errors import ArchiveError, InputError
+    from spxframe.errors import ArchiveError, InputError
 
     try:
         if args.command == "lightcurves":
@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plot":
             return _plot(args)
         if args.command == "sim":
-            from .sim.server import main as sim_main
+            from spxframe.sim.server import main as sim_main
             return sim_main(["--port", str(args.port), "--seed", str(args.seed)]) or EXIT_OK
         if args.command == "demo":
-            from .demo import run_demo
+            from spxframe.demo import run_demo
             return run_demo(output_dir=args.out, n_sources=args.sources, seed=args.seed)
     except InputError as exc:
         print(f"spxframe: error: {exc}", file=sys.stderr)

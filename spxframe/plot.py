@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from . import schema
+from spxframe import schema, spherex
 
 log = logging.getLogger("spxframe.plot")
 
@@ -39,7 +39,7 @@ def _plt():
 def _good(df: pl.DataFrame) -> np.ndarray:
     qc = df.get_column("qc").fill_null(0).to_numpy()
     flags = df.get_column("flags").fill_null(0).to_numpy()
-    return ((qc & ~_SOFT_QC) == 0) & ((flags & schema.DEFAULT_BAD_MASK) == 0)
+    return ((qc & ~_SOFT_QC) == 0) & ((flags & spherex.DEFAULT_BAD_MASK) == 0)
 
 
 def plot_source(phot: pl.DataFrame, source_id: Any, *, path: str | Path | None = None, title: str | None = None):
@@ -86,7 +86,7 @@ def plot_summary(phot: pl.DataFrame, *, path: str | Path | None = None):
     """Run summary: measurements per band, SNR distribution, counts of each qc bit."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
-    bands = list(schema.BANDS)
+    bands = list(spherex.BANDS)
     counts = [phot.filter(pl.col("band") == b).height for b in bands]
     axes[0].bar(bands, counts, color="tab:blue")
     axes[0].set_title("measurements per band", fontsize=10)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from . import schema
+from spxframe import schema, spherex
 
 
 def units_from_parquet(path: str | os.PathLike) -> dict[str, str | None]:
@@ -26,7 +26,7 @@ def units_from_parquet(path: str | os.PathLike) -> dict[str, str | None]:
 
 def _as_frame(data: Any) -> tuple[pl.DataFrame, dict[str, str | None]]:
     if isinstance(data, (str, os.PathLike)):
-        from ._store import is_url
+        from spxframe.store import is_url
         if is_url(data):
             import fsspec
             url = str(data) if str(data).endswith(".parquet") else str(data).rstrip("/") + "/photometry.parquet"
@@ -90,7 +90,7 @@ def source_view(phot: pl.DataFrame, source_id: Any) -> pl.DataFrame:
     sid = pl.Series([source_id]).cast(phot.schema["source_id"], strict=False)[0]
     df = phot.filter(pl.col("source_id") == sid)
     out = []
-    for band, (lo, hi, _r) in schema.BANDS.items():
+    for band, (lo, hi, _r) in spherex.BANDS.items():
         sub = df.filter(pl.col("band") == band)
         if sub.height:
             ch = np.floor(17 * np.log(sub["wavelength"].to_numpy() / lo) / np.log(hi / lo))

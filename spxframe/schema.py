@@ -1,12 +1,11 @@
-"""Every table's schema and units, the SPHEREx FLAGS bit registry, and our qc bits.
+"""Every table's schema and units, and our qc bits.
 
 This is the one place where column names, dtypes, units and descriptions are declared.
 Every stage builds its output table from these declarations (``empty(TABLE)``,
 ``conform(df, TABLE)``), and the Parquet writer stores the units in the file metadata
 (``parquet_metadata(TABLE)``) so astropy and Polars readers get them.
 
-``spxframe.sim`` shares *only* the constants of this module (bit numbers, band ranges,
-file geometry) with the client: it never reuses the client's parsing code.
+Instrument and file facts (bands, bit numbers, file geometry) live in :mod:`spxframe.spherex`.
 """
 
 from __future__ import annotations
@@ -17,79 +16,7 @@ from typing import Any
 
 import polars as pl
 
-# --------------------------------------------------------------------------------------
-# Instrument and file constants (spec §2.4, §3.1, §5)
-# --------------------------------------------------------------------------------------
-
-NPIX: int = 2040  #: detector side, pixels
-PIXEL_SCALE_ARCSEC: float = 6.15  #: nominal pixel scale, arcsec / pixel
-EXPTIME_S: float = 113.5826  #: XPOSURE, seconds
-MJY_SR_TO_UJY_PER_ARCSEC2: float = 23.5044  #: µJy = MJy/sr × Ω[arcsec²] × 23.5044
-FULL_FILE_BYTES: int = 71_634_240  #: size of a QR2 L2 MEF
-PSF_SHAPE: tuple[int, int, int] = (121, 101, 101)  #: numpy shape of the PSF cube
-PSF_OVERSAMP: int = 10  #: PSF pixels per detector pixel
-PSF_ZONES_PER_SIDE: int = 11
-HDU_NAMES: tuple[str, ...] = ("PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE")
-PLANE_HDUS: tuple[str, ...] = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
-
-#: band -> (lambda_min µm, lambda_max µm, resolving power)   [DOC-P]
-BANDS: dict[str, tuple[float, float, float]] = {
-    "D1": (0.75, 1.09, 39.0),
-    "D2": (1.10, 1.62, 41.0),
-    "D3": (1.63, 2.41, 41.0),
-    "D4": (2.42, 3.82, 35.0),
-    "D5": (3.83, 4.41, 112.0),
-    "D6": (4.42, 5.00, 128.0),
-}
-#: detectors that see the same sky at the same time
-DETECTOR_PAIRS: dict[int, int] = {1: 4, 2: 5, 3: 6, 4: 1, 5: 2, 6: 3}
-
-COLLECTIONS: tuple[str, ...] = ("spherex_qr2", "spherex_qr2_deep", "spherex_qr2_cal")
-IRSA_URL: str = "https://irsa.ipac.caltech.edu"
-CLOUD_BUCKET: str = "nasa-irsa-spherex"
-CLOUD_URL: str = "https://nasa-irsa-spherex.s3.us-east-1.amazonaws.com"
-
-# --------------------------------------------------------------------------------------
-# FLAGS bits (spec §4.1) and our defaults (spec §4.2 consensus)
-# --------------------------------------------------------------------------------------
-
-FLAG_BITS: dict[str, int] = {
-    "TRANSIENT": 0,
-    "OVERFLOW": 1,
-    "SUR_ERROR": 2,
-    "PHANTOM": 4,
-    "REFERENCE": 5,
-    "NONFUNC": 6,
-    "DICHROIC": 7,
-    "MISSING_DATA": 9,
-    "HOT": 10,
-    "COLD": 11,
-    "FULLSAMPLE": 12,
-    "PHANMISS": 14,
-    "NONLINEAR": 15,
-    "PERSIST": 17,
-    "OUTLIER": 19,
-    "SOURCE": 21,
-}
-HARD_BAD_BITS: frozenset[int] = frozenset({0, 2, 6, 7, 9, 10, 11, 14, 15, 17})
-OPTIONAL_BAD_BITS: frozenset[int] = frozenset({1, 4, 5, 19})
-NEVER_REJECT_BITS: frozenset[int] = frozenset({12, 21})
-
-
-def bits_to_mask(bits: set[int] | frozenset[int] | list[int]) -> int:
-    """OR of ``1 << b`` over ``bits``; refuses SOURCE/FULLSAMPLE (never rejected)."""
-    bad = set(bits) & NEVER_REJECT_BITS
-    if bad:
-        raise ValueError(f"bits {sorted(bad)} (FULLSAMPLE/SOURCE) are informational and cannot be masked")
-    mask = 0
-    for b in bits:
-        if not 0 <= int(b) < 32:
-            raise ValueError(f"flag bit {b!r} out of range 0..31")
-        mask |= 1 << int(b)
-    return mask
-
-
-DEFAULT_BAD_MASK: int = bits_to_mask(HARD_BAD_BITS)
+from spxframe.spherex import FLAG_BITS
 
 # --------------------------------------------------------------------------------------
 # Our quality bits (photometry column ``qc``)

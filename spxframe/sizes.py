@@ -13,7 +13,7 @@ pixels**, the convention of the manifest's ``x_parent``/``y_parent``). RA is ran
 
 Differences from the SPXQuery documentation (we follow IRSA):
 
-* SPXQuery quotes a 6.2″ pixel scale; we use the nominal 6.15″ (``schema.PIXEL_SCALE_ARCSEC``),
+* SPXQuery quotes a 6.2″ pixel scale; we use the nominal 6.15″ (``spherex.PIXEL_SCALE_ARCSEC``),
   so ``"0.1"`` (deg) is round(360 / 6.15) = 59 px here (58 at SPXQuery's 6.2″).
 * SPXQuery documents ``"10.3,5.2arcmin"`` as "arcminutes from the reference"; in IRSA's
   grammar an angular unit on ``center`` means absolute RA, Dec in that unit, and so it does here.
@@ -28,7 +28,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from .schema import NPIX, PIXEL_SCALE_ARCSEC
+from spxframe.spherex import NPIX, PIXEL_SCALE_ARCSEC
 
 __all__ = ["CutoutSize", "CutoutCenter", "parse_cutout_size", "parse_cutout_center", "UNITS"]
 

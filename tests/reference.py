@@ -1,4 +1,4 @@
-"""Slow, obvious NumPy/SciPy reference versions of spxframe.kernels, for the tests only."""
+"""Slow, obvious NumPy/SciPy reference versions of spxframe.photometry.kernels, for the tests only."""
 
 from __future__ import annotations
 

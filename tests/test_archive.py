@@ -6,15 +6,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from spxframe import schema
-from spxframe.archive import Endpoints, observations, resolve_archive
+from spxframe import schema, spherex
+from spxframe.archive.query import Endpoints, observations, resolve_archive
 from spxframe.errors import ArchiveUnreachable, InputError
 
 
 def test_resolve_archive():
     irsa = resolve_archive(None)
     assert irsa == resolve_archive("irsa") == Endpoints(
-        schema.IRSA_URL, schema.IRSA_URL + "/TAP", schema.IRSA_URL + "/SIA", schema.CLOUD_URL)
+        spherex.IRSA_URL, spherex.IRSA_URL + "/TAP", spherex.IRSA_URL + "/SIA", spherex.CLOUD_URL)
     e = resolve_archive("http://127.0.0.1:9/")
     assert e.tap_url == "http://127.0.0.1:9/TAP" and e.cloud_url == "http://127.0.0.1:9/nasa-irsa-spherex"
 
@@ -162,7 +162,7 @@ def test_contract_query_shape(archive, small_cat, small_truth):
 
 
 def test_text_source_ids(archive, small_cat):
-    from spxframe.plan import plan
+    from spxframe.planner.manifest import plan
 
     cat = small_cat.with_columns(("star-" + pl.col("source_id").cast(pl.Utf8)).alias("source_id"))
     obs, m = observations(cat, archive=archive, return_matches=True)
@@ -172,7 +172,7 @@ def test_text_source_ids(archive, small_cat):
 
 
 def test_upload_refused_falls_back_to_cells(archive, small_cat, monkeypatch):
-    import spxframe.archive as arc_mod
+    import spxframe.archive.query as arc_mod
 
     ref = observations(small_cat, archive=archive, strategy="cells")
     monkeypatch.setattr(arc_mod, "upload_query", lambda *a, **k: "SELECT nonsense FROM TAP_UPLOAD.nope")

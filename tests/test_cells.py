@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spxframe.cells import ang2pix_nest
+from spxframe.run.cells import ang2pix_nest
 
 
 @pytest.fixture(scope="module")

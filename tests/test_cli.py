@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import polars as pl
-
 from test_pipeline import patch_catalog
 
 SPX = [sys.executable, "-m", "spxframe.cli"]

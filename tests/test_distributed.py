@@ -9,11 +9,10 @@ import time
 
 import polars as pl
 import pytest
+from test_pipeline import patch_catalog
 
 import spxframe
-from spxframe.pipeline import run_cell
-
-from test_pipeline import patch_catalog
+from spxframe.run.driver import run_cell
 
 distributed = pytest.importorskip("distributed")
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from spxframe import rangeread as R
 from spxframe.errors import InputError
+from spxframe.fetcher import ranges as R
 
-F = importlib.import_module("spxframe.fetch")  # the module; ``spxframe.fetch`` is the function
+F = importlib.import_module("spxframe.fetcher.engine")  # the module; ``spxframe.fetch`` is the function
 
 PLANES = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
 
@@ -113,7 +112,7 @@ def test_cache_dir_not_writable(tmp_path):
 
 
 def test_retry_policy_and_limiter():
-    from spxframe.transfer import HostLimiter, RetryPolicy, parse_retry_after
+    from spxframe.fetcher.http import HostLimiter, RetryPolicy, parse_retry_after
 
     p = RetryPolicy(retries=3, backoff=0.5, max_backoff=4.0, max_retry_after=2.0)
     assert all(0.25 <= p.delay(1) <= 0.5 for _ in range(50))
@@ -423,7 +422,7 @@ def test_session_and_storage_options_injection(sarc, tmp_path):
 
 
 _KILL_SCRIPT = textwrap.dedent("""
-    import importlib, sys, polars as pl; F = importlib.import_module('spxframe.fetch')
+    import importlib, sys, polars as pl; F = importlib.import_module('spxframe.fetcher.engine')
     m = pl.read_parquet(sys.argv[1])
     F.fetch(m, cache_dir=sys.argv[2], progress=False, max_concurrency=2)
 """)

@@ -1,4 +1,4 @@
-"""fetch(): concurrent fetches into one cache_dir transfer each file once (claims, spxframe._claims).
+"""fetch(): concurrent fetches into one cache_dir transfer each file once (claims, spxframe.fetcher.claims).
 
 Real parts only: the simulated archive on 127.0.0.1, fetch() in subprocesses and threads, lock
 files on disk. The archive's request log says what was transferred how often.
@@ -22,11 +22,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from spxframe import _claims
-from spxframe import rangeread as R
-from spxframe.transfer import _HOST
+from spxframe.fetcher import claims as _claims
+from spxframe.fetcher import ranges as R
+from spxframe.fetcher.http import _HOST
 
-F = importlib.import_module("spxframe.fetch")
+F = importlib.import_module("spxframe.fetcher.engine")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def _leftovers(cache: Path) -> list[Path]:
 # a fetch in another process: waits at a barrier so two of them start together
 _SCRIPT = textwrap.dedent("""
     import importlib, json, os, sys, time, polars as pl
-    F = importlib.import_module('spxframe.fetch')
+    F = importlib.import_module('spxframe.fetcher.engine')
     man, cache, ready, go, out, kw = sys.argv[1:7]
     m = pl.read_parquet(man)
     open(ready, 'w').close()

@@ -16,7 +16,7 @@ import pytest
 from astropy.io import fits
 
 import spxframe
-from spxframe import schema
+from spxframe import schema, spherex
 
 QC = schema.QC
 BOX = 400  #: side of the test cutouts, px
@@ -101,7 +101,7 @@ def _isolated(u, df: pl.DataFrame, cat: pl.DataFrame, min_px: float = 12.0) -> n
     v = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], 1)
     ids = cat["source_id"].cast(pl.Utf8).to_numpy()
     idx = {s: i for i, s in enumerate(ids)}
-    lim = math.cos(math.radians(min_px * schema.PIXEL_SCALE_ARCSEC / 3600))
+    lim = math.cos(math.radians(min_px * spherex.PIXEL_SCALE_ARCSEC / 3600))
     iso = {}
     for s in set(df["source_id"].to_list()):
         i = idx[s]
@@ -165,12 +165,12 @@ def test_positions_and_wavelengths(measured, simfiles, universe):
         assert abs(r["x"] + ox - tx) < 0.02 and abs(r["y"] + oy - ty) < 0.02, (r, tx, ty)
         lam = float(ins.lvf_wavelength(r["detector"], r["x"] + ox, r["y"] + oy))
         assert abs(r["wavelength"] - lam) < 0.002
-        assert r["bandwidth"] == pytest.approx(r["wavelength"] / schema.BANDS[r["band"]][2], rel=0.05)
+        assert r["bandwidth"] == pytest.approx(r["wavelength"] / spherex.BANDS[r["band"]][2], rel=0.05)
 
 
 def test_source_pixels_used_and_times(measured):
     df = measured
-    src = df.filter((pl.col("flags") & (1 << 21) > 0) & (pl.col("flags") & schema.DEFAULT_BAD_MASK == 0)
+    src = df.filter((pl.col("flags") & (1 << 21) > 0) & (pl.col("flags") & spherex.DEFAULT_BAD_MASK == 0)
                     & (pl.col("qc") & (QC["APERTURE_EDGE"] | QC["NAN_VARIANCE"]) == 0))
     assert src.height > 0 and (src["masked_fraction"] < 1e-12).all() and src["flux"].is_not_nan().all()
     dt = (df["bjd_tdb"] - (df["mjd"] + 2400000.5)) * 86400
@@ -210,7 +210,7 @@ def test_legacy_psf_header_same_flux(universe, tmp_path):
     assert (b["qc"] & QC["LEGACY_PSF_HEADER"] > 0).all() and (a["qc"] & QC["LEGACY_PSF_HEADER"] == 0).all()
     np.testing.assert_allclose(a["flux"].to_numpy(), b["flux"].to_numpy(), rtol=1e-12)
     # a reader trusting the legacy card numbers would have used other planes for these sources
-    from spxframe import mef
+    from spxframe.fits import l2file as mef
 
     infos = []
     for p in paths:
@@ -282,7 +282,8 @@ def test_cutout_equals_full_frame(universe, tmp_path):
 
 def test_fast_paths_match_slow(simfiles):
     """Regex zone parsing = card-by-card parsing; WCS filled from values = astropy Header WCS."""
-    from spxframe import mef, psf
+    from spxframe.fits import l2file as mef
+    from spxframe.fits import psf
 
     p = [q for q in simfiles["paths"] if "ibe_" in q][0]
     fd = os.open(p, os.O_RDONLY)
@@ -305,7 +306,7 @@ def test_fast_paths_match_slow(simfiles):
     r2, d2 = w2.all_pix2world(x, y, 0)
     assert np.abs(r1 - r2).max() * 3600 < 1e-8 and np.abs(d1 - d2).max() * 3600 < 1e-8
     # what measure() uses: the numba TAN-SIP, same as astropy's all_world2pix / all_pix2world
-    from spxframe import _wcs
+    from spxframe.fits import wcs as _wcs
 
     w3 = _wcs.celestial_wcs(info)
     assert isinstance(w3, _wcs.TanSip)
@@ -320,7 +321,7 @@ def test_fast_paths_match_slow(simfiles):
 
 
 def test_options_chunking_pandas(simfiles, measured, monkeypatch):
-    from spxframe import photometry
+    from spxframe.photometry import forced as photometry
 
     paths = [p for p in simfiles["paths"] if "ibe_" in p or "_x0_y0_" in p][:2]
     base = measured.filter(pl.col("file").is_in(paths)).sort("file", "source_id")
@@ -336,7 +337,7 @@ def test_options_chunking_pandas(simfiles, measured, monkeypatch):
     np.testing.assert_array_equal(chunked["flux"].to_numpy(), base["flux"].to_numpy())
     z = spxframe.measure(paths, simfiles["cat"], background="zodi").sort("file", "source_id")
     assert (z["zodi_scale"] == 1).all() and (z["background"] == 0).all() and z["flux"].is_not_nan().sum() > 0
-    strict = spxframe.measure(paths, simfiles["cat"], bad_bits=set(schema.HARD_BAD_BITS) | {1, 4, 5, 19})
+    strict = spxframe.measure(paths, simfiles["cat"], bad_bits=set(spherex.HARD_BAD_BITS) | {1, 4, 5, 19})
     assert strict.height == base.height
     with pytest.raises(ValueError):
         spxframe.measure(paths, simfiles["cat"], bad_bits={21})

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 import spxframe
-from spxframe import schema
+from spxframe import schema, spherex
 from spxframe.errors import ArchiveUnreachable, InputError
 
 TRANSFER_ENDPOINTS = {"ibe_file", "ibe_cutout", "cloud"}
@@ -57,7 +57,7 @@ def test_outputs_written_with_units(run):
     qt = to_qtable(out)
     assert str(qt["flux"].unit) == "uJy"
     summary = json.loads((out / "results/query_summary.json").read_text())
-    assert summary["total_size_gb"] > 0 and set(summary["band_sizes"]) == set(schema.BANDS)
+    assert summary["total_size_gb"] > 0 and set(summary["band_sizes"]) == set(spherex.BANDS)
     assert summary["n_sources"] == run["cat"].height
     runinfo = json.loads((out / "run.json").read_text())
     assert runinfo["versions"]["spxframe"] == spxframe.__version__
@@ -83,7 +83,7 @@ def test_fluxes_match_truth(run, universe):
     assert ok.height > 0.8 * run["phot"].height
     truth = universe.truth_flux(ok["source_id"].to_numpy(), ok["wavelength"].to_numpy(), ok["mjd"].to_numpy())
     flux, err = ok["flux"].to_numpy(), ok["flux_err"].to_numpy()
-    clean = (ok["flags"].to_numpy() & schema.DEFAULT_BAD_MASK) == 0
+    clean = (ok["flags"].to_numpy() & spherex.DEFAULT_BAD_MASK) == 0
     pull = ((flux - truth) / err)[clean]
     med = np.median(pull)
     width = 1.4826 * np.median(np.abs(pull - med))

@@ -10,10 +10,11 @@ import polars as pl
 import pytest
 import requests
 
-from spxframe import schema
-from spxframe.archive import observations
+from spxframe import schema, spherex
+from spxframe.archive.query import observations
 from spxframe.errors import InputError
-from spxframe.plan import LAYOUT, ROW, CostModel, cutout_bytes, plan
+from spxframe.planner.cost import LAYOUT, ROW, CostModel, cutout_bytes
+from spxframe.planner.manifest import plan
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_request_grouping_and_bytes(universe, archive, field_cat, field_obs):
                                      pl.col("predicted_bytes").n_unique(), pl.struct("obs_id", "detector").n_unique())
     assert (g.drop("request_id") == 1).to_numpy().all()  # one transfer = one url, method, size, image
     full = m.filter(pl.col("access") == "full")
-    assert (full["predicted_bytes"] == schema.FULL_FILE_BYTES).all() and (full["box_nx"] == 2040).all()
+    assert (full["predicted_bytes"] == spherex.FULL_FILE_BYTES).all() and (full["box_nx"] == 2040).all()
     tot = m.unique("request_id")["predicted_bytes"].sum()
     assert tot == p.summary["predicted_bytes"].sum()
 
@@ -143,7 +144,7 @@ def test_forced_methods(field_cat, field_obs, archive):
     assert r["url"].str.starts_with(archive.cloud_url + "/qr2/level2/").all()
     for row in r.head(20).iter_rows(named=True):  # ranges hold the box rows of every plane
         rng = json.loads(row["ranges"])
-        for h in schema.PLANE_HDUS:
+        for h in spherex.PLANE_HDUS:
             a = LAYOUT[h][1] + row["box_y0"] * ROW
             b = a + row["box_ny"] * ROW
             assert any(s <= a and b <= e for s, e in rng), (h, a, b)

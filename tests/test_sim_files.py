@@ -12,8 +12,8 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from spxframe.schema import FLAG_BITS, FULL_FILE_BYTES, MJY_SR_TO_UJY_PER_ARCSEC2
 from spxframe.sim.universe import BadRequest, Universe
+from spxframe.spherex import FLAG_BITS, FULL_FILE_BYTES, MJY_SR_TO_UJY_PER_ARCSEC2
 
 warnings.filterwarnings("ignore", module="astropy.wcs")
 BLOCK = 2880

@@ -89,7 +89,7 @@ class Rel:
         self.parts = parts  # alias -> (Table, idx)
         self.n = n
 
-    def take(self, sel) -> "Rel":
+    def take(self, sel) -> Rel:
         parts = {a: (t, i[sel]) for a, (t, i) in self.parts.items()}
         n = len(next(iter(parts.values()))[1]) if parts else 0
         return Rel(parts, n)

@@ -9,6 +9,7 @@ from .adql import AdqlError
 from .adqleval import Geo, Rel, _to_series
 from .adqlfuncs import AGGS, evaluate
 
+
 def _codes(a: np.ndarray) -> np.ndarray:
     s = _to_series(np.asarray(a))
     r = s.rank("dense")

@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 
-from spxframe.schema import NPIX, PIXEL_SCALE_ARCSEC
+from spxframe.spherex import NPIX, PIXEL_SCALE_ARCSEC
 
 from . import headers as hd
 

@@ -72,7 +72,7 @@ class Polygons:
         cdec = np.arcsin(np.clip(c[:, 2], -1, 1)) / D2R
         self.center_radec = np.stack([cra, cdec], axis=-1)
 
-    def take(self, idx) -> "Polygons":
+    def take(self, idx) -> Polygons:
         out = Polygons.__new__(Polygons)
         for name in ("verts", "center", "e1", "e2", "proj", "radius", "center_radec"):
             setattr(out, name, getattr(self, name)[idx])

@@ -197,7 +197,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._cloud(method, path, p)
         if path in ("/", ""):
             return 200, {"Content-Type": "text/plain"}, (
-                "spxframe simulated IRSA archive\n/TAP /SIA /datalink/links/spherex /ibe/data/spherex/ /nasa-irsa-spherex/\n").encode()
+                b"spxframe simulated IRSA archive\n/TAP /SIA /datalink/links/spherex /ibe/data/spherex/ /nasa-irsa-spherex/\n")
         return 404, {"Content-Type": "text/plain"}, b"404 Not Found\n"
 
     def _file(self, method, key, ctype, extra=None):

@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 from astropy.io import fits
 
-from spxframe.schema import FLAG_BITS, FULL_FILE_BYTES, NPIX, PSF_OVERSAMP, PSF_SHAPE, PSF_ZONES_PER_SIDE
+from spxframe.spherex import FLAG_BITS, FULL_FILE_BYTES, NPIX, PSF_OVERSAMP, PSF_SHAPE, PSF_ZONES_PER_SIDE
 
 from . import instrument as ins
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from spxframe.schema import BANDS, NPIX, PIXEL_SCALE_ARCSEC, PSF_OVERSAMP, PSF_SHAPE, PSF_ZONES_PER_SIDE
+from spxframe.spherex import BANDS, NPIX, PIXEL_SCALE_ARCSEC, PSF_OVERSAMP, PSF_SHAPE, PSF_ZONES_PER_SIDE
 
 CRPIX: float = 1020.5  #: 1-based reference pixel of the celestial WCS (detector centre)
 CENTER0: float = (NPIX - 1) / 2.0  #: zero-based detector centre, 1019.5

@@ -24,7 +24,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-from spxframe.schema import FLAG_BITS, MJY_SR_TO_UJY_PER_ARCSEC2, NPIX, PSF_OVERSAMP
+from spxframe.spherex import FLAG_BITS, MJY_SR_TO_UJY_PER_ARCSEC2, NPIX, PSF_OVERSAMP
 
 from . import instrument as ins
 

@@ -84,7 +84,7 @@ class Archive:
         with self._log_lock:
             self.log.append(entry)
 
-    def start(self) -> "Archive":
+    def start(self) -> Archive:
         if self._httpd is not None:
             return self
         self._httpd = _Server((self.host, self._port), Handler)
@@ -102,7 +102,7 @@ class Archive:
         self._httpd.server_close()
         self._httpd = None
 
-    def __enter__(self) -> "Archive":
+    def __enter__(self) -> Archive:
         return self.start()
 
     def __exit__(self, *exc) -> None:

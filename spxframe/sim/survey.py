@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from spxframe.schema import BANDS, EXPTIME_S, FULL_FILE_BYTES, NPIX, PIXEL_SCALE_ARCSEC
+from spxframe.spherex import BANDS, EXPTIME_S, FULL_FILE_BYTES, NPIX, PIXEL_SCALE_ARCSEC
 
 from . import instrument as ins
 

@@ -9,7 +9,7 @@ import io
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -123,7 +123,7 @@ class TapService:
         return 200, {"Content-Type": VOT_CT}, body
 
     # ---- async (UWS 1.1) ----------------------------------------------------------------
-    def create_job(self, params: dict, files: dict) -> "Job":
+    def create_job(self, params: dict, files: dict) -> Job:
         job = Job(uuid.uuid4().hex[:16], params, files, self)
         with self.lock:
             self.jobs[job.id] = job
@@ -131,7 +131,7 @@ class TapService:
             job.run()
         return job
 
-    def get(self, jid: str) -> "Job | None":
+    def get(self, jid: str) -> Job | None:
         with self.lock:
             return self.jobs.get(jid)
 
@@ -157,7 +157,7 @@ _NS = ('xmlns:uws="http://www.ivoa.net/xml/UWS/v1.0" xmlns:xlink="http://www.w3.
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class Job:

@@ -36,7 +36,7 @@ from collections import OrderedDict
 import numpy as np
 import polars as pl
 
-from spxframe.schema import EXPTIME_S, FULL_FILE_BYTES, NPIX
+from spxframe.spherex import EXPTIME_S, FULL_FILE_BYTES, NPIX
 
 from . import cutout as cut
 from . import headers as hd

@@ -26,7 +26,7 @@ stale ``.part`` files. A transfer that fails after its retry budget marks its ro
 ``status='failed'`` with the error; only input/programming errors raise.
 
 Concurrent fetches into one ``cache_dir`` (processes, threads, hosts sharing a filesystem) make
-each file once: a fetch claims a file (``<file>.lock``, see :mod:`spxframe._claims`) before
+each file once: a fetch claims a file (``<file>.lock``, see :mod:`spxframe.fetcher.claims`) before
 transferring it; another fetch that needs the same file waits for its ``.ok`` sidecar, holding
 no transfer slot and going on with its other transfers, and fetches the file itself if the
 claimer failed or died (``stale_claim``); it waits at most ``claim_timeout`` per file, then marks
@@ -53,20 +53,42 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from . import __version__, _claims, schema
-from .errors import FileFormatError, InputError
-from .rangeread import (BLOCK, Box, HDU, RangeFile, build_cutout, nearest_box_start,
-                        psf_file_bytes, scan_fits)
-from .transfer import (Cancelled, Limiters, RangeClient, RetryPolicy, TransferError, call_with_retries,
-                       clean_stale_parts, default_session, file_md5, is_verified, mark_ok, sidecar,
-                       stream_to_file, tmp_name, write_verified)
+from spxframe import schema, spherex
+from spxframe._version import __version__
+from spxframe.errors import FileFormatError, InputError
+from spxframe.fetcher import claims as _claims
+from spxframe.fetcher.http import (
+    Cancelled,
+    Limiters,
+    RangeClient,
+    RetryPolicy,
+    TransferError,
+    call_with_retries,
+    clean_stale_parts,
+    default_session,
+    file_md5,
+    is_verified,
+    mark_ok,
+    sidecar,
+    stream_to_file,
+    tmp_name,
+    write_verified,
+)
+from spxframe.fetcher.ranges import (
+    BLOCK,
+    HDU,
+    Box,
+    RangeFile,
+    build_cutout,
+    nearest_box_start,
+    psf_file_bytes,
+    scan_fits,
+)
 
 log = logging.getLogger("spxframe.fetch")
 
 USER_AGENT = f"spxframe/{__version__}"
 OBS_ID_RE = re.compile(r"^\d{4}W\d{2}_\d[A-Z]_\d{4}_\d{1,2}$")
-PSF_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
-_VERSION_DIR_RE = re.compile(r"/(l2b-v[0-9A-Za-z.+-]+)/")
 ACCESS = ("cutout", "range", "full")
 _POLL = (0.05, 2.0)   # s: first and longest interval between looks at another fetch's transfer
 
@@ -109,7 +131,7 @@ def local_name(obs_id: str, detector: int, box: Box | None = None, *, full: bool
 
 def psf_name(psf_key: str) -> str:
     """Path of a cached PSF cube relative to ``cache_dir``; ``psf_key`` is validated."""
-    if not PSF_KEY_RE.match(psf_key or "") or ".." in psf_key:
+    if not spherex.PSF_KEY_RE.match(psf_key or "") or ".." in psf_key:
         raise InputError(f"psf_key {psf_key!r} is not a safe cache key")
     return f"psf/{psf_key}.fits"
 
@@ -165,7 +187,7 @@ class Task:
     def rows(self) -> list[int]:
         return sorted(r for t in self.targets for r in t.rows)
 
-    def part(self, targets: list[Target]) -> "Task":
+    def part(self, targets: list[Target]) -> Task:
         """A new transfer of the same URL for some of its targets (no results yet)."""
         return Task(self.access, self.url, self.obs_id, self.detector, list(targets), psf_key=self.psf_key,
                     size=self.size, md5=self.md5, need_psf=self.need_psf)
@@ -202,11 +224,6 @@ def _recenter_sky(r: dict[str, Any], box: Box | None) -> tuple[float, float] | N
     if box.x0 != nearest_box_start(xp, box.nx) or box.y0 != nearest_box_start(yp, box.ny):
         return None
     return ra, dec
-
-
-def _default_psf_key(detector: int, url: str) -> str | None:
-    m = _VERSION_DIR_RE.search(url)
-    return f"D{int(detector)}_{m.group(1)}" if m else None
 
 
 class _Progress:
@@ -656,7 +673,7 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike, max_concurrency: int |
             continue
         t = tasks.get(key)
         if t is None:
-            psf_key = r.get("psf_key") or (_default_psf_key(det, url) if access == "range" else None)
+            psf_key = r.get("psf_key") or (spherex.psf_key(url, det) if access == "range" else None)
             t = Task(access, url, str(r["obs_id"]), det, [], psf_key=psf_key,
                      size=_as_int(r.get("_size")), md5=(r.get("_md5") or None))
             tasks[key] = t

@@ -2,7 +2,7 @@
 
 :func:`plan` makes one manifest row per (source, obs_id, detector) whose footprint contains the
 source (within ``margin_px`` of the edge: measure() decides on the edge cases). The parent
-pixel comes from the footprint polygon (``spxframe.footprint``: exact for TAN, a few px with SIP),
+pixel comes from the footprint polygon (``spxframe.archive.footprint``: exact for TAN, a few px with SIP),
 so the planned boxes are predictions; fetch re-derives exact boxes and offsets from the files.
 
 Access methods (CONTRACTS.md), chosen per image by predicted time = bytes / bandwidth +
@@ -25,114 +25,24 @@ on every row of it (sum over unique request_id for totals).
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from . import schema
-from .catalog import normalize_catalog
-from .errors import InputError
-from .footprint import Footprints
-from .sizes import CutoutSize, parse_cutout_center, parse_cutout_size
+from spxframe import schema
+from spxframe.archive.footprint import Footprints
+from spxframe.archive.query import resolve_archive
+from spxframe.catalog import normalize_catalog
+from spxframe.errors import InputError
+from spxframe.planner.cost import CostModel
+from spxframe.planner.rows import build_rows
+from spxframe.sizes import CutoutSize, parse_cutout_center, parse_cutout_size
 
-__all__ = ["plan", "Plan", "CostModel", "LAYOUT", "cutout_bytes", "box_of", "psf_key_of"]
+__all__ = ["plan", "Plan", "summarize"]
 
 log = logging.getLogger("spxframe.plan")
-NPIX = schema.NPIX
-BLOCK = 2880
-ROW = NPIX * 4  #: bytes per plane row
-PLANE = NPIX * ROW
-PSF_BYTES = 4_939_200
-HEADER_BLOCKS = {"PRIMARY": 1, "IMAGE": 7, "FLAGS": 5, "VARIANCE": 4, "ZODI": 4, "PSF": 15, "WCS-WAVE": 1}
-HEADER_BYTES = BLOCK * sum(HEADER_BLOCKS.values())  #: 37 header blocks of a full file
-CUTOUT_HEADER_BYTES = 38 * BLOCK  #: spec §3.8 size formula (IBE cutout headers)
-
-
-def _layout() -> dict[str, tuple[int, int, int]]:
-    out, pos = {}, 0
-    data = {"PRIMARY": 0, "IMAGE": PLANE, "FLAGS": PLANE, "VARIANCE": PLANE, "ZODI": PLANE,
-            "PSF": PSF_BYTES, "WCS-WAVE": BLOCK}
-    for h in schema.HDU_NAMES:
-        start, dstart = pos, pos + HEADER_BLOCKS[h] * BLOCK
-        pos = dstart + data[h]
-        out[h] = (start, dstart, pos)
-    assert pos == schema.FULL_FILE_BYTES
-    return out
-
-
-#: nominal QR2 layout: HDU → (header start, data start, data end) in bytes
-LAYOUT: dict[str, tuple[int, int, int]] = _layout()
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Predicted seconds = bytes / ``bandwidth_Bps`` + requests × ``request_s`` + cutouts ×
-    ``cutout_server_s`` (IBE builds each cutout for seconds; 2 s ≈ 50 MB at 25 MB/s).
-    ``gap_rows``: range reads of two boxes less than this many rows apart are merged.
-
-    ``local`` adds the cost of the files written to the cache: bytes / ``disk_Bps`` + files ×
-    ``file_s`` (write, verify, sidecar). It matters in dense fields: 500 sources on one image as
-    500 range cutouts write ~330 MB in 500 files, where the whole file is 72 MB in one."""
-
-    bandwidth_Bps: float = 25e6
-    request_s: float = 0.05
-    cutout_server_s: float = 2.0
-    gap_rows: int = 32
-    disk_Bps: float = 200e6
-    file_s: float = 0.01
-
-    def seconds(self, nbytes, requests, cutouts=0):
-        return np.asarray(nbytes) / self.bandwidth_Bps + np.asarray(requests) * self.request_s \
-            + np.asarray(cutouts) * self.cutout_server_s
-
-    def local(self, nbytes, files):
-        return np.asarray(nbytes) / self.disk_Bps + np.asarray(files) * self.file_s
-
-
-def cutout_bytes(nx, ny):
-    """Size in bytes of an uncompressed IBE cutout of nx × ny pixels (spec §3.8)."""
-    nx, ny = np.asarray(nx, np.int64), np.asarray(ny, np.int64)
-    return CUTOUT_HEADER_BYTES + 4 * (-(-4 * nx * ny // BLOCK)) * BLOCK + PSF_BYTES + BLOCK
-
-
-def box_of(cx, n):
-    """First pixel of the ``n``-pixel box whose centre is nearest the zero-based coordinate ``cx``
-    (ties → higher): ``floor(cx − (n − 1)/2 + 0.5)``."""
-    n = np.asarray(n, np.int64)
-    return np.floor(np.asarray(cx, float) - (n - 1) / 2 + 0.5).astype(np.int64)
-
-
-_VER = re.compile(r"(l2b-v\d+-\d{4}-\d{3})")
-
-
-def psf_key_of(url: str, detector: int) -> str:
-    """PSF cache key: ``D<det>_<processing version>`` from the file path (``l2b-vNN-YYYY-DDD``)."""
-    m = _VER.search(url or "")
-    return f"D{int(detector)}_{m.group(1) if m else 'unknown'}"
-
-
-def _merge(intervals: list[tuple[int, int]], gap: int) -> list[list[int]]:
-    out: list[list[int]] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1] + gap:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
-
-
-def range_requests(row_spans: list[tuple[int, int]], gap_rows: int = 32) -> list[list[int]]:
-    """Byte ranges for parent row spans ``[y0, y1)``: headers, plane rows, WCS-WAVE (no PSF data)."""
-    spans = _merge(row_spans, gap_rows)
-    r = [(LAYOUT[h][0], LAYOUT[h][1]) for h in schema.HDU_NAMES if h != "WCS-WAVE"]
-    r.append((LAYOUT["WCS-WAVE"][0], LAYOUT["WCS-WAVE"][2]))
-    for h in schema.PLANE_HDUS:
-        d = LAYOUT[h][1]
-        r += [(d + a * ROW, d + b * ROW) for a, b in spans]
-    return _merge(r, 0)
 
 
 @dataclass
@@ -217,9 +127,6 @@ def plan(
     ``image_access`` (obs_id, detector, access) fixes the access of those images under ``auto``
     (``lightcurves`` plans the whole catalog once and passes this to each sky cell's plan).
     """
-    from .archive import resolve_archive
-    from ._plan_rows import build_rows
-
     cat = normalize_catalog(catalog)
     if access not in ("auto", "cutout", "range", "full"):
         raise InputError(f"access={access!r}: expected one of 'auto', 'cutout', 'range', 'full'")

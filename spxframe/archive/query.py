@@ -6,7 +6,7 @@ footprint contains a catalog source, for a whole catalog at once:
 * **upload**: the catalog positions go up as ``TAP_UPLOAD.cat`` in chunks of
   ``max_sources_per_query``, joined with the frames whose centre lies within the detector
   half-diagonal (2.46°) + ``edge_margin_px`` of each source; the client then keeps the pairs
-  whose footprint (``spxframe.footprint``) holds the source within ``edge_margin_px``. The
+  whose footprint (``spxframe.archive.footprint``) holds the source within ``edge_margin_px``. The
   archive's polygons differ from the SIP WCS by up to ~4″, so its own test
   (``CONTAINS(POINT(u.ra, u.dec), p.poly)``, the CONTRACTS.md shape, used when
   ``edge_margin_px=0``) loses sources within a pixel of an edge.
@@ -28,24 +28,25 @@ backoff + jitter on 5xx, timeouts and connection errors; a result that hits MAXR
 (``OVERFLOW``) is split (half the sources, or half the time range for one source) and re-run.
 Rows are de-duplicated. ``observations(..., return_matches=True)`` returns
 ``(observations, matches)`` where matches has ``source_id`` (text), ``obs_id``, ``detector``;
-``spxframe.plan.plan(..., matches=matches)`` then skips its own spatial search.
+``spxframe.planner.manifest.plan(..., matches=matches)`` then skips its own spatial search.
 """
 
 from __future__ import annotations
 
 import logging
 import time as _time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
 
-from . import schema
-from .catalog import normalize_catalog
-from .errors import ArchiveError, ArchiveUnreachable, InputError
-from .footprint import HALF_DIAGONAL_DEG, Footprints, unit
-from ._tap import _Overflow, _Tap, _parallel
+from spxframe import schema, spherex
+from spxframe.archive.footprint import HALF_DIAGONAL_DEG, Footprints, unit
+from spxframe.archive.tap import _Overflow, _parallel, _Tap
+from spxframe.catalog import normalize_catalog
+from spxframe.errors import ArchiveError, ArchiveUnreachable, InputError
 
 __all__ = ["Endpoints", "resolve_archive", "observations", "check_query_options"]
 
@@ -67,17 +68,17 @@ class Endpoints:
 def resolve_archive(archive: Any = None) -> Endpoints:
     """``None``/``"irsa"`` → IRSA; a base URL string; or an object with ``.url`` (+ ``.cloud_url``)."""
     if archive is None or (isinstance(archive, str) and archive.lower() == "irsa"):
-        base, cloud = schema.IRSA_URL, schema.CLOUD_URL
+        base, cloud = spherex.IRSA_URL, spherex.CLOUD_URL
     elif isinstance(archive, Endpoints):
         return archive
     elif isinstance(archive, str):
         if not archive.startswith(("http://", "https://")):
             raise InputError(f"archive={archive!r}: expected 'irsa', a http(s):// base URL or a sim archive")
         base = archive.rstrip("/")
-        cloud = schema.CLOUD_URL if base == schema.IRSA_URL else base + "/" + schema.CLOUD_BUCKET
+        cloud = spherex.CLOUD_URL if base == spherex.IRSA_URL else base + "/" + spherex.CLOUD_BUCKET
     elif hasattr(archive, "url"):
         base = str(archive.url).rstrip("/")
-        cloud = str(getattr(archive, "cloud_url", None) or base + "/" + schema.CLOUD_BUCKET).rstrip("/")
+        cloud = str(getattr(archive, "cloud_url", None) or base + "/" + spherex.CLOUD_BUCKET).rstrip("/")
     else:
         raise InputError(f"archive must be None, 'irsa', a base URL or an object with .url, got {archive!r}")
     return Endpoints(base, base + "/TAP", base + "/SIA", cloud)
@@ -91,8 +92,8 @@ def check_query_options(bands=None, time=None, collection="spherex_qr2"):
         out = []
         for b in bands:
             name = f"D{int(b)}" if isinstance(b, (int, np.integer)) else str(b).upper().replace("SPHEREX-", "")
-            if name not in schema.BANDS:
-                raise InputError(f"bands: unknown band {b!r}; expected some of {list(schema.BANDS)}")
+            if name not in spherex.BANDS:
+                raise InputError(f"bands: unknown band {b!r}; expected some of {list(spherex.BANDS)}")
             out.append(name)
         bands = sorted(set(out))
     if time is not None:
@@ -317,7 +318,7 @@ def observations(
     cell_parts: list[pl.DataFrame] = []
     up_idx = np.flatnonzero(~dense)
     radius = None if edge_margin_px <= 0 else \
-        HALF_DIAGONAL_DEG * 1.02 + edge_margin_px * schema.PIXEL_SCALE_ARCSEC / 3600.0
+        HALF_DIAGONAL_DEG * 1.02 + edge_margin_px * spherex.PIXEL_SCALE_ARCSEC / 3600.0
     try:
         _parallel(workers, [lambda i=up_idx[s:s + max_sources_per_query], out=out:
                             _run_upload(tap, pcat, i, bands, time, cols, out, radius)

@@ -2,7 +2,7 @@
 
 Method (DESIGN "Photometry"): per file, sky → parent pixel with the parent's cached TAN-SIP WCS
 (proper motion applied to mid-exposure), stamps cut from only the rows needed, then one numba
-call (:func:`spxframe.kernels.measure_stamps`) for all stamps of all files:
+call (:func:`spxframe.photometry.kernels.measure_stamps`) for all stamps of all files:
 
 - background: inside the annulus (pixel centres, r_in <= d < r_out) the ZODI plane is scaled to
   the sky by s = median(I) / median(ZODI) over good non-SOURCE pixels (SOURCE pixels are used only
@@ -23,16 +23,17 @@ import logging
 import math
 import os
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import polars as pl
 
-from . import _wcs
-from . import kernels as K
-from . import mef
-from . import schema
-from .errors import InputError
+from spxframe import schema, spherex
+from spxframe.errors import InputError
+from spxframe.fits import l2file as mef
+from spxframe.fits import wcs as _wcs
+from spxframe.photometry import kernels as K
 
 log = logging.getLogger("spxframe")
 C_KM_S = 299792.458
@@ -193,7 +194,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
     only the listed sources per path). catalog: source_id, ra, dec (deg), optional pmra, pmdec
     (mas/yr), ref_epoch (Julian yr). aperture_radius, annulus (r_in, r_out): pixels.
     background: 'annulus' (ZODI scaled to the annulus sky + clipped residual) or 'zodi' (the
-    ZODI plane as is). bad_bits: FLAGS bits that mask a pixel (default schema.HARD_BAD_BITS; SOURCE
+    ZODI plane as is). bad_bits: FLAGS bits that mask a pixel (default spherex.HARD_BAD_BITS; SOURCE
     and FULLSAMPLE are refused). Returns one schema.PHOTOMETRY row per (source, file) with the
     source on the file's pixels (manifest pairs always get a row; qc says why flux may be NaN).
     """
@@ -202,7 +203,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
         raise InputError(f"need 0 < aperture_radius <= r_in < r_out, got {aperture_radius}, {annulus}")
     if background not in ("annulus", "zodi"):
         raise InputError(f"background must be 'annulus' or 'zodi', got {background!r}")
-    bad_mask = schema.bits_to_mask(schema.HARD_BAD_BITS if bad_bits is None else set(bad_bits))
+    bad_mask = spherex.bits_to_mask(spherex.HARD_BAD_BITS if bad_bits is None else set(bad_bits))
     cat = _catalog(catalog)
     ids = cat["source_id"].to_numpy()
     cat = {c: cat[c].to_numpy() for c in ("ra", "dec", "pmra", "pmdec", "ref_epoch")}
@@ -316,13 +317,13 @@ def _finish(st: _Stack, *, r_ap, max_masked, zodi_only) -> pl.DataFrame:
         rec = dict(row, aperture_radius=r_ap)
         if k is not None:
             o = out[k]
-            fac = row["pixel_area"] * schema.MJY_SR_TO_UJY_PER_ARCSEC2
+            fac = row["pixel_area"] * spherex.MJY_SR_TO_UJY_PER_ARCSEC2
             flux, err = o[K.O_FLUX] * fac, o[K.O_ERR] * fac
             if status[k] & K.ST_FEW_BKG and not zodi_only:
                 qc |= schema.QC["FEW_BACKGROUND"]
             if status[k] & K.ST_NAN_VAR:
                 qc |= schema.QC["NAN_VARIANCE"]
-            if fo[k] & (1 << schema.FLAG_BITS["OVERFLOW"]):
+            if fo[k] & (1 << spherex.FLAG_BITS["OVERFLOW"]):
                 qc |= schema.QC["SATURATED"]
             if np.isfinite(o[K.O_MASKED]) and o[K.O_MASKED] > max_masked:
                 qc |= schema.QC["MASKED_FRACTION"]

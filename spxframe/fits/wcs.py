@@ -298,7 +298,7 @@ def parent_wcs(info, *, fast: bool = True):
     Header (≈6 ms); falls back to the Header path for anything but TAN / TAN-SIP with PC or CD.
     """
     from astropy.io import fits
-    from astropy.wcs import FITSFixedWarning, WCS, Sip
+    from astropy.wcs import WCS, FITSFixedWarning, Sip
 
     h = info.image
     h.cards  # one full parse: ~60 look-ups follow

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from .errors import FileFormatError
+from spxframe import spherex
+from spxframe.errors import FileFormatError
 
-BLOCK = 2880
-CARD = 80
-PLANES: tuple[str, ...] = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
-REQUIRED_HDUS: tuple[str, ...] = ("PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE")
+BLOCK = spherex.BLOCK
+CARD = spherex.CARD
+PLANES: tuple[str, ...] = spherex.PLANE_HDUS
+REQUIRED_HDUS: tuple[str, ...] = spherex.HDU_NAMES
 #: nominal header lengths in blocks (spec §3.1) used to guess where later headers start
-NOMINAL_HEADER_BLOCKS: dict[str, int] = {"FLAGS": 5, "VARIANCE": 4, "ZODI": 4, "PSF": 15, "WCS-WAVE": 1}
+NOMINAL_HEADER_BLOCKS: dict[str, int] = {h: spherex.QR2_HEADER_BLOCKS[h] for h in ("FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE")}
 _END_CARD = b"END" + b" " * 77
 HEAD_BYTES = 16 * BLOCK   # first read: PRIMARY + IMAGE header (7-8 blocks) with room to spare
 TAIL_BYTES = 8 * BLOCK    # the file's tail: the WCS-WAVE header and table
@@ -273,7 +275,7 @@ class Box:
     nx: int
     ny: int
 
-    def clip(self, width: int, height: int) -> "Box":
+    def clip(self, width: int, height: int) -> Box:
         x0, y0 = max(self.x0, 0), max(self.y0, 0)
         x1, y1 = min(self.x0 + self.nx, width), min(self.y0 + self.ny, height)
         return Box(x0, y0, max(x1 - x0, 0), max(y1 - y0, 0))
@@ -363,7 +365,7 @@ class ByteStore:
 
 class RangeFile:
     """The parts of one remote MEF needed for local cutouts, read through ``read`` (a function
-    fetching byte ranges; :class:`spxframe.transfer.RangeClient` in fetch).
+    fetching byte ranges; :class:`spxframe.fetcher.http.RangeClient` in fetch).
 
     Round 1 reads the first 16 blocks (PRIMARY + IMAGE headers); round 2 reads guessed windows
     for the FLAGS/VARIANCE/ZODI/PSF headers plus the file's tail (WCS-WAVE); headers are then

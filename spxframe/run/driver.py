@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from . import schema
-from ._outputs import merge, part_paths, write_plots, write_query_summary, write_run_json
-from ._store import Store, is_url
-from .cells import DEFAULT_ORDER, cell_of
+from spxframe import schema, spherex
+from spxframe.run.cells import DEFAULT_ORDER, cell_of
+from spxframe.run.outputs import merge, part_paths, write_plots, write_query_summary, write_run_json
+from spxframe.store import Store, is_url
 
-log = logging.getLogger("spxframe.pipeline")
+log = logging.getLogger("spxframe.run.driver")
 
 
 def _hash(obj: Any) -> str:
@@ -97,9 +97,9 @@ def run_cell(task: CellTask) -> dict:
     Idempotent: rerunning a cell overwrites its parts, so a retried task (a worker that died)
     leaves each row exactly once.
     """
-    from .fetch import fetch
-    from .photometry import measure
-    from .plan import plan
+    from spxframe.fetcher.engine import fetch
+    from spxframe.photometry.forced import measure
+    from spxframe.planner.manifest import plan
 
     tp = _time.perf_counter()
     store = Store(task.output_dir, task.output_options)
@@ -151,7 +151,7 @@ def _catalog_hash(cat: pl.DataFrame) -> str:
 
 def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: Any):
     """observations.parquet if the same catalog and query produced it, else query the archive."""
-    from .archive import observations as query_observations
+    from spxframe.archive.query import observations as query_observations
 
     key = _hash({"catalog": _catalog_hash(cat), **query})
     state = store.read_json("parts/observations.json")
@@ -207,7 +207,7 @@ def lightcurves(
     output_options : fsspec storage options for a URL ``output_dir`` (credentials, endpoint).
     archive : None for IRSA, a base URL, or the object ``spxframe.sim.serve()`` yields.
     aperture_radius : aperture radius in pixels (6.15″ each).
-    bad_bits : FLAGS bits to mask (default ``schema.HARD_BAD_BITS``).
+    bad_bits : FLAGS bits to mask (default ``spherex.HARD_BAD_BITS``).
     max_concurrency : cap on concurrent transfers per host.
     cell_order : HEALPix order of the work cells (3 → ~7.3° cells; higher for finer resume/Dask units).
     plots : number of sources to plot into ``plots/`` (0 for none).
@@ -218,9 +218,9 @@ def lightcurves(
     polars.DataFrame in ``schema.PHOTOMETRY`` (fluxes in µJy), plus the catalog's own columns,
     ordered by sky cell, then source, then time (each source's rows are contiguous).
     """
-    from .archive import check_query_options, resolve_archive
-    from .catalog import normalize_catalog
-    from .sizes import parse_cutout_center, parse_cutout_size
+    from spxframe.archive.query import check_query_options, resolve_archive
+    from spxframe.catalog import normalize_catalog
+    from spxframe.sizes import parse_cutout_center, parse_cutout_size
 
     t_start = _time.perf_counter()
     timings: dict[str, float] = {}
@@ -230,17 +230,17 @@ def lightcurves(
     if cutout_center is not None:
         parse_cutout_center(cutout_center)  # validates
     if access not in ("auto", "cutout", "range", "full"):
-        from .errors import InputError
+        from spxframe.errors import InputError
         raise InputError(f"access={access!r}: expected one of 'auto', 'cutout', 'range', 'full'")
     bands, time, _ = check_query_options(bands, time, collection)  # the archive's own validation
     measure_options = {"aperture_radius": float(aperture_radius)}
     if bad_bits is not None:
-        schema.bits_to_mask(bad_bits)  # validates
+        spherex.bits_to_mask(bad_bits)  # validates
         measure_options["bad_bits"] = sorted(int(b) for b in bad_bits)
     if cache_dir is not None:
         cache_dir = str(cache_dir).removeprefix("file://")
         if is_url(cache_dir):
-            from .errors import InputError
+            from spxframe.errors import InputError
             raise InputError(f"cache_dir={cache_dir!r}: must be a local (or mounted) folder; "
                              "photometry memory-maps the fetched files")
     store = Store(output_dir, output_options)
@@ -265,7 +265,7 @@ def lightcurves(
         # decide each image's access once for the whole catalog, so that cells sharing an image
         # fetch it the same way (one whole file, not a whole file here and range reads there);
         # only this per-image decision is kept, not the catalog's manifest
-        from .plan import plan as make_plan
+        from spxframe.planner.manifest import plan as make_plan
         whole = make_plan(cat, obs, **plan_options).manifest
         plan_options["image_access"] = whole.filter(pl.col("status") == "planned") \
             .group_by("obs_id", "detector").agg(pl.first("access"))
@@ -290,7 +290,7 @@ def lightcurves(
 
     t0 = _time.perf_counter()
     if client is not None:
-        from .distributed import run_cells_dask
+        from spxframe.run.cluster import run_cells_dask
         summaries = run_cells_dask(client, tasks, progress=progress, func=_cell_func)
     else:
         summaries = _run_cells_local(tasks, progress=progress)
@@ -355,7 +355,7 @@ def read(output_dir: str | os.PathLike = "spxframe_out", *, table: str = "photom
     ``lightcurves``'s ``output_options``); ``lazy`` returns a LazyFrame that reads only what a
     query needs (Polars for local files, a pyarrow dataset over fsspec for URLs).
     """
-    from .errors import InputError
+    from spxframe.errors import InputError
 
     if table not in schema.TABLES:
         raise InputError(f"table={table!r}: expected one of {list(schema.TABLES)}")

@@ -19,15 +19,16 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
-from .errors import FileFormatError
-from .rangeread import REQUIRED_HDUS, quick_check, scan_fits
+from spxframe.errors import FileFormatError
+from spxframe.fetcher.ranges import REQUIRED_HDUS, quick_check, scan_fits
 
 log = logging.getLogger("spxframe.fetch")
 
@@ -300,8 +301,7 @@ async def _get_range(fs: Any, url: str, start: int, stop: int) -> tuple[bytes, i
                 raise TransferError(f"short range body from {url}: {len(data)} of {cl} bytes", transient=True)
     except TransferError:
         raise
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError,
-            aiohttp.ClientOSError, asyncio.TimeoutError, ConnectionError) as e:
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError, aiohttp.ClientOSError, ConnectionError) as e:
         raise TransferError(f"{type(e).__name__} reading bytes {start}-{stop} of {url}: {e}",
                             transient=True) from e
     except aiohttp.ClientError as e:

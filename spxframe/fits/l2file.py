@@ -1,9 +1,9 @@
 """Reading SPHEREx L2 MEFs (full files and cutouts): headers, planes, A/W systems, PSF zones.
 
-Speed (DESIGN "Speed rules"): headers are parsed by hand (``spxframe._fits``; astropy
+Speed (DESIGN "Speed rules"): headers are parsed by hand (``spxframe.fits.header``; astropy
 ``fits.open`` costs milliseconds per file); only the HDUs that are needed are read; PSF cube
 planes are read only when first needed for a key; the parent celestial WCS (TAN-SIP,
-``spxframe._wcs``) is built once per (OBSID, DETECTOR, VERSION) and shared by all cutouts of that
+``spxframe.fits.wcs``) is built once per (OBSID, DETECTOR, VERSION) and shared by all cutouts of that
 parent through the A-system offsets ``x0 = 1 - CRPIX1A``, ``y0 = 1 - CRPIX2A``.
 
 Coordinates: ``x, y`` zero-based pixels; "parent" pixels = file pixels + (x0, y0).
@@ -19,12 +19,22 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._fits import (_BITPIX, BLOCK, Hdu, Header, MefError, _find_end, _parse_value, read_array,  # noqa: F401
-                    read_rows, scan)  # (re-exported)
-from ._wcs import parent_wcs, pixel_area_arcsec2, table_bilinear  # noqa: F401  (re-exported)
-from .psf import PsfPlanes, PsfZones, is_legacy_version, parse_psf_zones  # noqa: F401  (re-exported)
-
 import numpy as np
+
+from spxframe.fits.header import (  # noqa: F401
+    _BITPIX,
+    BLOCK,
+    Hdu,
+    Header,
+    MefError,
+    _find_end,
+    _parse_value,
+    read_array,
+    read_rows,  # (re-exported)
+    scan,
+)
+from spxframe.fits.psf import PsfPlanes, PsfZones, is_legacy_version, parse_psf_zones  # noqa: F401  (re-exported)
+from spxframe.fits.wcs import parent_wcs, pixel_area_arcsec2, table_bilinear  # noqa: F401  (re-exported)
 
 _TFORM = {"D": ">f8", "E": ">f4", "J": ">i4", "K": ">i8", "I": ">i2", "B": ">u1"}
 
@@ -157,7 +167,7 @@ def _header_id(raw: bytes) -> str:
 
 
 def psf_cube(info: MefInfo, fd: int):
-    """The file's (nzones, py, px) PSF cube as a :class:`~spxframe.psf.PsfPlanes` (planes read on
+    """The file's (nzones, py, px) PSF cube as a :class:`~spxframe.fits.psf.PsfPlanes` (planes read on
     demand): its own PSF data, or the PSFFILE cube; None if absent or unreadable."""
     if not info.psffile:
         hd = info.hdus.get("PSF")

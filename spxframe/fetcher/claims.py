@@ -29,7 +29,7 @@ Mechanism (chosen to work on a shared POSIX filesystem, NFSv3/v4 included):
   inside the defaults).
 - breaking: a stale lock is renamed aside (atomic; only one waiter wins) and checked: if it is not
   the file judged stale (a new claim, or a heartbeat since), it is linked back. The aside name ends
-  in ``.part``, so :func:`spxframe.transfer.clean_stale_parts` removes leftovers.
+  in ``.part``, so :func:`spxframe.fetcher.http.clean_stale_parts` removes leftovers.
 - release: always in ``finally``; the lock is unlinked only if it still carries the owner's token.
 
 Times are seconds.
@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .transfer import _HOST, STALE_PART_S, Cancelled, pid_alive, tmp_name
+from spxframe.fetcher.http import _HOST, STALE_PART_S, Cancelled, pid_alive, tmp_name
 
 log = logging.getLogger("spxframe.fetch")
 
@@ -339,7 +339,7 @@ def claim_or_wait(path: str, *, done: Callable[[], bool], watcher: Watcher, time
 
 def clean_stale_locks(directory: str, max_age: float = STALE_PART_S) -> int:
     """Remove ``*.lock`` files in ``directory`` whose owner is known dead (this host) or that are
-    older than ``max_age`` seconds (any host, like :func:`spxframe.transfer.clean_stale_parts`).
+    older than ``max_age`` seconds (any host, like :func:`spxframe.fetcher.http.clean_stale_parts`).
     Returns how many were removed. Live claims of other hosts are left to :class:`Watcher`."""
     n = 0
     try:

@@ -14,7 +14,8 @@ import numpy as np
 import polars as pl
 import requests
 
-from .errors import ArchiveError, ArchiveUnreachable
+from spxframe._version import __version__
+from spxframe.errors import ArchiveError, ArchiveUnreachable
 
 log = logging.getLogger("spxframe.archive")
 
@@ -25,7 +26,7 @@ class _Session(requests.Session):
     def __init__(self, timeout: float) -> None:
         super().__init__()
         self._timeout = timeout
-        self.headers["User-Agent"] = f"spxframe/{__import__('spxframe').__version__}"
+        self.headers["User-Agent"] = f"spxframe/{__version__}"
 
     def request(self, *args, **kwargs):  # noqa: D102
         kwargs.setdefault("timeout", self._timeout)

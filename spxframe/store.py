@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from . import schema
+from spxframe import schema
 
 
 def is_url(path: str | os.PathLike) -> bool:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK = 2880
+from spxframe import spherex
+
+BLOCK = spherex.BLOCK
 _BITPIX = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
 

@@ -1,4 +1,4 @@
-"""Manifest rows for :func:`spxframe.plan.plan`: boxes, per-image access choice, URLs and ranges.
+"""Manifest rows for :func:`spxframe.planner.manifest.plan`: boxes, per-image access choice, URLs and ranges.
 
 Internal (owner: client-plan). All arrays are per (source, image) pair; pixels zero-based.
 """
@@ -12,11 +12,20 @@ from urllib.parse import urlencode
 import numpy as np
 import polars as pl
 
-from . import schema
-from .footprint import Footprints
-from .plan import (BLOCK, HEADER_BYTES, NPIX, PSF_BYTES, ROW, CostModel, box_of, cutout_bytes,
-                   range_requests)
-from .sizes import CutoutCenter, CutoutSize
+from spxframe import schema, spherex
+from spxframe.archive.footprint import Footprints
+from spxframe.planner.cost import (
+    BLOCK,
+    HEADER_BYTES,
+    NPIX,
+    PSF_BYTES,
+    ROW,
+    CostModel,
+    box_of,
+    cutout_bytes,
+    range_requests,
+)
+from spxframe.sizes import CutoutCenter, CutoutSize
 
 log = logging.getLogger("spxframe.plan")
 METHODS = ("cutout", "shared", "range", "full")
@@ -52,7 +61,7 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel, forced: np.ndarray |
     shared_bytes = cutout_bytes(g["bx1"].to_numpy() - g["bx0"].to_numpy(), g["by1"].to_numpy() - g["by0"].to_numpy())
     range_bytes = HEADER_BYTES + BLOCK + 4 * g["rows"].to_numpy() * ROW + PSF_BYTES / g["_nk"].to_numpy()
     each = g["each_bytes"].to_numpy()
-    full = np.full(len(k), schema.FULL_FILE_BYTES)
+    full = np.full(len(k), spherex.FULL_FILE_BYTES)
     c = np.stack([cost.seconds(each, k, k) + cost.local(each, k),
                   np.where(k > 1, cost.seconds(shared_bytes, 1, 1) + cost.local(shared_bytes, 1), np.inf),
                   np.where(g["_cloud"].to_numpy(), cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy())
@@ -90,7 +99,7 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
         "_file": o["file_url"], "_ckey": o["cloud_key"].fill_null(""),
     })
     base = base.with_columns((pl.lit("D") + pl.col("detector").cast(pl.Utf8) + pl.lit("_")
-                              + pl.col("_file").str.extract(r"(l2b-v\d+-\d{4}-\d{3})").fill_null("unknown"))
+                              + pl.col("_file").str.extract(spherex.PROCESSING_VERSION_RE.pattern))
                              .alias("psf_key"))
     if n == 0:
         return base
@@ -197,5 +206,5 @@ def _full(df: pl.DataFrame) -> pl.DataFrame:
         pl.lit("full").alias("access"), pl.col("_file").alias("url"),
         (_image_prefix() + pl.lit(":full")).alias("request_id"),
         *_box_cols(pl.lit(0), pl.lit(0), pl.lit(NPIX), pl.lit(NPIX)), pl.lit(False).alias("clipped"),
-        pl.lit(schema.FULL_FILE_BYTES, pl.Int64).alias("predicted_bytes"), pl.lit("").alias("ranges"),
+        pl.lit(spherex.FULL_FILE_BYTES, pl.Int64).alias("predicted_bytes"), pl.lit("").alias("ranges"),
         pl.lit("planned").alias("status"))

@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from .schema import NPIX, PIXEL_SCALE_ARCSEC
+from spxframe.spherex import NPIX, PIXEL_SCALE_ARCSEC
 
 __all__ = ["parse_s_region", "unit", "Footprints", "HALF_DIAGONAL_DEG"]
 
@@ -98,7 +98,7 @@ class Footprints:
         return len(self.centre)
 
     @classmethod
-    def from_s_region(cls, regions) -> "Footprints":
+    def from_s_region(cls, regions) -> Footprints:
         return cls(parse_s_region(list(regions)))
 
     def _tangent(self, idx: np.ndarray, v: np.ndarray) -> np.ndarray:

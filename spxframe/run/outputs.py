@@ -16,10 +16,11 @@ from typing import Any
 
 import polars as pl
 
-from . import schema
-from ._store import Store, with_units
+from spxframe import schema, spherex
+from spxframe._version import __version__
+from spxframe.store import Store, with_units
 
-log = logging.getLogger("spxframe.pipeline")
+log = logging.getLogger("spxframe.run.driver")
 
 _DEP_NAMES = ("numpy", "polars", "pyarrow", "numba", "astropy", "pyvo", "requests", "fsspec")
 ROW_GROUP = 65536
@@ -74,7 +75,7 @@ def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, cells: list[int]) -> 
     p_schema = with_units(finish(schema.empty(schema.PHOTOMETRY)).to_arrow(), schema.PHOTOMETRY).schema
     m_schema = with_units(finish_man(schema.empty(schema.MANIFEST)).to_arrow(), schema.MANIFEST).schema
     counts = {"measurements": 0, "measured": 0, "qc": {q.name: 0 for q in schema.QC_BITS}}
-    sizes: dict[str, int] = {b: 0 for b in schema.BANDS}
+    sizes: dict[str, int] = {b: 0 for b in spherex.BANDS}
     seen: set[str] = set()
     with store.parquet_writer("photometry.parquet", p_schema) as pw, \
             store.parquet_writer("manifest.parquet", m_schema) as mw:
@@ -117,7 +118,7 @@ def _add_sizes(sizes: dict[str, int], seen: set[str], man: pl.DataFrame) -> None
 
 
 def versions() -> dict[str, str]:
-    out = {"spxframe": __import__("spxframe").__version__, "python": platform.python_version()}
+    out = {"spxframe": __version__, "python": platform.python_version()}
     for n in _DEP_NAMES:
         try:
             out[n] = metadata.version(n)
@@ -178,7 +179,7 @@ def write_plots(store: Store, phot: pl.DataFrame, n_sources: int) -> None:
     """PNG plots into ``plots/`` of the store (drawn locally, then copied for remote stores)."""
     import tempfile
 
-    from .plot import write_plots as draw
+    from spxframe.plot import write_plots as draw
 
     try:
         if store.local:

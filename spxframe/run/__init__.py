@@ -1,0 +1,1 @@
+"""lightcurves(): sky cells, local and Dask executors, outputs, provenance and resume."""

@@ -1,0 +1,195 @@
+"""SPHEREx instrument and file facts, written once: bands, detectors, pixel scale, FITS block
+size, HDU names and the QR2 byte layout, FLAGS bits, the PSF cache key, the releases table and
+the spectral channels.
+
+References are to the archive specification (``docs/design.md`` lists it): §2.4 detectors,
+§3.1 file layout, §3.9 QR3, §4 FLAGS bits, §5 realistic numbers. Every other module — the
+simulated archive included — takes these facts from here and never writes them again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------
+# Instrument and file constants (spec §2.4, §3.1, §5)
+# --------------------------------------------------------------------------------------
+
+NPIX: int = 2040  #: detector side, pixels
+PIXEL_SCALE_ARCSEC: float = 6.15  #: nominal pixel scale, arcsec / pixel
+EXPTIME_S: float = 113.5826  #: XPOSURE, seconds
+MJY_SR_TO_UJY_PER_ARCSEC2: float = 23.5044  #: µJy = MJy/sr × Ω[arcsec²] × 23.5044
+FULL_FILE_BYTES: int = 71_634_240  #: size of a QR2 L2 MEF
+PSF_SHAPE: tuple[int, int, int] = (121, 101, 101)  #: numpy shape of the PSF cube
+PSF_OVERSAMP: int = 10  #: PSF pixels per detector pixel
+PSF_ZONES_PER_SIDE: int = 11
+HDU_NAMES: tuple[str, ...] = ("PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE")
+PLANE_HDUS: tuple[str, ...] = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
+
+#: band -> (lambda_min µm, lambda_max µm, resolving power)   [DOC-P]
+BANDS: dict[str, tuple[float, float, float]] = {
+    "D1": (0.75, 1.09, 39.0),
+    "D2": (1.10, 1.62, 41.0),
+    "D3": (1.63, 2.41, 41.0),
+    "D4": (2.42, 3.82, 35.0),
+    "D5": (3.83, 4.41, 112.0),
+    "D6": (4.42, 5.00, 128.0),
+}
+#: detectors that see the same sky at the same time
+DETECTOR_PAIRS: dict[int, int] = {1: 4, 2: 5, 3: 6, 4: 1, 5: 2, 6: 3}
+
+IRSA_URL: str = "https://irsa.ipac.caltech.edu"
+CLOUD_BUCKET: str = "nasa-irsa-spherex"
+CLOUD_URL: str = "https://nasa-irsa-spherex.s3.us-east-1.amazonaws.com"
+
+# --------------------------------------------------------------------------------------
+# FLAGS bits (spec §4.1) and our defaults (spec §4.2 consensus)
+# --------------------------------------------------------------------------------------
+
+FLAG_BITS: dict[str, int] = {
+    "TRANSIENT": 0,
+    "OVERFLOW": 1,
+    "SUR_ERROR": 2,
+    "PHANTOM": 4,
+    "REFERENCE": 5,
+    "NONFUNC": 6,
+    "DICHROIC": 7,
+    "MISSING_DATA": 9,
+    "HOT": 10,
+    "COLD": 11,
+    "FULLSAMPLE": 12,
+    "PHANMISS": 14,
+    "NONLINEAR": 15,
+    "PERSIST": 17,
+    "OUTLIER": 19,
+    "SOURCE": 21,
+}
+HARD_BAD_BITS: frozenset[int] = frozenset({0, 2, 6, 7, 9, 10, 11, 14, 15, 17})
+OPTIONAL_BAD_BITS: frozenset[int] = frozenset({1, 4, 5, 19})
+NEVER_REJECT_BITS: frozenset[int] = frozenset({12, 21})
+
+
+def bits_to_mask(bits: set[int] | frozenset[int] | list[int]) -> int:
+    """OR of ``1 << b`` over ``bits``; refuses SOURCE/FULLSAMPLE (never rejected)."""
+    bad = set(bits) & NEVER_REJECT_BITS
+    if bad:
+        raise ValueError(f"bits {sorted(bad)} (FULLSAMPLE/SOURCE) are informational and cannot be masked")
+    mask = 0
+    for b in bits:
+        if not 0 <= int(b) < 32:
+            raise ValueError(f"flag bit {b!r} out of range 0..31")
+        mask |= 1 << int(b)
+    return mask
+
+
+DEFAULT_BAD_MASK: int = bits_to_mask(HARD_BAD_BITS)
+
+# --------------------------------------------------------------------------------------
+# FITS and the QR2 byte layout (spec §3.1)
+# --------------------------------------------------------------------------------------
+
+BLOCK: int = 2880  #: FITS block, bytes
+CARD: int = 80  #: FITS header card, bytes
+ROW_BYTES: int = NPIX * 4  #: bytes per float32/int32 plane row
+PLANE_BYTES: int = NPIX * ROW_BYTES  #: bytes per 2040×2040 plane
+PSF_BYTES: int = 4_939_200  #: QR2 PSF cube data (121×101×101 float32, padded)
+#: header blocks per HDU of a QR2 file (IMAGE may have 8 in some versions: parse, don't assume)
+QR2_HEADER_BLOCKS: dict[str, int] = {"PRIMARY": 1, "IMAGE": 7, "FLAGS": 5, "VARIANCE": 4, "ZODI": 4,
+                                     "PSF": 15, "WCS-WAVE": 1}
+
+
+def _qr2_layout() -> dict[str, tuple[int, int, int]]:
+    out, pos = {}, 0
+    data = {"PRIMARY": 0, "IMAGE": PLANE_BYTES, "FLAGS": PLANE_BYTES, "VARIANCE": PLANE_BYTES,
+            "ZODI": PLANE_BYTES, "PSF": PSF_BYTES, "WCS-WAVE": BLOCK}
+    for h in HDU_NAMES:
+        start, dstart = pos, pos + QR2_HEADER_BLOCKS[h] * BLOCK
+        pos = dstart + data[h]
+        out[h] = (start, dstart, pos)
+    assert pos == FULL_FILE_BYTES
+    return out
+
+
+#: nominal QR2 layout: HDU → (header start, data start, data end) in bytes
+QR2_LAYOUT: dict[str, tuple[int, int, int]] = _qr2_layout()
+
+# --------------------------------------------------------------------------------------
+# The PSF cache key: detector + processing version (spec §2.1, §3.6)
+# --------------------------------------------------------------------------------------
+
+#: the processing-version directory of an archive path, e.g. ``l2b-v20-2025-247``
+PROCESSING_VERSION_RE = re.compile(r"/(l2b-v[0-9A-Za-z.+-]+)/")
+#: what a PSF cache key may look like (it becomes a file name under ``cache_dir/psf/``)
+PSF_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+
+
+def psf_key(url: str, detector: int) -> str | None:
+    """PSF cache key ``D<det>_<processing version>`` from a file's URL or cloud key, or None when
+    the path holds no ``/l2b-v…/`` directory. Files with one key share one PSF cube."""
+    m = PROCESSING_VERSION_RE.search(url or "")
+    return f"D{int(detector)}_{m.group(1)}" if m else None
+
+# --------------------------------------------------------------------------------------
+# Releases (spec §0.3, §3.9): a release is a row; a row's release comes from its collection
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Release:
+    """One Level-2 release of the archive.
+
+    ``collections``: its ObsCore collections (wide, deep); ``cal_collection``: its calibration
+    collection; ``format``: the file format readers dispatch on (``"qr2"`` = pipeline 6.x MEF with
+    a PSF cube, ``"r7"`` = pipeline R7 with compressed FLAGS and an EPSF table); ``gains``:
+    ``"pre-r7"`` or ``"r7"``; ``precedence``: the newest release wins where two hold the same
+    (obs_id, detector); ``doi``: the release's DOI (the QR2 DOI is not settled, spec §8).
+    """
+
+    name: str
+    collections: tuple[str, ...]
+    cal_collection: str
+    format: str
+    gains: str
+    precedence: int
+    doi: str
+
+
+RELEASES: dict[str, Release] = {
+    "qr2": Release("qr2", ("spherex_qr2", "spherex_qr2_deep"), "spherex_qr2_cal", "qr2", "pre-r7", 2,
+                   "10.26131/IRSA652"),
+}
+#: every collection of every release (calibration collections included)
+COLLECTIONS: tuple[str, ...] = tuple(c for r in RELEASES.values() for c in (*r.collections, r.cal_collection))
+
+
+def release_of(collection: str) -> Release | None:
+    """The release a collection belongs to (None for an unknown collection)."""
+    for r in RELEASES.values():
+        if collection in r.collections or collection == r.cal_collection:
+            return r
+    return None
+
+# --------------------------------------------------------------------------------------
+# Spectral channels: ~17 per detector, one LVF resolution element wide (spec §2.4)
+# --------------------------------------------------------------------------------------
+
+CHANNELS_PER_BAND: int = 17
+
+
+def channel_edges(band: str) -> np.ndarray:
+    """The ``CHANNELS_PER_BAND + 1`` channel edges of ``band`` in µm, evenly spaced in log λ
+    (constant resolving power across the band, as the linear variable filter)."""
+    lo, hi, _ = BANDS[band]
+    return np.geomspace(lo, hi, CHANNELS_PER_BAND + 1)
+
+
+def channel_of(band: str, wavelength_um) -> np.ndarray:
+    """Channel index 0..16 of each wavelength (µm) in ``band``; -1 outside the band."""
+    edges = channel_edges(band)
+    w = np.asarray(wavelength_um, float)
+    idx = np.searchsorted(edges, w, side="right") - 1
+    idx = np.where((w >= edges[0]) & (w <= edges[-1]), np.clip(idx, 0, CHANNELS_PER_BAND - 1), -1)
+    return idx.astype(np.int64)

@@ -31,7 +31,7 @@ def catalog(universe, n: int, seed: int = 0) -> pl.DataFrame:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1,000 and 10,000 sources only")
-    ap.add_argument("--strategy", default="auto", choices=["auto", "upload", "cells"])
+    ap.add_argument("--strategy", default="auto", choices=["auto", "upload", "regions"])
     ap.add_argument("--size", default="200px")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

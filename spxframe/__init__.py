@@ -40,7 +40,7 @@ from spxframe.planner.manifest import plan  # noqa: E402
 
 _LAZY = {
     "lightcurves": ("spxframe.run.driver", "lightcurves"),
-    "read": ("spxframe.run.driver", "read"),
+    "read": ("spxframe.results", "read"),
     "observations": ("spxframe.archive", "observations"),
     "measure": ("spxframe.photometry", "measure"),
     "parse_cutout_size": ("spxframe.sizes", "parse_cutout_size"),

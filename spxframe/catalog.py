@@ -5,8 +5,8 @@ Table, a dict of columns, or a path to a Parquet/CSV file, and returns a Polars 
 
 * ``source_id``: kept in its own type — ``Int64`` for any integer input (never through float),
   ``Utf8`` for text. Integral float ids below 2**53 are accepted as ``Int64`` (with a warning).
-  The manifest and photometry store ids as text (``ids_as_text``); ``restore_source_id`` casts
-  them back to the catalog's dtype, which :func:`source_id_dtype` reports.
+  Every table after it (plan, manifest, photometry) keeps that dtype; :func:`restore_source_id`
+  casts ids read from elsewhere (e.g. text) to the dtype :func:`source_id_dtype` reports.
 * ``ra`` (deg, wrapped into [0, 360)), ``dec`` (deg, |dec| <= 90), Float64, finite.
 * ``pmra``, ``pmdec`` (mas/yr; ``pmra`` includes cos δ as Gaia's) and ``ref_epoch`` (Julian
   year) when given; null proper motions become 0; a missing ``ref_epoch`` with proper motions
@@ -30,7 +30,7 @@ import polars as pl
 
 from spxframe.errors import InputError
 
-__all__ = ["normalize_catalog", "source_id_dtype", "ids_as_text", "restore_source_id", "REQUIRED"]
+__all__ = ["normalize_catalog", "source_id_dtype", "restore_source_id", "REQUIRED"]
 
 log = logging.getLogger("spxframe.catalog")
 
@@ -194,11 +194,6 @@ def normalize_catalog(catalog: Any) -> pl.DataFrame:
 def source_id_dtype(catalog: pl.DataFrame) -> pl.DataType:
     """The dtype of a normalised catalog's ``source_id`` (``Int64`` or ``Utf8``)."""
     return catalog.schema["source_id"]
-
-
-def ids_as_text(ids: pl.Series | pl.Expr) -> pl.Series | pl.Expr:
-    """Source ids as text (the manifest/photometry representation): exact for Int64."""
-    return ids.cast(pl.Utf8)
 
 
 def restore_source_id(df: pl.DataFrame, dtype: pl.DataType) -> pl.DataFrame:

@@ -84,7 +84,7 @@ def _plot(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from spxframe.plot import plot_source
-    from spxframe.run.driver import read
+    from spxframe.results import read
 
     phot = read(a.out)
     from spxframe.store import is_url

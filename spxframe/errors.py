@@ -1,4 +1,13 @@
-"""spxframe's exceptions. Every error names the column, value, URL or status it is about."""
+"""spxframe's exceptions, one hierarchy. Every error names the column, value, URL or status it is about.
+
+    SpxframeError
+    ├── InputError (also a ValueError)   bad catalog, option or value; raised before any traffic
+    ├── ArchiveError                     the archive answered with an error (url, status, retry_after, hint)
+    │   └── ArchiveUnreachable           no connection after all retries
+    └── FileFormatError (also a ValueError)  a file is not a readable SPHEREx L2 file (path, HDU, keyword)
+
+A transfer that fails is not raised: it is a manifest row with status ``failed`` and its error text.
+"""
 
 from __future__ import annotations
 
@@ -37,9 +46,5 @@ class ArchiveUnreachable(ArchiveError):
     """No connection to the archive (DNS, refused, timeouts after all retries)."""
 
 
-class FetchError(SpxframeError):
-    """A transfer failed after its retry budget (recorded in the manifest, raised only on request)."""
-
-
-class FileFormatError(SpxframeError):
+class FileFormatError(SpxframeError, ValueError):
     """A local file is not a readable SPHEREx L2 file (names the path and the HDU/keyword)."""

@@ -1,4 +1,4 @@
-"""Reading results into astropy: QTable / TimeSeries with units, and a per-source view."""
+"""Reading a run back: :func:`read` (Polars), QTable / TimeSeries with units, a per-source view."""
 
 from __future__ import annotations
 
@@ -11,6 +11,30 @@ import numpy as np
 import polars as pl
 
 from spxframe import schema, spherex
+from spxframe.errors import InputError
+from spxframe.store import Store, is_url
+
+
+def read(output_dir: str | os.PathLike = "spxframe_out", *, table: str = "photometry",
+         lazy: bool = False, output_options: dict | None = None) -> pl.DataFrame | pl.LazyFrame:
+    """Read a run's table (``photometry``, ``manifest`` or ``observations``) with Polars.
+
+    ``output_dir`` may be an fsspec URL (``output_options``: its fsspec options, as in
+    :func:`spxframe.lightcurves`); ``lazy`` returns a LazyFrame that reads only what a
+    query needs (Polars for local files, a pyarrow dataset over fsspec for URLs).
+    """
+    if table not in schema.TABLES:
+        raise InputError(f"table={table!r}: expected one of {list(schema.TABLES)}")
+    store = Store(output_dir, output_options, create=False)
+    rel = f"{table}.parquet"
+    if not store.exists(rel):
+        raise InputError(f"{store.path(rel)} does not exist: is {output_dir!s} the output_dir of a spxframe run?")
+    if lazy:
+        if store.local:
+            return pl.scan_parquet(store.path(rel))
+        import pyarrow.dataset as ds
+        return pl.scan_pyarrow_dataset(ds.dataset(store.path(rel), filesystem=store.fs, format="parquet"))
+    return store.read_parquet(rel)
 
 
 def units_from_parquet(path: str | os.PathLike) -> dict[str, str | None]:
@@ -26,7 +50,6 @@ def units_from_parquet(path: str | os.PathLike) -> dict[str, str | None]:
 
 def _as_frame(data: Any) -> tuple[pl.DataFrame, dict[str, str | None]]:
     if isinstance(data, (str, os.PathLike)):
-        from spxframe.store import is_url
         if is_url(data):
             import fsspec
             url = str(data) if str(data).endswith(".parquet") else str(data).rstrip("/") + "/photometry.parquet"

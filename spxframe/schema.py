@@ -79,9 +79,13 @@ class Table:
     def names(self) -> list[str]:
         return [c.name for c in self.columns]
 
+    def schema_for(self, id_dtype: Any = None) -> dict[str, Any]:
+        """Column → polars dtype; ``source_id`` takes ``id_dtype`` (the catalog's; text if None)."""
+        return {c.name: (id_dtype or pl.Utf8) if c.dtype is CATALOG_ID else c.dtype for c in self.columns}
+
     @property
     def schema(self) -> dict[str, Any]:
-        return {c.name: c.dtype for c in self.columns}
+        return self.schema_for(None)
 
     def __getitem__(self, name: str) -> Column:
         for c in self.columns:
@@ -91,6 +95,8 @@ class Table:
 
 
 C = Column
+#: the dtype of ``source_id``: whatever the user's catalog has (Int64 or Utf8), kept in every table
+CATALOG_ID = object()
 F64, F32, I64, I32, I16, I8, U32, STR, BOOL = (
     pl.Float64, pl.Float32, pl.Int64, pl.Int32, pl.Int16, pl.Int8, pl.UInt32, pl.Utf8, pl.Boolean,
 )
@@ -124,7 +130,7 @@ MANIFEST = Table(
     "manifest",
     ("source_id", "obs_id", "detector"),
     (
-        C("source_id", STR, None, "catalog source id (as text; the catalog's dtype is restored on output)"),
+        C("source_id", CATALOG_ID, None, "catalog source id (the catalog's dtype)"),
         C("obs_id", STR, None, "observation id"),
         C("detector", I8, None, "detector number 1-6"),
         C("band", STR, None, "D1..D6"),
@@ -155,7 +161,7 @@ PHOTOMETRY = Table(
     "photometry",
     ("source_id", "obs_id", "detector"),
     (
-        C("source_id", STR, None, "catalog source id"),
+        C("source_id", CATALOG_ID, None, "catalog source id (the catalog's dtype)"),
         C("obs_id", STR, None, "observation id"),
         C("detector", I8, None, "detector number 1-6"),
         C("band", STR, None, "D1..D6"),
@@ -186,9 +192,9 @@ PHOTOMETRY = Table(
 TABLES: dict[str, Table] = {t.name: t for t in (OBSERVATIONS, MANIFEST, PHOTOMETRY)}
 
 
-def empty(table: Table) -> pl.DataFrame:
-    """An empty DataFrame with the table's columns and dtypes."""
-    return pl.DataFrame(schema=table.schema)
+def empty(table: Table, id_dtype: Any = None) -> pl.DataFrame:
+    """An empty DataFrame with the table's columns and dtypes (``source_id`` as ``id_dtype``)."""
+    return pl.DataFrame(schema=table.schema_for(id_dtype))
 
 
 def conform(df: pl.DataFrame, table: Table, *, extra: bool = True) -> pl.DataFrame:
@@ -198,7 +204,9 @@ def conform(df: pl.DataFrame, table: Table, *, extra: bool = True) -> pl.DataFra
     """
     exprs = []
     for c in table.columns:
-        if c.name in df.columns:
+        if c.dtype is CATALOG_ID:  # the catalog's own dtype: never cast
+            exprs.append(pl.col(c.name) if c.name in df.columns else pl.lit(None, dtype=pl.Utf8).alias(c.name))
+        elif c.name in df.columns:
             exprs.append(pl.col(c.name).cast(c.dtype, strict=False))
         else:
             exprs.append(pl.lit(None, dtype=c.dtype).alias(c.name))

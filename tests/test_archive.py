@@ -58,7 +58,7 @@ def small_truth(universe, small_cat):
     return _truth_frames(universe, small_cat)
 
 
-@pytest.mark.parametrize("strategy", ["upload", "cells", "auto"])
+@pytest.mark.parametrize("strategy", ["upload", "regions", "auto"])
 def test_observations_match_truth(archive, small_cat, small_truth, strategy):
     obs, matches = observations(small_cat, archive=archive, strategy=strategy, return_matches=True)
     assert obs.columns == schema.OBSERVATIONS.names
@@ -106,11 +106,11 @@ def test_overflow_split_gives_same_rows(archive, small_cat):
 
 
 def test_retries_through_faults(archive, small_cat):
-    ref = observations(small_cat, archive=archive, strategy="cells")
+    ref = observations(small_cat, archive=archive, strategy="regions")
     archive.faults.error_rate = 0.5
     archive.clear_log()
     try:
-        again = observations(small_cat, archive=archive, strategy="cells", retries=12, backoff=0.01)
+        again = observations(small_cat, archive=archive, strategy="regions", retries=12, backoff=0.01)
     finally:
         archive.faults.error_rate = 0.0
     assert again.equals(ref)
@@ -171,10 +171,10 @@ def test_text_source_ids(archive, small_cat):
     assert man.height == m.height and man["source_id"].str.starts_with("star-").all()
 
 
-def test_upload_refused_falls_back_to_cells(archive, small_cat, monkeypatch):
+def test_upload_refused_falls_back_to_regions(archive, small_cat, monkeypatch):
     import spxframe.archive.query as arc_mod
 
-    ref = observations(small_cat, archive=archive, strategy="cells")
+    ref = observations(small_cat, archive=archive, strategy="regions")
     monkeypatch.setattr(arc_mod, "upload_query", lambda *a, **k: "SELECT nonsense FROM TAP_UPLOAD.nope")
     got = observations(small_cat, archive=archive, strategy="upload")
     assert got.equals(ref)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ def test_help_explains_units():
         assert word in r.stdout, word
 
 
+@pytest.mark.slow
 def test_lightcurves_and_plot(archive, universe, tmp_path):
     cat = patch_catalog(universe, 8)
     csv = tmp_path / "cat.csv"
@@ -55,6 +57,7 @@ def test_unreachable_archive_exit_code(tmp_path):
     assert "127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_and_reports_truth(tmp_path):
     r = sh("demo", "--sources", "12", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr[-2000:]

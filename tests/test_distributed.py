@@ -12,9 +12,10 @@ import pytest
 from test_pipeline import patch_catalog
 
 import spxframe
-from spxframe.run.driver import run_cell
+from spxframe.run.cell import run_cell
 
 distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # end-to-end runs on a cluster
 
 
 def _sorted(df: pl.DataFrame) -> pl.DataFrame:

@@ -36,14 +36,19 @@ def transfers(archive) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def run(archive, universe, tmp_path_factory):
+def cat(universe):
+    return patch_catalog(universe, 60).with_columns(pl.lit("kept").alias("my_note"))
+
+
+@pytest.fixture(scope="module")
+def run(archive, cat, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cat = patch_catalog(universe, 60).with_columns(pl.lit("kept").alias("my_note"))
     archive.clear_log()
     phot = spxframe.lightcurves(cat, "200px", archive=archive, output_dir=out, progress=False, plots=3)
     return {"out": out, "cat": cat, "phot": phot, "log": list(archive.log)}
 
 
+@pytest.mark.slow
 def test_outputs_written_with_units(run):
     out = run["out"]
     for name in ("observations.parquet", "manifest.parquet", "photometry.parquet", "run.json",
@@ -65,6 +70,7 @@ def test_outputs_written_with_units(run):
     assert runinfo["bytes_transferred_this_run"] > 0
 
 
+@pytest.mark.slow
 def test_one_row_per_planned_measurement(run):
     phot, out = run["phot"], run["out"]
     man = pl.read_parquet(out / "manifest.parquet")
@@ -78,6 +84,7 @@ def test_one_row_per_planned_measurement(run):
     assert keys == sorted(keys)  # sorted by source, then time
 
 
+@pytest.mark.slow
 def test_fluxes_match_truth(run, universe):
     ok = run["phot"].filter(pl.col("flux").is_not_nan() & (pl.col("qc") & schema.QC["MASKED_FRACTION"] == 0))
     assert ok.height > 0.8 * run["phot"].height
@@ -93,6 +100,7 @@ def test_fluxes_match_truth(run, universe):
         assert abs(np.median(flux[bright] / truth[bright]) - 1) < 0.02
 
 
+@pytest.mark.slow
 def test_rerun_makes_no_transfers(run, archive):
     archive.clear_log()
     again = spxframe.lightcurves(run["cat"], "200px", archive=archive, output_dir=run["out"], progress=False, plots=0)
@@ -101,6 +109,7 @@ def test_rerun_makes_no_transfers(run, archive):
     assert again.sort("source_id", "obs_id", "detector").equals(run["phot"].sort("source_id", "obs_id", "detector"))
 
 
+@pytest.mark.slow
 def test_new_photometry_options_remeasure_without_refetch(run, archive):
     archive.clear_log()
     wide = spxframe.lightcurves(run["cat"], "200px", archive=archive, output_dir=run["out"],
@@ -119,28 +128,29 @@ def test_new_photometry_options_remeasure_without_refetch(run, archive):
     (lambda c: pl.concat([c, c.head(1)]), "duplicate"),
     (lambda c: c.head(0), "empty"),
 ])
-def test_bad_input_fails_fast_without_traffic(run, archive, tmp_path, bad, word):
+def test_bad_input_fails_fast_without_traffic(cat, archive, tmp_path, bad, word):
     archive.clear_log()
     with pytest.raises(InputError) as exc:
-        spxframe.lightcurves(bad(run["cat"]), "200px", archive=archive, output_dir=tmp_path, progress=False)
+        spxframe.lightcurves(bad(cat), "200px", archive=archive, output_dir=tmp_path, progress=False)
     assert word in str(exc.value).lower()
     assert archive.log == []
 
 
-def test_bad_cutout_size_fails_fast(run, archive, tmp_path):
+def test_bad_cutout_size_fails_fast(cat, archive, tmp_path):
     archive.clear_log()
     with pytest.raises(ValueError, match="size"):
-        spxframe.lightcurves(run["cat"], "-3px", archive=archive, output_dir=tmp_path, progress=False)
+        spxframe.lightcurves(cat, "-3px", archive=archive, output_dir=tmp_path, progress=False)
     assert archive.log == []
 
 
-def test_unreachable_archive_is_a_clear_error(run, tmp_path):
+def test_unreachable_archive_is_a_clear_error(cat, tmp_path):
     with pytest.raises(ArchiveUnreachable) as exc:
-        spxframe.lightcurves(run["cat"].head(3), "200px", archive="http://127.0.0.1:9", output_dir=tmp_path,
+        spxframe.lightcurves(cat.head(3), "200px", archive="http://127.0.0.1:9", output_dir=tmp_path,
                              progress=False)
     assert "127.0.0.1:9" in str(exc.value)
 
 
+@pytest.mark.slow
 def test_interrupted_run_completes_with_identical_results(archive, universe, tmp_path):
     cat = patch_catalog(universe, 10)
     cat_path = tmp_path / "cat.parquet"
@@ -169,6 +179,7 @@ def test_interrupted_run_completes_with_identical_results(archive, universe, tmp
     assert not list(out.rglob("*.part"))  # no partial file survived into a finished run
 
 
+@pytest.mark.slow
 def test_output_to_fsspec_url_with_separate_cache(run, archive):
     """output_dir as an fsspec URL, files cached in another (local) folder: same rows and values,
     nothing refetched that the cache holds, and a rerun resumes from the URL's parts."""
@@ -201,14 +212,15 @@ def test_output_to_fsspec_url_with_separate_cache(run, archive):
     assert archive.log == []  # observations and every cell reused from the URL
 
 
-def test_cache_dir_must_be_local(run, archive):
+def test_cache_dir_must_be_local(cat, archive):
     archive.clear_log()
     with pytest.raises(InputError, match="cache_dir"):
-        spxframe.lightcurves(run["cat"], "200px", archive=archive, output_dir="memory://x/y",
+        spxframe.lightcurves(cat, "200px", archive=archive, output_dir="memory://x/y",
                              cache_dir="memory://x/cache", progress=False)
     assert archive.log == []
 
 
+@pytest.mark.slow
 def test_photometry_file_keeps_each_source_contiguous_and_in_time_order(run):
     """The streaming merge writes cell by cell: each source's rows are one block, in time order."""
     import pyarrow.parquet as pq
@@ -224,6 +236,7 @@ def test_photometry_file_keeps_each_source_contiguous_and_in_time_order(run):
     assert json.loads(meta[b"spxframe"])["columns"]["flux"]["unit"] == "uJy"
 
 
+@pytest.mark.slow
 def test_rerun_with_more_sources_in_a_done_cell_measures_them(archive, universe, tmp_path):
     """A cell marked done for 3 sources is not 'done' for 5: the 2 new sources get their rows."""
     few, more = patch_catalog(universe, 3), patch_catalog(universe, 5)

@@ -10,12 +10,12 @@ footprint contains a catalog source, for a whole catalog at once:
   archive's polygons differ from the SIP WCS by up to ~4″, so its own test
   (``CONTAINS(POINT(u.ra, u.dec), p.poly)``, the CONTRACTS.md shape, used when
   ``edge_margin_px=0``) loses sources within a pixel of an edge.
-* **cells**: sources are grouped in sky cells (``cell_size_deg``); one query per cell selects
-  frames whose centre lies within the cell radius + 2.46° + a margin, and the same client-side
-  footprint test makes the matches. Each frame comes back once per cell instead of once per
+* **regions**: sources are grouped in sky regions (``region_size_deg``); one query per region selects
+  frames whose centre lies within the region radius + 2.46° + a margin, and the same client-side
+  footprint test makes the matches. Each frame comes back once per region instead of once per
   source: for the 10,000-source benchmark 11 MB of VOTable instead of 639 MB.
-* **auto** (default): cells holding >= ``cell_threshold`` sources by cell, the rest by upload;
-  upload refused by the service → cells.
+* **auto** (default): regions holding >= ``region_threshold`` sources by region, the rest by upload;
+  upload refused by the service → regions.
 
 RA wrap and poles need no special case (circle and footprint tests are spherical). Queries run
 ``workers`` at a time. Positions are propagated by proper motion to :data:`QUERY_EPOCH`.
@@ -153,7 +153,7 @@ def upload_query(bands, time, cols, radius: float | None = None) -> str:
             "JOIN spherex.artifact AS a ON a.planeid = p.planeid WHERE " + _where(bands, time, cols))
 
 
-def cell_query(ra: float, dec: float, radius: float, bands, time, cols) -> str:
+def region_query(ra: float, dec: float, radius: float, bands, time, cols) -> str:
     """Frames whose centre lies within ``radius`` deg of (ra, dec)."""
     return (f"SELECT {_SELECT} FROM spherex.obscore AS o "
             "JOIN spherex.plane AS p ON o.obs_publisher_did = p.obs_publisher_did "
@@ -189,30 +189,30 @@ def _run_upload(tap: _Tap, cat: pl.DataFrame, idx: np.ndarray, bands, time, cols
             raise ArchiveError("one source and a tiny time range still exceed MAXREC", url=tap.url) from None
 
 
-def _cells(ra: np.ndarray, dec: np.ndarray, size_deg: float) -> np.ndarray:
-    """Cell label per source: dec strips of ``size_deg``, RA cells of about ``size_deg`` on the sky."""
+def _regions(ra: np.ndarray, dec: np.ndarray, size_deg: float) -> np.ndarray:
+    """Region label per source: dec strips of ``size_deg``, RA regions of about ``size_deg`` on the sky."""
     strip = np.floor((dec + 90.0) / size_deg).astype(np.int64)
     centre = np.clip(-90.0 + (strip + 0.5) * size_deg, -89.9, 89.9)
     n_ra = np.maximum(1, np.floor(360.0 * np.cos(np.radians(centre)) / size_deg)).astype(np.int64)
     return strip * 100000 + np.floor(ra / 360.0 * n_ra).astype(np.int64) % n_ra
 
 
-def _run_cell(tap: _Tap, ra, dec, bands, time, cols, out: list, size_deg: float) -> None:
+def _run_region(tap: _Tap, ra, dec, bands, time, cols, out: list, size_deg: float) -> None:
     v = unit(ra, dec).sum(axis=0)
     v /= np.linalg.norm(v)
     c_ra, c_dec = np.degrees(np.arctan2(v[1], v[0])) % 360, np.degrees(np.arcsin(np.clip(v[2], -1, 1)))
     r = float(np.degrees(np.arccos(np.clip(unit(ra, dec) @ v, -1, 1))).max())
     try:
-        out.append(tap.run(cell_query(c_ra, c_dec, r + HALF_DIAGONAL_DEG + 0.1, bands, time, cols)))
+        out.append(tap.run(region_query(c_ra, c_dec, r + HALF_DIAGONAL_DEG + 0.1, bands, time, cols)))
     except _Overflow:
         if len(ra) > 1 and size_deg > 0.05:
-            lab = _cells(ra, dec, size_deg / 2)
-            for cell in np.unique(lab):
-                m = lab == cell
-                _run_cell(tap, ra[m], dec[m], bands, time, cols, out, size_deg / 2)
+            lab = _regions(ra, dec, size_deg / 2)
+            for region in np.unique(lab):
+                m = lab == region
+                _run_region(tap, ra[m], dec[m], bands, time, cols, out, size_deg / 2)
         else:
             for t in _split_time(time):
-                _run_cell(tap, ra, dec, bands, t, cols, out, size_deg)
+                _run_region(tap, ra, dec, bands, t, cols, out, size_deg)
 
 
 def _finish(rows: pl.DataFrame, ep: Endpoints) -> pl.DataFrame:
@@ -268,8 +268,8 @@ def observations(
     strategy: str = "auto",
     max_sources_per_query: int = 500,
     maxrec: int = 1_000_000,
-    cell_size_deg: float = 2.0,
-    cell_threshold: int = 8,
+    region_size_deg: float = 2.0,
+    region_threshold: int = 8,
     edge_margin_px: float = 2.0,
     timeout: float = 120.0,
     retries: int = 4,
@@ -282,12 +282,12 @@ def observations(
 
     Parameters: ``bands`` e.g. ``['D1', 'D2']``; ``time`` (mjd0, mjd1) or astropy Times
     (MJD UTC, overlap test); ``collection``; ``archive`` (None = IRSA, URL, or sim object);
-    ``strategy``: ``"upload"`` (TAP_UPLOAD chunks), ``"cells"`` (one query per sky cell) or
-    ``"auto"``: cells holding >= ``cell_threshold`` sources are queried by cell (each frame
+    ``strategy``: ``"upload"`` (TAP_UPLOAD chunks), ``"regions"`` (one query per sky region) or
+    ``"auto"``: regions holding >= ``region_threshold`` sources are queried by region (each frame
     comes back once instead of once per source), the others are uploaded;
     ``edge_margin_px``: keep sources up to this far (px) outside a footprint polygon (0: trust the
     archive's polygon test, the CONTRACTS.md query shape); ``max_sources_per_query`` upload chunk size; ``maxrec`` rows per query before splitting;
-    ``cell_size_deg`` sky-cell size (deg); ``timeout`` seconds per HTTP request; ``retries``
+    ``region_size_deg`` sky-region size (deg); ``timeout`` seconds per HTTP request; ``retries``
     per query; ``backoff`` first retry delay (s); ``mode`` ``"auto"`` (sync, switching to async
     UWS jobs after a sync timeout), ``"sync"`` or ``"async"``; ``workers`` concurrent TAP queries.
     Positions are propagated by proper motion (when given) to :data:`QUERY_EPOCH` for the query.
@@ -298,24 +298,24 @@ def observations(
     """
     cat = normalize_catalog(catalog)
     bands, time, cols = check_query_options(bands, time, collection)
-    if strategy not in ("auto", "upload", "cells"):
-        raise InputError(f"strategy={strategy!r}: expected 'auto', 'upload' or 'cells'")
+    if strategy not in ("auto", "upload", "regions"):
+        raise InputError(f"strategy={strategy!r}: expected 'auto', 'upload' or 'regions'")
     if mode not in ("auto", "sync", "async"):
         raise InputError(f"mode={mode!r}: expected 'auto', 'sync' or 'async'")
-    if max_sources_per_query < 1 or maxrec < 1 or not cell_size_deg > 0:
-        raise InputError("max_sources_per_query, maxrec and cell_size_deg must be positive")
+    if max_sources_per_query < 1 or maxrec < 1 or not region_size_deg > 0:
+        raise InputError("max_sources_per_query, maxrec and region_size_deg must be positive")
     ep = resolve_archive(archive)
     tap = _Tap(ep.tap_url, timeout=timeout, retries=retries, maxrec=maxrec, backoff=backoff)
     tap.use_async, tap.allow_async = mode == "async", mode != "sync"
     t0 = _time.perf_counter()
     pcat = _query_positions(cat)
     ra, dec = pcat["ra"].to_numpy(), pcat["dec"].to_numpy()
-    lab = _cells(ra, dec, cell_size_deg)
+    lab = _regions(ra, dec, region_size_deg)
     _, inv, counts = np.unique(lab, return_inverse=True, return_counts=True)
-    dense = {"cells": np.ones(len(ra), bool), "upload": np.zeros(len(ra), bool),
-             "auto": counts[inv] >= cell_threshold}[strategy]
+    dense = {"regions": np.ones(len(ra), bool), "upload": np.zeros(len(ra), bool),
+             "auto": counts[inv] >= region_threshold}[strategy]
     up_parts: list[pl.DataFrame] = []
-    cell_parts: list[pl.DataFrame] = []
+    region_parts: list[pl.DataFrame] = []
     up_idx = np.flatnonzero(~dense)
     radius = None if edge_margin_px <= 0 else \
         HALF_DIAGONAL_DEG * 1.02 + edge_margin_px * spherex.PIXEL_SCALE_ARCSEC / 3600.0
@@ -326,12 +326,12 @@ def observations(
     except ArchiveError as exc:
         if isinstance(exc, ArchiveUnreachable) or (getattr(exc, "status", None) or 0) >= 500:
             raise
-        log.warning("TAP upload query refused (%s); falling back to sky-cell queries", exc)
+        log.warning("TAP upload query refused (%s); falling back to sky-region queries", exc)
         up_parts, dense = [], np.ones(len(ra), bool)
-    _parallel(workers, [lambda m=dense & (lab == cell): _run_cell(tap, ra[m], dec[m], bands, time, cols, cell_parts,
-                                                                  cell_size_deg)
-                        for cell in np.unique(lab[dense])])
-    ids = cat["source_id"].cast(pl.Utf8)
+    _parallel(workers, [lambda m=dense & (lab == region): _run_region(tap, ra[m], dec[m], bands, time, cols, region_parts,
+                                                                  region_size_deg)
+                        for region in np.unique(lab[dense])])
+    ids = cat["source_id"]  # the catalog's dtype, kept
     up_parts = [p for p in up_parts if p.height]
     if radius is not None and up_parts:
         up_parts = [_filter_pairs(pl.concat(up_parts, how="vertical_relaxed"), ra, dec, ep, edge_margin_px)]
@@ -339,25 +339,25 @@ def observations(
                              "detector": p["energy_bandpassname"].str.extract(r"D(\d)$").cast(pl.Int8)})
                for p in up_parts if p.height]
     parts = [p.drop("source_id", strict=False) for p in up_parts if p.height]
-    if any(p.height for p in cell_parts):
-        # sky cells return every frame near the cell: keep those whose footprint holds a source
-        cell_rows = pl.concat([p for p in cell_parts if p.height], how="vertical_relaxed")
-        cell_obs = _finish(cell_rows, ep).with_row_index("_r").unique(subset=["obs_id", "detector"], keep="first")
+    if any(p.height for p in region_parts):
+        # sky regions return every frame near the region: keep those whose footprint holds a source
+        region_rows = pl.concat([p for p in region_parts if p.height], how="vertical_relaxed")
+        region_obs = _finish(region_rows, ep).with_row_index("_r").unique(subset=["obs_id", "detector"], keep="first")
         didx = np.flatnonzero(dense)
-        fp = Footprints.from_s_region(cell_obs["s_region"].to_list())
+        fp = Footprints.from_s_region(region_obs["s_region"].to_list())
         si, fi = fp.candidates(ra[didx], dec[didx])
         inside, _, _ = fp.contains(si, fi, ra[didx], dec[didx], margin_px=edge_margin_px)
         si, fi = didx[si[inside]], fi[inside]
-        m_parts.append(pl.DataFrame({"source_id": ids.gather(si), "obs_id": cell_obs["obs_id"].gather(fi),
-                                     "detector": cell_obs["detector"].gather(fi)}))
-        parts.append(cell_rows[np.unique(cell_obs["_r"].to_numpy()[fi])])
+        m_parts.append(pl.DataFrame({"source_id": ids.gather(si), "obs_id": region_obs["obs_id"].gather(fi),
+                                     "detector": region_obs["detector"].gather(fi)}))
+        parts.append(region_rows[np.unique(region_obs["_r"].to_numpy()[fi])])
     rows = pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame(schema=_EMPTY)
     obs = _finish(rows, ep).unique(subset=["obs_id", "detector"], keep="first").sort(["mjd_mid", "obs_id", "detector"])
-    log.info("observations: %d sources (%d by upload, %d by sky cell), %d TAP queries, %d rows, %d images in %.2f s",
+    log.info("observations: %d sources (%d by upload, %d by sky region), %d TAP queries, %d rows, %d images in %.2f s",
              cat.height, len(up_idx) if up_parts else 0, int(dense.sum()), tap.queries, rows.height, obs.height,
              _time.perf_counter() - t0)
     if not return_matches:
         return obs
     matches = pl.concat(m_parts, how="vertical_relaxed") if m_parts else \
-        pl.DataFrame(schema={"source_id": pl.Utf8, "obs_id": pl.Utf8, "detector": pl.Int8})
+        pl.DataFrame(schema={"source_id": ids.dtype, "obs_id": pl.Utf8, "detector": pl.Int8})
     return obs, matches.unique(maintain_order=True)

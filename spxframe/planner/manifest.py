@@ -86,8 +86,9 @@ def _pairs(cat: pl.DataFrame, obs: pl.DataFrame, fp: Footprints, matches, margin
     ra, dec = cat["ra"].to_numpy(), cat["dec"].to_numpy()
     if matches is not None:
         key = obs.select("obs_id", "detector").with_row_index("_fi")
-        m = (matches.select(pl.col("source_id").cast(pl.Utf8), "obs_id", pl.col("detector").cast(pl.Int8))
-             .join(cat.select(pl.col("source_id").cast(pl.Utf8)).with_row_index("_si"), on="source_id")
+        id_dtype = cat.schema["source_id"]
+        m = (matches.select(pl.col("source_id").cast(id_dtype, strict=False), "obs_id", pl.col("detector").cast(pl.Int8))
+             .join(cat.select("source_id").with_row_index("_si"), on="source_id")
              .join(key, on=["obs_id", "detector"]).unique(["_si", "_fi"]))
         si, fi = m["_si"].to_numpy().astype(np.int64), m["_fi"].to_numpy().astype(np.int64)
     else:
@@ -125,7 +126,7 @@ def plan(
     ``auto|cutout|range|full``; ``archive`` only for the cloud URL; ``matches`` candidate
     (source_id, obs_id, detector) pairs; ``margin_px`` keep sources this far outside the edge;
     ``image_access`` (obs_id, detector, access) fixes the access of those images under ``auto``
-    (``lightcurves`` plans the whole catalog once and passes this to each sky cell's plan).
+    (e.g. to keep the choices of an earlier plan).
     """
     cat = normalize_catalog(catalog)
     if access not in ("auto", "cutout", "range", "full"):

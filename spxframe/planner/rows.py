@@ -93,7 +93,7 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
     n = len(si)
     o = obs[fi.tolist()] if n else obs.clear()
     base = pl.DataFrame({
-        "source_id": cat["source_id"].cast(pl.Utf8).gather(si) if n else pl.Series([], dtype=pl.Utf8),
+        "source_id": cat["source_id"].gather(si) if n else cat["source_id"].clear(),
         "obs_id": o["obs_id"], "detector": o["detector"], "band": o["band"],
         "ra": ra, "dec": dec, "x_parent": x, "y_parent": y, "_fi": fi,
         "_file": o["file_url"], "_ckey": o["cloud_key"].fill_null(""),
@@ -149,7 +149,7 @@ def _cutouts(df: pl.DataFrame, nx: int, ny: int) -> pl.DataFrame:
     urls = [cutout_url(f, r, d, nx, ny) for f, r, d in zip(df["_file"], df["_cra"], df["_cdec"])]
     return df.with_columns(
         pl.lit("cutout").alias("access"), pl.Series("url", urls, dtype=pl.Utf8),
-        (_image_prefix() + pl.lit(":cutout:") + pl.col("source_id")).alias("request_id"),
+        (_image_prefix() + pl.lit(":cutout:") + pl.col("source_id").cast(pl.Utf8)).alias("request_id"),
         *_box_cols(pl.col("x0"), pl.col("y0"), pl.col("x1") - pl.col("x0"), pl.col("y1") - pl.col("y0")),
         pl.col("_cb").alias("predicted_bytes"), pl.lit("").alias("ranges"), pl.lit("planned").alias("status"))
 

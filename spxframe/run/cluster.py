@@ -1,6 +1,6 @@
 """The same per-cell work units on ``dask.distributed``.
 
-Each sky cell is one task running :func:`spxframe.run.driver.run_cell`, which writes its own
+Each sky cell is one task running :func:`spxframe.run.cell.run_cell`, which writes its own
 part of the Parquet dataset (``parts/photometry/cell=<id>/part.parquet``) atomically and is
 idempotent, so a task retried after a worker died leaves each row exactly once. The driver
 then merges the parts exactly as a local run does, so results are identical.
@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from spxframe.run.cell import run_cell
+
 log = logging.getLogger("spxframe.run.cluster")
 
 
@@ -36,14 +38,12 @@ def run_cells_dask(client: Any, tasks: list, *, progress: bool = True, retries: 
                    func: Any = None) -> list[dict]:
     """Run ``tasks`` (``CellTask``) on a ``dask.distributed.Client``; return their summaries.
 
-    ``func`` replaces :func:`spxframe.run.driver.run_cell` (fault-injection tests only).
+    ``func`` replaces :func:`spxframe.run.cell.run_cell` (fault-injection tests only).
     A task whose worker dies is rescheduled by the scheduler; one that raises is retried
     ``retries`` times. Either way its part is rewritten whole, so rows are never doubled.
     """
     from dask.distributed import as_completed
     from tqdm.auto import tqdm
-
-    from spxframe.run.driver import run_cell
 
     if not tasks:
         return []

@@ -60,20 +60,24 @@ def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, cells: list[int]) -> 
     are joined on; only sources of ``cat`` are kept (a reused output folder may hold parts of
     other sources).
     """
-    wanted = cat.select(pl.col("source_id").cast(pl.Utf8)).get_column("source_id").implode()
+    wanted = cat.get_column("source_id").implode()
     extra = [c for c in cat.columns if c not in schema.PHOTOMETRY.names or c == "source_id"]
     catx = cat.select(extra)
 
+    def mine(part: pl.DataFrame) -> pl.DataFrame:
+        # parts written by 0.1 hold text ids: read every part in the catalog's dtype
+        part = part.with_columns(pl.col("source_id").cast(src_dtype, strict=False))
+        return part.filter(pl.col("source_id").is_in(wanted))
+
     def finish(part: pl.DataFrame) -> pl.DataFrame:
         part = schema.conform(part, schema.PHOTOMETRY, extra=False)
-        return part.with_columns(pl.col("source_id").cast(src_dtype, strict=False)) \
-            .join(catx, on="source_id", how="left").sort("source_id", "mjd", "detector")
+        return part.join(catx, on="source_id", how="left").sort("source_id", "mjd", "detector")
 
     def finish_man(part: pl.DataFrame) -> pl.DataFrame:
         return schema.conform(part, schema.MANIFEST).sort("source_id", "obs_id", "detector")
 
-    p_schema = with_units(finish(schema.empty(schema.PHOTOMETRY)).to_arrow(), schema.PHOTOMETRY).schema
-    m_schema = with_units(finish_man(schema.empty(schema.MANIFEST)).to_arrow(), schema.MANIFEST).schema
+    p_schema = with_units(finish(schema.empty(schema.PHOTOMETRY, src_dtype)).to_arrow(), schema.PHOTOMETRY).schema
+    m_schema = with_units(finish_man(schema.empty(schema.MANIFEST, src_dtype)).to_arrow(), schema.MANIFEST).schema
     counts = {"measurements": 0, "measured": 0, "qc": {q.name: 0 for q in schema.QC_BITS}}
     sizes: dict[str, int] = {b: 0 for b in spherex.BANDS}
     seen: set[str] = set()
@@ -83,12 +87,12 @@ def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, cells: list[int]) -> 
         for cell in cells:
             p_rel, m_rel, _ = part_paths(cell)
             if store.exists(m_rel):
-                man = finish_man(store.read_parquet(m_rel).filter(pl.col("source_id").is_in(wanted)))
+                man = finish_man(mine(store.read_parquet(m_rel)))
                 man_out.add(man)
                 _add_sizes(sizes, seen, man)
             if not store.exists(p_rel):
                 continue
-            part = finish(store.read_parquet(p_rel).filter(pl.col("source_id").cast(pl.Utf8).is_in(wanted)))
+            part = finish(mine(store.read_parquet(p_rel)))
             counts["measurements"] += part.height
             counts["measured"] += int(part.get_column("flux").is_not_nan().sum())
             qc = part.get_column("qc").fill_null(0)
@@ -128,7 +132,7 @@ def versions() -> dict[str, str]:
 
 
 def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], skipped: list[dict],
-                   timings: dict, counts: dict) -> None:
+                   timings: dict, counts: dict, plan: list[dict]) -> None:
     """run.json: versions, parameters, counts, timings per stage and bytes transferred."""
     allc = summaries + skipped
     run = {
@@ -142,20 +146,10 @@ def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], ski
         },
         "bytes_transferred_this_run": sum(s.get("bytes", 0) for s in summaries),
         "timings_s": timings,
-        "plan": _plan_totals(allc),
+        "plan": plan,
         "finished": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
     }
     store.write_json("run.json", run)
-
-
-def _plan_totals(cells: list[dict]) -> list[dict]:
-    """Per access method, the cells' plans summed (an image planned by two cells counts twice)."""
-    rows = [r for c in cells for r in c.get("plan") or []]
-    if not rows:
-        return []
-    df = pl.DataFrame(rows)
-    num = [c for c in df.columns if c != "access" and df.schema[c].is_numeric()]
-    return df.group_by("access").agg(pl.col(num).sum()).sort("access").to_dicts()
 
 
 def write_query_summary(store: Store, sizes: dict[str, int], obs: pl.DataFrame, cat: pl.DataFrame) -> None:

@@ -109,6 +109,7 @@ OBSERVATIONS = Table(
         C("detector", I8, None, "detector number 1-6"),
         C("band", STR, None, "D1..D6"),
         C("collection", STR, None, "obs_collection, e.g. spherex_qr2 or spherex_qr2_deep"),
+        C("release", STR, None, "the release the collection belongs to (spxframe.spherex.RELEASES), e.g. qr2"),
         C("obs_publisher_did", STR, None, "ivo://irsa.ipac/<collection>?<obs_id>/D<n>"),
         C("t_min", F64, "d", "exposure start, MJD (UTC)"),
         C("t_max", F64, "d", "exposure end, MJD (UTC)"),

@@ -160,7 +160,14 @@ class Release:
 RELEASES: dict[str, Release] = {
     "qr2": Release("qr2", ("spherex_qr2", "spherex_qr2_deep"), "spherex_qr2_cal", "qr2", "pre-r7", 2,
                    "10.26131/IRSA652"),
+    "qr3": Release("qr3", ("spherex_qr3", "spherex_qr3_deep"), "spherex_qr3_cal", "r7", "r7", 3,
+                   "10.26131/IRSA662"),
 }
+#: the releases queried when the user names none: those whose file format the readers handle
+#: (QR3's R7 format joins when its reader is wired into measure(); until then ``releases=("qr3",)``
+#: is refused with a clear error rather than producing unreadable files)
+READABLE_FORMATS: frozenset[str] = frozenset({"qr2"})
+DEFAULT_RELEASES: tuple[str, ...] = tuple(n for n, r in RELEASES.items() if r.format in READABLE_FORMATS)
 #: every collection of every release (calibration collections included)
 COLLECTIONS: tuple[str, ...] = tuple(c for r in RELEASES.values() for c in (*r.collections, r.cal_collection))
 

@@ -254,3 +254,51 @@ def test_read_reports_missing_run_without_creating_it(tmp_path):
     with pytest.raises(InputError, match="output_dir"):
         spxframe.read(tmp_path / "typo")
     assert not (tmp_path / "typo").exists()
+
+
+def test_observations_are_queried_again_when_a_day_old_or_on_refresh(archive, cat, tmp_path):
+    """The archive adds data weekly: a rerun reuses the observations table for a day, not forever."""
+    kw = dict(archive=archive, output_dir=tmp_path, progress=False, plots=0, time=(60000.0, 60001.0))
+    first = spxframe.lightcurves(cat.head(2), "64px", **kw)  # before the mission: no images, no pixels
+    assert first.height == 0
+
+    def tap_queries():
+        return [r for r in archive.log if r.get("endpoint") == "tap"]
+
+    archive.clear_log()
+    spxframe.lightcurves(cat.head(2), "64px", **kw)
+    assert tap_queries() == []  # fresh: reused
+    spxframe.lightcurves(cat.head(2), "64px", refresh=True, **kw)
+    assert tap_queries()  # refresh=True asks the archive again
+    state_path = tmp_path / "parts" / "observations.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "queried_at": state["queried_at"] - 2 * 86400}))
+    archive.clear_log()
+    spxframe.lightcurves(cat.head(2), "64px", **kw)
+    assert tap_queries()  # two days old: asked again
+    assert json.loads((tmp_path / "run.json").read_text())["parameters"]["releases"] is None
+
+
+@pytest.mark.parametrize("kw, option", [
+    ({"aperture_radius": -1}, "aperture_radius"),
+    ({"aperture_radius": 7.0}, "aperture_radius"),
+    ({"max_concurrency": 0}, "max_concurrency"),
+    ({"cell_order": 40}, "cell_order"),
+    ({"cutout_center": "nonsense"}, "cutout_center"),
+    ({"bad_bits": [21]}, "bad_bits"),
+    ({"releases": ["qr2"], "collection": "spherex_qr2"}, "releases"),
+])
+def test_every_option_is_checked_before_any_traffic(cat, archive, tmp_path, kw, option):
+    archive.clear_log()
+    with pytest.raises(InputError, match=option):
+        spxframe.lightcurves(cat, "200px", archive=archive, output_dir=tmp_path, progress=False, **kw)
+    assert archive.log == []
+
+
+def test_output_dir_that_is_a_file_is_refused(cat, archive, tmp_path):
+    f = tmp_path / "not_a_folder"
+    f.write_text("x")
+    archive.clear_log()
+    with pytest.raises(InputError, match="output_dir"):
+        spxframe.lightcurves(cat, "200px", archive=archive, output_dir=f, progress=False)
+    assert archive.log == []

@@ -84,34 +84,63 @@ def resolve_archive(archive: Any = None) -> Endpoints:
     return Endpoints(base, base + "/TAP", base + "/SIA", cloud)
 
 
-def check_query_options(bands=None, time=None, collection="spherex_qr2"):
-    """Validate bands (→ ``['D1', ...]``), time (→ (mjd0, mjd1)) and collection (→ list)."""
-    if bands is not None:
-        if isinstance(bands, (str, int)):
-            bands = [bands]
-        out = []
-        for b in bands:
-            name = f"D{int(b)}" if isinstance(b, (int, np.integer)) else str(b).upper().replace("SPHEREX-", "")
-            if name not in spherex.BANDS:
-                raise InputError(f"bands: unknown band {b!r}; expected some of {list(spherex.BANDS)}")
-            out.append(name)
-        bands = sorted(set(out))
-    if time is not None:
-        try:
-            t0, t1 = time
-        except (TypeError, ValueError):
-            raise InputError(f"time={time!r}: expected (mjd_start, mjd_end)") from None
+def _check_bands(bands) -> list[str] | None:
+    if bands is None:
+        return None
+    if isinstance(bands, (str, int)):
+        bands = [bands]
+    out = []
+    for b in bands:
+        name = f"D{int(b)}" if isinstance(b, (int, np.integer)) else str(b).upper().replace("SPHEREX-", "")
+        if name not in spherex.BANDS:
+            raise InputError(f"bands: unknown band {b!r}; expected some of {list(spherex.BANDS)}")
+        out.append(name)
+    return sorted(set(out))
+
+
+def _check_time(time) -> tuple[float, float] | None:
+    if time is None:
+        return None
+    try:
+        t0, t1 = time
         t0, t1 = (float(t.mjd) if hasattr(t, "mjd") else float(t) for t in (t0, t1))
-        if not (np.isfinite(t0) and np.isfinite(t1)) or t1 < t0:
-            raise InputError(f"time=({t0}, {t1}): expected finite MJDs with start <= end")
-        time = (t0, t1)
+    except (TypeError, ValueError):
+        raise InputError(f"time={time!r}: expected (mjd_start, mjd_end)") from None
+    if not (np.isfinite(t0) and np.isfinite(t1)) or t1 < t0:
+        raise InputError(f"time=({t0}, {t1}): expected finite MJDs with start <= end")
+    return t0, t1
+
+
+def _check_collections(collection, releases) -> list[str]:
+    """The collections to query: every collection of ``releases`` (None: spherex.DEFAULT_RELEASES),
+    or the expert override ``collection`` (its ``_deep`` twin added)."""
+    if collection is not None and releases is not None:
+        raise InputError(f"releases={releases!r} and collection={collection!r}: give one of them "
+                         "(collection is an expert override of the releases' collections)")
+    if collection is None:
+        names = spherex.DEFAULT_RELEASES if releases is None else \
+            ((releases,) if isinstance(releases, str) else tuple(releases))
+        for n in names:
+            r = spherex.RELEASES.get(str(n).lower())
+            if r is None:
+                raise InputError(f"releases: unknown release {n!r}; expected some of {list(spherex.RELEASES)}")
+            if r.format not in spherex.READABLE_FORMATS:
+                raise InputError(f"releases: {n!r} files are in the {r.format!r} format, which this version "
+                                 f"cannot read yet; readable: {list(spherex.DEFAULT_RELEASES)}")
+        return [c for n in names for c in spherex.RELEASES[str(n).lower()].collections]
     cols = [collection] if isinstance(collection, str) else list(collection)
     for c in cols:
         if not isinstance(c, str) or not c.replace("_", "").isalnum():
             raise InputError(f"collection {c!r} is not a collection name (e.g. 'spherex_qr2')")
     if isinstance(collection, str) and not collection.endswith(("_deep", "_cal")):
         cols.append(collection + "_deep")  # spec §5.5: deep frames live in the _deep collection
-    return bands, time, cols
+    return cols
+
+
+def check_query_options(bands=None, time=None, collection=None, releases=None):
+    """Validate bands (→ ``['D1', ...]``), time (→ (mjd0, mjd1)) and releases or collection
+    (→ the collections to query); raises :class:`InputError` naming the option."""
+    return _check_bands(bands), _check_time(time), _check_collections(collection, releases)
 
 
 _SELECT = ("o.obs_id, o.obs_publisher_did, o.obs_collection, o.energy_bandpassname, o.t_min, o.t_max, "
@@ -221,6 +250,7 @@ def _finish(rows: pl.DataFrame, ep: Endpoints) -> pl.DataFrame:
         det.alias("detector"),
         pl.col("energy_bandpassname").str.extract(r"(D\d)$").alias("band"),
         pl.col("obs_collection").alias("collection"),
+        pl.col("obs_collection").replace_strict(_RELEASE_OF, default=None).alias("release"),
         ((pl.col("t_min") + pl.col("t_max")) / 2).alias("mjd_mid"),
         pl.col("t_exptime").alias("exptime"),
         (pl.col("em_min") * 1e6).alias("em_min"), (pl.col("em_max") * 1e6).alias("em_max"),
@@ -231,6 +261,17 @@ def _finish(rows: pl.DataFrame, ep: Endpoints) -> pl.DataFrame:
         pl.col("contentchecksum").cast(pl.Utf8).fill_null("").alias("checksum"),
     )
     return schema.conform(df, schema.OBSERVATIONS, extra=False)
+
+
+#: collection → release name, for every release's collections
+_RELEASE_OF = {c: r.name for r in spherex.RELEASES.values() for c in (*r.collections, r.cal_collection)}
+_PRECEDENCE = {r.name: r.precedence for r in spherex.RELEASES.values()}
+
+
+def _newest_release_wins(obs: pl.DataFrame) -> pl.DataFrame:
+    """One row per (obs_id, detector): where a later release reprocesses a pair, it wins."""
+    prec = pl.col("release").replace_strict(_PRECEDENCE, default=0, return_dtype=pl.Int64)
+    return obs.sort(prec, descending=True, maintain_order=True).unique(subset=["obs_id", "detector"], keep="first")
 
 
 QUERY_EPOCH = 2026.0  #: Julian year the query positions are propagated to (mid-mission)
@@ -263,7 +304,8 @@ def observations(
     *,
     bands: Sequence[str] | None = None,
     time: tuple | None = None,
-    collection: str | Sequence[str] = "spherex_qr2",
+    releases: str | Sequence[str] | None = None,
+    collection: str | Sequence[str] | None = None,
     archive: Any = None,
     strategy: str = "auto",
     max_sources_per_query: int = 500,
@@ -281,7 +323,10 @@ def observations(
     """Every SPHEREx L2 (obs_id, detector) covering a catalog source (see the module docstring).
 
     Parameters: ``bands`` e.g. ``['D1', 'D2']``; ``time`` (mjd0, mjd1) or astropy Times
-    (MJD UTC, overlap test); ``collection``; ``archive`` (None = IRSA, URL, or sim object);
+    (MJD UTC, overlap test); ``releases`` e.g. ``("qr2",)`` (None: every release this version
+    reads, :data:`spxframe.spherex.DEFAULT_RELEASES`; a row's release comes from its collection and
+    the newest release wins where two hold the same obs_id and detector); ``collection`` an expert
+    override naming collections instead (not with ``releases``); ``archive`` (None = IRSA, URL, or sim object);
     ``strategy``: ``"upload"`` (TAP_UPLOAD chunks), ``"regions"`` (one query per sky region) or
     ``"auto"``: regions holding >= ``region_threshold`` sources are queried by region (each frame
     comes back once instead of once per source), the others are uploaded;
@@ -297,7 +342,7 @@ def observations(
     Raises InputError (before any traffic), ArchiveUnreachable, ArchiveError.
     """
     cat = normalize_catalog(catalog)
-    bands, time, cols = check_query_options(bands, time, collection)
+    bands, time, cols = check_query_options(bands, time, collection, releases)
     if strategy not in ("auto", "upload", "regions"):
         raise InputError(f"strategy={strategy!r}: expected 'auto', 'upload' or 'regions'")
     if mode not in ("auto", "sync", "async"):
@@ -352,7 +397,7 @@ def observations(
                                      "detector": region_obs["detector"].gather(fi)}))
         parts.append(region_rows[np.unique(region_obs["_r"].to_numpy()[fi])])
     rows = pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame(schema=_EMPTY)
-    obs = _finish(rows, ep).unique(subset=["obs_id", "detector"], keep="first").sort(["mjd_mid", "obs_id", "detector"])
+    obs = _newest_release_wins(_finish(rows, ep)).sort(["mjd_mid", "obs_id", "detector"])
     log.info("observations: %d sources (%d by upload, %d by sky region), %d TAP queries, %d rows, %d images in %.2f s",
              cat.height, len(up_idx) if up_parts else 0, int(dense.sum()), tap.queries, rows.height, obs.height,
              _time.perf_counter() - t0)

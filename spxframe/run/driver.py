@@ -54,6 +54,8 @@ log = logging.getLogger("spxframe.run")
 
 ACCESS = ("auto", "cutout", "range", "full")
 DEFAULT_CACHE = "~/.cache/spxframe"  #: cache_dir when output_dir is a URL
+OBSERVATIONS_MAX_AGE_S = 86400.0  #: a cached observations table older than this is queried again
+MAX_APERTURE_PX = 5.0  #: the aperture must fit inside the background annulus (5-9 px)
 
 
 def _hash(obj: Any) -> str:
@@ -63,6 +65,11 @@ def _hash(obj: Any) -> str:
 def _catalog_hash(cat: pl.DataFrame) -> str:
     cols = [c for c in ("source_id", "ra", "dec", "pmra", "pmdec", "ref_epoch") if c in cat.columns]
     h = cat.select(cols).hash_rows(seed=0).sort()
+    return hashlib.sha256(h.to_numpy().tobytes()).hexdigest()[:16]
+
+
+def _rows_hash(manifest: pl.DataFrame) -> str:
+    h = manifest.select("obs_id", "detector", pl.col("source_id").cast(pl.Utf8), "request_id").hash_rows(seed=0).sort()
     return hashlib.sha256(h.to_numpy().tobytes()).hexdigest()[:16]
 
 
@@ -83,41 +90,77 @@ class RunOptions:
         return _hash({"size": str(self.size), "center": self.cutout_center, "access": self.access})
 
 
-def _validate(cutout_size, cutout_center, access, bands, time, collection, aperture_radius, bad_bits,
+def _grammar(option: str, parse, value):
+    """``parse(value)``, its ValueError re-raised as an :class:`InputError` naming ``option``."""
+    try:
+        return parse(value)
+    except InputError:
+        raise
+    except ValueError as exc:
+        raise InputError(f"{option}={value!r}: {exc}") from None
+
+
+def _check_numbers(aperture_radius, max_concurrency, cell_order, plots) -> None:
+    """The numeric options: finite, in range, of the right type."""
+    r = aperture_radius
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < float(r) <= MAX_APERTURE_PX:
+        raise InputError(f"aperture_radius={r!r}: expected a number of pixels in (0, {MAX_APERTURE_PX}] "
+                         f"(inside the background annulus)")
+    if max_concurrency is not None and (isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int)
+                                        or max_concurrency < 1):
+        raise InputError(f"max_concurrency={max_concurrency!r}: expected a positive integer or None")
+    if isinstance(cell_order, bool) or not isinstance(cell_order, int) or not 0 <= cell_order <= 29:
+        raise InputError(f"cell_order={cell_order!r}: expected an integer HEALPix order in 0..29")
+    if isinstance(plots, bool) or not isinstance(plots, int) or plots < 0:
+        raise InputError(f"plots={plots!r}: expected a number of sources >= 0")
+
+
+def _validate(cutout_size, cutout_center, access, bands, time, collection, releases, aperture_radius, bad_bits,
               cache_dir, output_dir, output_options) -> RunOptions:
     """Check every option (raising :class:`InputError` naming it) and resolve the defaults."""
-    size = parse_cutout_size(cutout_size) if cutout_size is not None else None
+    size = _grammar("cutout_size", parse_cutout_size, cutout_size) if cutout_size is not None else None
     if cutout_center is not None:
-        parse_cutout_center(cutout_center)  # validates
+        _grammar("cutout_center", parse_cutout_center, cutout_center)
     if access not in ACCESS:
         raise InputError(f"access={access!r}: expected one of {', '.join(map(repr, ACCESS))}")
-    bands, time, _ = check_query_options(bands, time, collection)  # the archive's own validation
+    bands, time, _ = check_query_options(bands, time, collection, releases)  # the archive's own validation
     measure_options: dict[str, Any] = {"aperture_radius": float(aperture_radius)}
     if bad_bits is not None:
-        spherex.bits_to_mask(bad_bits)  # validates
+        _grammar("bad_bits", spherex.bits_to_mask, bad_bits)
         measure_options["bad_bits"] = sorted(int(b) for b in bad_bits)
     if cache_dir is not None:
         cache_dir = str(cache_dir).removeprefix("file://")
         if is_url(cache_dir):
             raise InputError(f"cache_dir={cache_dir!r}: must be a local (or mounted) folder; "
                              "photometry memory-maps the fetched files")
+        if os.path.isfile(os.path.expanduser(cache_dir)):
+            raise InputError(f"cache_dir={cache_dir!r} is a file; expected a folder")
+    if not is_url(output_dir) and os.path.isfile(os.path.expanduser(str(output_dir))):
+        raise InputError(f"output_dir={str(output_dir)!r} is a file; expected a folder (or an fsspec URL)")
     store = Store(output_dir, output_options)
     if cache_dir is None:
         cache_dir = DEFAULT_CACHE if is_url(output_dir) else store.root
-    query = {"bands": bands, "time": list(time) if time is not None else None, "collection": collection}
+    if isinstance(releases, str):
+        releases = [releases]
+    query = {"bands": bands, "time": list(time) if time is not None else None, "collection": collection,
+             "releases": None if releases is None else sorted(str(r).lower() for r in releases)}
     return RunOptions(size, cutout_center, access, query, measure_options, cache_dir, store)
 
 
-def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: Any):
-    """observations.parquet if the same catalog and query produced it, else query the archive."""
+def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: Any, *, refresh: bool = False):
+    """observations.parquet if the same catalog and query produced it less than
+    :data:`OBSERVATIONS_MAX_AGE_S` ago (and ``refresh`` is False), else query the archive: the
+    archive adds data weekly, so a rerun a day later sees the new images."""
     key = _hash({"catalog": _catalog_hash(cat), **query})
     state = store.read_json("parts/observations.json")
-    if state and state.get("key") == key and store.exists("observations.parquet"):
-        log.info("reusing %s/observations.parquet (same catalog and query)", store.url)
+    fresh = state and _time.time() - float(state.get("queried_at", 0)) < OBSERVATIONS_MAX_AGE_S
+    if not refresh and fresh and state.get("key") == key and store.exists("observations.parquet"):
+        log.info("reusing %s/observations.parquet (same catalog and query, queried %.1f h ago)", store.url,
+                 (_time.time() - float(state["queried_at"])) / 3600)
         return store.read_parquet("observations.parquet"), True
     obs = query_observations(cat, archive=archive, **query)
     store.write_parquet("observations.parquet", schema.conform(obs, schema.OBSERVATIONS), schema.OBSERVATIONS)
-    store.write_json("parts/observations.json", {"key": key})
+    store.write_json("parts/observations.json", {"key": key, "queried_at": _time.time()})
     return obs, False
 
 
@@ -131,15 +174,16 @@ def _cell_tasks(cat: pl.DataFrame, obs: pl.DataFrame, manifest: pl.DataFrame, op
     tasks, skipped = [], []
     for (cell,), ccat in cat_c.partition_by("_cell", as_dict=True, maintain_order=True).items():
         ccat = ccat.drop("_cell")
-        # a cell is done only for the same sources, query, cutouts and cell order
+        cman = man_c.filter(pl.col("_cell") == cell).drop("_cell")
+        # a cell is done only for the same sources, query, cutouts, cell order and planned rows
+        # (new observations of the archive's weekly additions make new rows)
         cell_hash = _hash({"plan": opts.plan_hash, "query": opts.query, "order": cell_order,
-                           "cat": _catalog_hash(ccat)})
+                           "cat": _catalog_hash(ccat), "rows": _rows_hash(cman)})
         state = cell_state(opts.store, cell)
         if state and state.get("complete") and state.get("plan_hash") == cell_hash \
                 and state.get("measure_hash") == measure_hash:
             skipped.append(state)
             continue
-        cman = man_c.filter(pl.col("_cell") == cell).drop("_cell")
         cobs = obs.join(cman.select("obs_id", "detector").unique(), on=["obs_id", "detector"], how="semi")
         tasks.append(CellTask(
             cell=cell, output_dir=opts.store.url, catalog=ccat, manifest=cman, observations=cobs,
@@ -156,7 +200,9 @@ def lightcurves(
     cutout_center: str | None = None,
     bands: list[str] | None = None,
     time: tuple[float, float] | None = None,
-    collection: str = "spherex_qr2",
+    releases: str | list[str] | None = None,
+    collection: str | None = None,
+    refresh: bool = False,
     access: str = "auto",
     output_dir: str | os.PathLike = "spxframe_out",
     cache_dir: str | os.PathLike | None = None,
@@ -184,6 +230,11 @@ def lightcurves(
     cutout_center : custom cutout centre (``"ra,dec"`` deg or ``"x,y px"``); default the source.
     bands : detectors to use, e.g. ``["D1", "D2"]``; default all six.
     time : (mjd_start, mjd_end) in MJD (UTC); default all.
+    releases : archive releases to read, e.g. ``["qr2"]``; None reads every release this version
+        reads (:data:`spxframe.spherex.DEFAULT_RELEASES`). A row's release comes from its collection.
+    collection : expert override: archive collections to query instead of ``releases`` (not both).
+    refresh : query the archive again even when the output folder holds a recent observations
+        table (it is reused for a day; the archive adds data weekly).
     access : ``"auto"`` (cost model), ``"cutout"``, ``"range"`` (cloud byte ranges) or ``"full"``.
     output_dir : folder or fsspec URL for the outputs (see module docstring); a rerun resumes it.
     cache_dir : local folder for the fetched files (default: ``output_dir`` when it is a folder,
@@ -207,10 +258,11 @@ def lightcurves(
     t_start = _time.perf_counter()
     timings: dict[str, float] = {}
     cat = normalize_catalog(catalog)  # everything is validated before any network traffic
-    opts = _validate(cutout_size, cutout_center, access, bands, time, collection, aperture_radius, bad_bits,
-                     cache_dir, output_dir, output_options)
+    _check_numbers(aperture_radius, max_concurrency, cell_order, plots)
+    opts = _validate(cutout_size, cutout_center, access, bands, time, collection, releases, aperture_radius,
+                     bad_bits, cache_dir, output_dir, output_options)
     t0 = _time.perf_counter()
-    obs, reused = _observations_cached(opts.store, cat, opts.query, archive)
+    obs, reused = _observations_cached(opts.store, cat, opts.query, archive, refresh=refresh)
     timings["observations"] = _time.perf_counter() - t0
 
     t0 = _time.perf_counter()  # the catalog is planned once; each cell takes its slice
@@ -244,12 +296,22 @@ def lightcurves(
     write_run_json(opts.store, parameters=dict(
         catalog_rows=cat.height, cutout_size=None if opts.size is None else str(opts.size),
         cutout_center=cutout_center, bands=opts.query["bands"], time=opts.query["time"], collection=collection,
+        releases=opts.query["releases"], releases_used=_releases_used(obs),
         access=access, archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
         cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=opts.cache_dir),
         summaries=summaries, skipped=skipped, timings=timings, counts=counts,
         plan=the_plan.summary.to_dicts())
     write_query_summary(opts.store, sizes, obs, cat)
     return phot
+
+
+def _releases_used(obs: pl.DataFrame) -> dict[str, dict]:
+    """run.json's record of each release in the run: its DOI and number of images."""
+    if not obs.height or "release" not in obs.columns:
+        return {}
+    counts = dict(obs.group_by("release").agg(pl.len()).iter_rows())
+    return {name: {"doi": r.doi, "collections": list(r.collections), "format": r.format, "images": counts[name]}
+            for name, r in spherex.RELEASES.items() if name in counts}
 
 
 def _archive_name(archive: Any) -> str:

@@ -41,6 +41,11 @@ BANDS: dict[str, tuple[float, float, float]] = {
 #: detectors that see the same sky at the same time
 DETECTOR_PAIRS: dict[int, int] = {1: 4, 2: 5, 3: 6, 4: 1, 5: 2, 6: 3}
 
+#: farthest a detector's outer pixel corner lies from its frame centre, degrees: the nominal
+#: half-diagonal is 2040 × 6.15″ / √2 = 2.464°, real corners reach about 2.53° with SIP
+#: distortion (measured on QR2 footprints); the archive queries add the edge margin to it
+FOOTPRINT_RADIUS_DEG: float = 2.53
+
 IRSA_URL: str = "https://irsa.ipac.caltech.edu"
 CLOUD_BUCKET: str = "nasa-irsa-spherex"
 CLOUD_URL: str = "https://nasa-irsa-spherex.s3.us-east-1.amazonaws.com"

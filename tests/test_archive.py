@@ -217,3 +217,19 @@ def test_upload_refused_falls_back_to_regions(archive, small_cat, monkeypatch):
     monkeypatch.setattr(arc_mod, "upload_query", lambda *a, **k: "SELECT nonsense FROM TAP_UPLOAD.nope")
     got = observations(small_cat, archive=archive, strategy="upload")
     assert got.equals(ref)
+
+
+def test_footprints_beyond_the_search_radius_are_reported(archive, small_cat, caplog):
+    """The search radius (spherex.FOOTPRINT_RADIUS_DEG) covers every simulated footprint; a wider one
+    is reported, since sources near its corners could be missed."""
+    import logging
+
+    from spxframe.archive.query import _warn_wide_footprints
+
+    with caplog.at_level(logging.WARNING, logger="spxframe"):
+        obs = observations(small_cat, archive=archive)
+    assert not [r for r in caplog.records if "footprint" in r.getMessage()]
+    wide = obs.head(1).with_columns(pl.lit("POLYGON ICRS 10 -3 13 -3 13 3 10 3").alias("s_region"))
+    with caplog.at_level(logging.WARNING, logger="spxframe"):
+        _warn_wide_footprints(wide)
+    assert [r for r in caplog.records if "beyond 2.53 deg" in r.getMessage()]

@@ -14,13 +14,11 @@ import re
 
 import numpy as np
 
-from spxframe.spherex import NPIX, PIXEL_SCALE_ARCSEC
+from spxframe.spherex import NPIX
 
-__all__ = ["parse_s_region", "unit", "Footprints", "HALF_DIAGONAL_DEG"]
+__all__ = ["parse_s_region", "unit", "Footprints"]
 
 D2R = np.pi / 180.0
-#: angular distance from a detector's centre to its corner, degrees (≈ 2.464°)
-HALF_DIAGONAL_DEG: float = NPIX * PIXEL_SCALE_ARCSEC / 3600.0 * np.sqrt(0.5)
 _CORNERS = np.array([[-0.5, -0.5], [NPIX - 0.5, -0.5], [NPIX - 0.5, NPIX - 0.5], [-0.5, NPIX - 0.5]])
 _NUM = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 

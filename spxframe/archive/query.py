@@ -43,7 +43,7 @@ import numpy as np
 import polars as pl
 
 from spxframe import schema, spherex
-from spxframe.archive.footprint import HALF_DIAGONAL_DEG, Footprints, unit
+from spxframe.archive.footprint import Footprints, unit
 from spxframe.archive.tap import _Overflow, _parallel, _Tap
 from spxframe.catalog import normalize_catalog
 from spxframe.errors import ArchiveError, ArchiveUnreachable, InputError
@@ -232,7 +232,7 @@ def _run_region(tap: _Tap, ra, dec, bands, time, cols, out: list, size_deg: floa
     c_ra, c_dec = np.degrees(np.arctan2(v[1], v[0])) % 360, np.degrees(np.arcsin(np.clip(v[2], -1, 1)))
     r = float(np.degrees(np.arccos(np.clip(unit(ra, dec) @ v, -1, 1))).max())
     try:
-        out.append(tap.run(region_query(c_ra, c_dec, r + HALF_DIAGONAL_DEG + 0.1, bands, time, cols)))
+        out.append(tap.run(region_query(c_ra, c_dec, r + spherex.FOOTPRINT_RADIUS_DEG + 0.1, bands, time, cols)))
     except _Overflow:
         if len(ra) > 1 and size_deg > 0.05:
             lab = _regions(ra, dec, size_deg / 2)
@@ -242,6 +242,20 @@ def _run_region(tap: _Tap, ra, dec, bands, time, cols, out: list, size_deg: floa
         else:
             for t in _split_time(time):
                 _run_region(tap, ra, dec, bands, t, cols, out, size_deg)
+
+
+def _warn_wide_footprints(obs: pl.DataFrame) -> None:
+    """Warn (once per call) when a footprint's corner lies beyond spherex.FOOTPRINT_RADIUS_DEG of its
+    centre: the search radius would then miss sources near that frame's corners."""
+    if not obs.height:
+        return
+    reach = Footprints.from_s_region(obs["s_region"].to_list()).radius  # corner distance from the centre, deg
+    wide = reach > spherex.FOOTPRINT_RADIUS_DEG
+    if wide.any():
+        i = int(np.argmax(reach))
+        log.warning("%d footprint(s) reach beyond %.2f deg of their centre (largest %.3f deg, %s D%s): sources "
+                    "near their corners may be missed by the search radius", int(wide.sum()),
+                    spherex.FOOTPRINT_RADIUS_DEG, reach[i], obs["obs_id"][i], obs["detector"][i])
 
 
 def _finish(rows: pl.DataFrame, ep: Endpoints) -> pl.DataFrame:
@@ -363,15 +377,17 @@ def observations(
     region_parts: list[pl.DataFrame] = []
     up_idx = np.flatnonzero(~dense)
     radius = None if edge_margin_px <= 0 else \
-        HALF_DIAGONAL_DEG * 1.02 + edge_margin_px * spherex.PIXEL_SCALE_ARCSEC / 3600.0
+        spherex.FOOTPRINT_RADIUS_DEG + edge_margin_px * spherex.PIXEL_SCALE_ARCSEC / 3600.0
     try:
         _parallel(workers, [lambda i=up_idx[s:s + max_sources_per_query], out=out:
                             _run_upload(tap, pcat, i, bands, time, cols, out, radius)
                             for s, out in ((s, up_parts) for s in range(0, len(up_idx), max_sources_per_query))])
     except ArchiveError as exc:
-        if isinstance(exc, ArchiveUnreachable) or (getattr(exc, "status", None) or 0) >= 500:
+        # refused (4xx), failed (5xx) or timed out: the same observations come from region queries;
+        # only a connection that cannot be made at all is final
+        if isinstance(exc, ArchiveUnreachable) and not getattr(exc, "timed_out", False):
             raise
-        log.warning("TAP upload query refused (%s); falling back to sky-region queries", exc)
+        log.warning("TAP upload query failed (%s); falling back to sky-region queries", exc)
         up_parts, dense = [], np.ones(len(ra), bool)
     _parallel(workers, [lambda m=dense & (lab == region): _run_region(tap, ra[m], dec[m], bands, time, cols, region_parts,
                                                                   region_size_deg)
@@ -398,6 +414,7 @@ def observations(
         parts.append(region_rows[np.unique(region_obs["_r"].to_numpy()[fi])])
     rows = pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame(schema=_EMPTY)
     obs = _newest_release_wins(_finish(rows, ep)).sort(["mjd_mid", "obs_id", "detector"])
+    _warn_wide_footprints(obs)
     log.info("observations: %d sources (%d by upload, %d by sky region), %d TAP queries, %d rows, %d images in %.2f s",
              cat.height, len(up_idx) if up_parts else 0, int(dense.sum()), tap.queries, rows.height, obs.height,
              _time.perf_counter() - t0)

@@ -100,9 +100,11 @@ class _Tap:
                     self.use_async = True
                 if attempt >= self.retries or not _retryable(exc):
                     if _is_connection(exc) or _is_timeout(exc):
-                        raise ArchiveUnreachable(f"TAP query failed after {attempt + 1} attempt(s): {exc}",
+                        err = ArchiveUnreachable(f"TAP query failed after {attempt + 1} attempt(s): {exc}",
                                                  url=self.url, hint="check the network / archive status "
-                                                 "(IRSA has maintenance every other Tuesday); retry later") from None
+                                                 "(IRSA has maintenance every other Tuesday); retry later")
+                        err.timed_out = _is_timeout(exc) and not _is_connection(exc)
+                        raise err from None
                     raise ArchiveError(f"TAP query failed: {exc}", url=self.url,
                                        status=getattr(exc, "code", None)) from None
                 delay = self.backoff * 2 ** attempt * (0.5 + random.random())

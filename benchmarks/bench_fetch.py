@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from spxframe import sim
     from spxframe.fetcher.engine import fetch
-    from spxframe.sim.mefgen import NSTRIP
+    from spxframe.sim.world.frame import NSTRIP
 
     u = sim.Universe(seed=1, cache_strips=(n_files + 2) * NSTRIP)
     with sim.serve(universe=u) as arc:

@@ -121,6 +121,9 @@ def _qr2_layout() -> dict[str, tuple[int, int, int]]:
 #: nominal QR2 layout: HDU → (header start, data start, data end) in bytes
 QR2_LAYOUT: dict[str, tuple[int, int, int]] = _qr2_layout()
 
+#: an observation id, e.g. ``2025W18_2B_0001_1`` (spec §2.3); it becomes part of cache file names
+OBS_ID_RE = re.compile(r"^\d{4}W\d{2}_\d[A-Z]_\d{4}_\d{1,2}$")
+
 # --------------------------------------------------------------------------------------
 # The PSF cache key: detector + processing version (spec §2.1, §3.6)
 # --------------------------------------------------------------------------------------

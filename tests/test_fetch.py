@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spxframe.errors import InputError
+from spxframe.fetcher import cache as C
 from spxframe.fetcher import ranges as R
 
 F = importlib.import_module("spxframe.fetcher.engine")  # the module; ``spxframe.fetch`` is the function
@@ -76,28 +79,28 @@ def test_coalesce_covers_and_respects_gap(spans, gap):
     merged = R.coalesce(ranges, max_gap=gap)
     for s, e in ranges:  # every range inside one merged range
         assert any(ms <= s and e <= me for ms, me in merged)
-    for (s0, e0), (s1, e1) in zip(merged, merged[1:]):
+    for (_s0, e0), (s1, _e1) in zip(merged, merged[1:]):
         assert s1 - e0 > gap  # merged ranges are separated by more than the gap
     assert sum(e - s for s, e in merged) <= sum(e - s for s, e in ranges) + gap * len(ranges)
 
 
 def test_local_names_cannot_escape(tmp_path):
     b = R.Box(10, 20, 30, 40)
-    assert F.local_name("2025W19_2B_0073_2", 3, b) == "data/D3/2025W19_2B_0073_2D3_x10_y20_30x40.fits"
-    assert F.local_name("2025W19_2B_0073_2", 3, full=True) == "data/D3/2025W19_2B_0073_2D3_full.fits"
+    assert C.local_name("2025W19_2B_0073_2", 3, b) == "data/D3/2025W19_2B_0073_2D3_x10_y20_30x40.fits"
+    assert C.local_name("2025W19_2B_0073_2", 3, full=True) == "data/D3/2025W19_2B_0073_2D3_full.fits"
     for bad in ("../../etc/passwd", "2025W19_2B_0073_2/../../x", "/abs", "2025W19_2B_0073_2\x00", "", "a" * 300):
         with pytest.raises(InputError):
-            F.local_name(bad, 3, b)
+            C.local_name(bad, 3, b)
     for det in (0, 7, "3/../..", None):
         with pytest.raises(InputError):
-            F.local_name("2025W19_2B_0073_2", det, b)
+            C.local_name("2025W19_2B_0073_2", det, b)
     with pytest.raises(InputError):
-        F.local_name("2025W19_2B_0073_2", 3, R.Box(-5, 0, 10, 10))
+        C.local_name("2025W19_2B_0073_2", 3, R.Box(-5, 0, 10, 10))
     for bad in ("../x", "a/b", ".hidden", "x..y", ""):
         with pytest.raises(InputError):
-            F.psf_name(bad)
+            C.psf_name(bad)
     with pytest.raises(InputError):
-        F._inside(str(tmp_path), "../outside.fits")
+        C.inside(str(tmp_path), "../outside.fits")
 
 
 def test_cache_dir_not_writable(tmp_path):
@@ -657,3 +660,25 @@ def test_gzipped_cutout_stored_uncompressed(sarc, tmp_path):
     out = F.fetch(_manifest(rows), cache_dir=tmp_path, progress=False)
     assert out["status"][0] == "done", out["error"][0]
     assert Path(out["path"][0]).read_bytes() == u.cutout(rows[0]["_key"], rows[0]["_center"], rows[0]["_size"])
+
+
+def test_cache_dir_object_and_path_forms(sarc, tmp_path, monkeypatch):
+    """One CacheDir per run: made from a path (``~`` expanded, ``file://`` accepted, other URLs
+    refused), handed to fetch(); fetch() with the same folder as a plain path finds its files."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cache = C.CacheDir("~/spx-cache")
+    assert cache.root == str((tmp_path / "spx-cache").resolve()) and os.fspath(cache) == cache.root
+    assert C.CacheDir(f"file://{tmp_path}/spx-cache") == cache == C.CacheDir(tmp_path / "spx-cache")
+    assert C.CacheDir.of(cache) is cache
+    assert pickle.loads(pickle.dumps(cache)) == cache  # a cluster worker resolves it again
+    for bad in ("s3://bucket/cache", "https://example.org/cache", ""):
+        with pytest.raises(InputError, match="cache_dir"):
+            C.CacheDir(bad)
+    rows = _rows(sarc, _obs(sarc.universe, 1), "cutout", size_px=20)
+    out = F.fetch(_manifest(rows), cache_dir=cache, progress=False)
+    assert out["status"].to_list() == ["done"] and Path(out["path"][0]).is_relative_to(tmp_path / "spx-cache")
+    assert (tmp_path / "spx-cache" / "psf").is_dir() and (tmp_path / "spx-cache" / "data" / "D6").is_dir()
+    sarc.clear_log()
+    again = F.fetch(out, cache_dir=str(tmp_path / "spx-cache"), progress=False)
+    assert again["path"].to_list() == out["path"].to_list() and again["status"].to_list() == ["done"]
+    assert not [e for e in sarc.log if e.get("endpoint") == "ibe_cutout"]  # a cache hit

@@ -22,9 +22,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from spxframe.fetcher import cache as C
 from spxframe.fetcher import claims as _claims
 from spxframe.fetcher import ranges as R
-from spxframe.fetcher.http import _HOST
+from spxframe.fetcher.owner import HOST as _HOST
 
 F = importlib.import_module("spxframe.fetcher.engine")
 
@@ -207,10 +208,10 @@ def test_lock_of_dead_process_is_cleaned(sarc, tmp_path):
     rows = _rows(sarc, _obs(u, 1), "cutout") + _rows(sarc, _obs(u, 1), "range", offsets=((0.2, 0.2),), source0=1)
     cache = tmp_path / "c"
     dead = _dead_pid()
-    locks = [_fake_lock(cache / F.local_name(r["obs_id"], r["detector"], R.Box(r["box_x0"], r["box_y0"],
+    locks = [_fake_lock(cache / C.local_name(r["obs_id"], r["detector"], R.Box(r["box_x0"], r["box_y0"],
                                                                              r["box_nx"], r["box_ny"])),
                         pid=dead, host=_HOST) for r in rows]
-    locks.append(_fake_lock(cache / F.psf_name(rows[1]["psf_key"]), pid=dead, host=_HOST))
+    locks.append(_fake_lock(cache / C.psf_name(rows[1]["psf_key"]), pid=dead, host=_HOST))
     t0 = time.monotonic()
     out = F.fetch(pl.DataFrame(rows), cache_dir=cache, progress=False, stale_claim=600, claim_timeout=600)
     assert time.monotonic() - t0 < 30
@@ -228,10 +229,10 @@ def test_untouched_foreign_claim_is_broken_after_stale_claim(sarc, tmp_path):
     rows = _rows(sarc, o[:1], "cutout") + _rows(sarc, o[1:2], "range", offsets=((0.2, 0.2),), source0=1)
     cache = tmp_path / "c"
     r0 = rows[0]
-    lk_cut = _fake_lock(cache / F.local_name(r0["obs_id"], r0["detector"], R.Box(r0["box_x0"], r0["box_y0"],
+    lk_cut = _fake_lock(cache / C.local_name(r0["obs_id"], r0["detector"], R.Box(r0["box_x0"], r0["box_y0"],
                                                                                r0["box_nx"], r0["box_ny"])),
                         pid=os.getpid(), host="elsewhere")
-    lk_psf = _fake_lock(cache / F.psf_name(rows[1]["psf_key"]), pid=1, host="elsewhere")
+    lk_psf = _fake_lock(cache / C.psf_name(rows[1]["psf_key"]), pid=1, host="elsewhere")
     t0 = time.monotonic()
     out = F.fetch(pl.DataFrame(rows), cache_dir=cache, progress=False, stale_claim=0.6, claim_timeout=30)
     dt = time.monotonic() - t0
@@ -256,7 +257,7 @@ def test_claimer_killed_mid_transfer(sarc, tmp_path):
     f = sarc.faults
     f.bandwidth_bps, f.endpoints = 4_000_000, ("ibe_file",)  # A would need ~18 s
     pa, _, _ = _start(man, cache, "a", tmp_path)
-    final = cache / F.local_name(o[0]["obs_id"], o[0]["detector"], full=True)
+    final = cache / C.local_name(o[0]["obs_id"], o[0]["detector"], full=True)
     lock = Path(str(final) + ".lock")
     try:
         deadline = time.monotonic() + 60
@@ -281,7 +282,8 @@ def test_claimer_killed_mid_transfer(sarc, tmp_path):
             pa.kill()
     b = res["b"]
     assert b["status"][0] == "done", b["error"][0]
-    assert final.stat().st_size == b_rows[0]["size"] and hashlib.md5(final.read_bytes()).hexdigest() == b_rows[0]["checksum"]
+    assert final.stat().st_size == b_rows[0]["size"]
+    assert hashlib.md5(final.read_bytes()).hexdigest() == b_rows[0]["checksum"]
     assert len([e for e in sarc.log if e["endpoint"] == "cloud"]) == 1
     assert not lock.exists()  # A's .part stays until the next run's clean-up (A's pid is gone)
     F.fetch(pl.DataFrame(b_rows), cache_dir=cache, progress=False)
@@ -306,7 +308,7 @@ def test_waiter_fetches_itself_when_claimer_fails(sarc, tmp_path):
     f = sarc.faults
     f.error_rates, f.latency_s, f.endpoints = {"ibe_file": 1.0}, 0.3, ("ibe_file",)
     pa, _, out_a = _start(man, cache, "a", tmp_path, retries=3, backoff=0.2, max_backoff=0.3)
-    lock = Path(str(cache / F.local_name(o[0]["obs_id"], o[0]["detector"], full=True)) + ".lock")
+    lock = Path(str(cache / C.local_name(o[0]["obs_id"], o[0]["detector"], full=True)) + ".lock")
     deadline = time.monotonic() + 60
     while not lock.exists():  # A holds the claim
         assert time.monotonic() < deadline and pa.poll() is None, pa.stderr.read().decode()[-2000:]
@@ -365,8 +367,8 @@ def test_wait_is_bounded_by_claim_timeout(sarc, tmp_path):
     o = _obs(u, 2)
     rows = _rows(sarc, o[:1], "full") + _rows(sarc, o[1:2], "range", source0=1)
     cache = tmp_path / "c"
-    lk_full = _fake_lock(cache / F.local_name(o[0]["obs_id"], o[0]["detector"], full=True), pid=7, host="elsewhere")
-    lk_psf = _fake_lock(cache / F.psf_name(rows[1]["psf_key"]), pid=7, host="elsewhere")
+    lk_full = _fake_lock(cache / C.local_name(o[0]["obs_id"], o[0]["detector"], full=True), pid=7, host="elsewhere")
+    lk_psf = _fake_lock(cache / C.psf_name(rows[1]["psf_key"]), pid=7, host="elsewhere")
     t0 = time.monotonic()
     out = F.fetch(pl.DataFrame(rows), cache_dir=cache, progress=False, claim_timeout=0.8, stale_claim=60)
     dt = time.monotonic() - t0
@@ -423,3 +425,62 @@ def test_claim_primitives(tmp_path):
     c = _claims.claim_or_wait(path, done=lambda: False, watcher=_claims.Watcher(60), timeout=0.2)
     assert c is not None
     c.release()
+
+
+def test_claim_wait_steps(tmp_path):
+    """The one waiting mechanism, a look at a time: held (look again later, backing off),
+    taken over once the lock is gone, done once the file is made, failed after the timeout."""
+    path = str(tmp_path / "f.fits")
+    lk = _fake_lock(Path(path), pid=1, host="elsewhere")
+    made = []
+    w = _claims.Wait(path, watcher=_claims.Watcher(60), timeout=5, done=lambda: bool(made), poll=(0.05, 0.1))
+    t0 = time.monotonic()
+    assert w.step() is False and w.due >= t0 + 0.05
+    assert w.step() is False and w.delay == 0.1  # backed off to the longest interval
+    made.append(1)
+    assert w.step() is True and lk.exists()  # made by the claimer: its lock is left alone
+    made.clear()
+    lk.unlink()
+    c = w.step()
+    assert isinstance(c, _claims.Claim) and _claims.read_owner(path + ".lock")["token"] == c.token
+    c.release()
+    _fake_lock(Path(path), pid=1, host="elsewhere")
+    w = _claims.Wait(path, watcher=_claims.Watcher(60), timeout=0.1, done=lambda: False, name="data/f.fits")
+    time.sleep(0.15)
+    with pytest.raises(_claims.ClaimTimeout, match="1@elsewhere to fetch data/f.fits"):
+        w.step()
+
+
+def test_one_sweep_removes_what_dead_writers_left(tmp_path):
+    """CacheDir.sweep: temporary files and locks of this host's dead processes go at once, any
+    host's once older than max_age; live writers' files (this process, a fresh foreign one) stay."""
+    cache = C.CacheDir(tmp_path / "c").prepare()
+    d = Path(cache.root) / "data" / "D2"
+    dead = _dead_pid()
+    f = d / "2025W19_2B_0073_2D2_full.fits"
+
+    def part(pid, host, age=0.0):
+        p = Path(f"{f}.{pid}@{host}.{os.urandom(4).hex()}.part")
+        p.write_bytes(b"x")
+        if age:
+            os.utime(p, (time.time() - age, time.time() - age))
+        return p
+
+    gone = [part(dead, _HOST), part("x", _HOST), part(7, "elsewhere", age=2 * 86400),
+            _fake_lock(d / "a.fits", pid=dead, host=_HOST)]
+    old_lock = _fake_lock(d / "b.fits", pid=7, host="elsewhere")
+    os.utime(old_lock, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    gone.append(old_lock)
+    psf_part = Path(cache.path("psf/D2_l2b-v20-2025-247.fits.lock")).with_name(
+        f"D2_l2b-v20-2025-247.fits.lock.{dead}@{_HOST}.beef.part")  # a lock-breaker's leftover
+    psf_part.write_bytes(b"{}")
+    gone.append(psf_part)
+    live = _claims.try_claim(str(d / "c.fits"))
+    kept = [part(os.getpid(), _HOST), part(7, "elsewhere"), _fake_lock(d / "e.fits", pid=7, host="elsewhere"),
+            d / "c.fits.lock"]
+    try:
+        assert cache.sweep() == len(gone)
+        assert not [p for p in gone if p.exists()] and all(p.exists() for p in kept)
+        assert cache.sweep(max_age=0) == len(kept)  # past max_age whoever wrote them
+    finally:
+        live.release()

@@ -2,7 +2,7 @@
 
 Before a fetch downloads (or builds) a file at ``path`` it takes a claim: the lock file
 ``<path>.lock``, created atomically. Whoever finds a live claim does not download; it waits for
-the file's ``.ok`` sidecar (see :mod:`spxframe.fetch`), and takes over once the claim is gone
+the file's ``.ok`` sidecar (see :mod:`spxframe.fetcher.cache`), and takes over once the claim is gone
 (the claimer finished without a verified file, e.g. its transfer failed) or stale (the claimer
 died). Claims only save transfers: every file still reaches its final name through a verified
 temporary file and an atomic rename, so a lost race or a wrongly broken claim costs bytes, never
@@ -29,8 +29,11 @@ Mechanism (chosen to work on a shared POSIX filesystem, NFSv3/v4 included):
   inside the defaults).
 - breaking: a stale lock is renamed aside (atomic; only one waiter wins) and checked: if it is not
   the file judged stale (a new claim, or a heartbeat since), it is linked back. The aside name ends
-  in ``.part``, so :func:`spxframe.fetcher.http.clean_stale_parts` removes leftovers.
+  in ``.part``, so the cache sweep (:meth:`spxframe.fetcher.cache.CacheDir.sweep`) removes leftovers.
 - release: always in ``finally``; the lock is unlinked only if it still carries the owner's token.
+- waiting: one mechanism, :class:`Wait`; each :meth:`Wait.step` takes one look (claim it, made
+  by the claimer, still held, or timed out). :func:`claim_or_wait` drives it blocking (a worker
+  thread); fetch()'s scheduler drives many waits at once without holding a thread or a slot.
 
 Times are seconds.
 """
@@ -47,7 +50,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from spxframe.fetcher.http import _HOST, STALE_PART_S, Cancelled, pid_alive, tmp_name
+from spxframe.fetcher.http import Cancelled
+from spxframe.fetcher.owner import HOST, gone, tmp_name
 
 log = logging.getLogger("spxframe.fetch")
 
@@ -162,7 +166,7 @@ def try_claim(path: str, *, stale_s: float = DEFAULT_STALE_S, what: str = "") ->
     token = secrets.token_hex(8)
     c = Claim(path, lock, token, beat_s=max(0.05, min(30.0, stale_s / 4.0)))
     c.next_beat = time.monotonic() + c.beat_s
-    body = json.dumps({"pid": os.getpid(), "host": _HOST, "token": token, "time": time.time(),
+    body = json.dumps({"pid": os.getpid(), "host": HOST, "token": token, "time": time.time(),
                        "what": what[:300]}).encode()
     _register(c)  # before the lock exists: a thread of ours must never see our own lock as orphaned
     try:
@@ -219,7 +223,7 @@ def _create_excl(lock: str, body: bytes) -> bool:
 
 def _owner_dead(info: dict) -> bool:
     """Whether the owner recorded in a lock is known dead (only checkable on this host)."""
-    if info.get("host") != _HOST:
+    if info.get("host") != HOST:
         return False
     try:
         pid = int(info.get("pid"))
@@ -227,7 +231,7 @@ def _owner_dead(info: dict) -> bool:
         return False
     if pid == os.getpid():
         return not held_here(str(info.get("token")))
-    return pid <= 0 or not pid_alive(pid)
+    return bool(gone(pid, HOST))
 
 
 def break_lock(lock: str, seen: os.stat_result) -> bool:
@@ -304,57 +308,82 @@ def describe_owner(path: str) -> str:
     return f"{info.get('pid', '?')}@{info.get('host', '?')}" if info else "another fetch"
 
 
+# --------------------------------------------------------------------------------------
+# waiting for another fetch's claim: the one mechanism
+# --------------------------------------------------------------------------------------
+
+POLL = (0.05, 2.0)   # s: first and longest interval between looks at another fetch's claim
+
+
+class Wait:
+    """Waiting for the claim on ``path`` to end: ours, made by the claimer, or timed out.
+
+    Each :meth:`step` takes one look. ``done()`` says whether the file was made (typically: a
+    verified file with its sidecar); ``name`` labels the file in the timeout message. The wait
+    starts when the object is made; ``due`` is when the next look is worth taking (backoff from
+    ``poll[0]`` to ``poll[1]`` s)."""
+
+    def __init__(self, path: str, *, watcher: Watcher, timeout: float, done: Callable[[], bool],
+                 what: str = "", name: str | None = None, poll: tuple[float, float] = POLL) -> None:
+        self.path, self.watcher, self.timeout, self.done, self.what = path, watcher, float(timeout), done, what
+        self.name = name or os.path.basename(path)
+        self.poll = poll
+        self.since = time.monotonic()
+        self.delay = poll[0]
+        self.due = self.since
+
+    def step(self) -> Claim | bool:
+        """One look: a :class:`Claim` (ours now: make the file), True (the claimer made it) or
+        False (still held by a live fetch: look again at ``due``). Takes over released or stale
+        claims; raises :class:`ClaimTimeout` once held longer than ``timeout`` s."""
+        while True:
+            c = try_claim(self.path, stale_s=self.watcher.stale_s, what=self.what)
+            if c is not None:
+                return c
+            if self.done():
+                return True
+            if self.watcher.state(self.path) != "free":  # free: released or stale just broken, try again
+                break
+        now = time.monotonic()
+        if now - self.since > self.timeout:
+            raise ClaimTimeout(f"timed out after {self.timeout:g} s waiting for {describe_owner(self.path)} "
+                               f"to fetch {self.name}")
+        self.due = now + self.delay
+        self.delay = min(self.poll[1], self.delay * 1.5)
+        return False
+
+
 def claim_or_wait(path: str, *, done: Callable[[], bool], watcher: Watcher, timeout: float,
                   stop: threading.Event | None = None, what: str = "",
-                  poll: tuple[float, float] = (0.05, 2.0)) -> Claim | None:
-    """Blocking form: a claim on ``path``, or None once ``done()`` (the file was made by the
-    claimer). Waits with backoff (holding no transfer slot) while another live fetch holds it,
-    takes over stale or released claims; raises :class:`ClaimTimeout` after ``timeout`` s
-    and :class:`Cancelled` when ``stop`` is set."""
-    t0 = time.monotonic()
-    delay = poll[0]
+                  poll: tuple[float, float] = POLL) -> Claim | None:
+    """Blocking form of :class:`Wait`: a claim on ``path``, or None once ``done()`` (the file was
+    made by the claimer). Waits with backoff (holding no transfer slot) while another live fetch
+    holds it, takes over stale or released claims; raises :class:`ClaimTimeout` after
+    ``timeout`` s and :class:`Cancelled` when ``stop`` is set."""
+    w = Wait(path, done=done, watcher=watcher, timeout=timeout, what=what, poll=poll)
     while True:
-        c = try_claim(path, stale_s=watcher.stale_s, what=what)
-        if c is not None:
-            return c
-        if done():
-            return None
-        if watcher.state(path) == "free":
-            continue
-        if time.monotonic() - t0 > timeout:
-            raise ClaimTimeout(f"timed out after {timeout:g} s waiting for {describe_owner(path)} "
-                               f"to fetch {os.path.basename(path)}")
+        got = w.step()
+        if got is not False:
+            return None if got is True else got
+        dt = max(0.0, w.due - time.monotonic())
         if stop is not None:
-            if stop.wait(delay):
+            if stop.wait(dt):
                 raise Cancelled()
         else:
-            time.sleep(delay)
-        delay = min(poll[1], delay * 1.5)
+            time.sleep(dt)
 
 
 # --------------------------------------------------------------------------------------
-# cleaning
+# cleaning (driven by the cache sweep)
 # --------------------------------------------------------------------------------------
 
 
-def clean_stale_locks(directory: str, max_age: float = STALE_PART_S) -> int:
-    """Remove ``*.lock`` files in ``directory`` whose owner is known dead (this host) or that are
-    older than ``max_age`` seconds (any host, like :func:`spxframe.fetcher.http.clean_stale_parts`).
-    Returns how many were removed. Live claims of other hosts are left to :class:`Watcher`."""
-    n = 0
+def break_if_stale(lock: str, now: float, max_age: float) -> bool:
+    """Remove the lock file ``lock`` if its owner is known dead (this host) or it is older than
+    ``max_age`` s (``now``: ``time.time()``); True if removed. Live claims of other hosts are
+    left to :class:`Watcher`."""
     try:
-        names = os.listdir(directory)
+        st = os.stat(lock)
     except OSError:
-        return 0
-    now = time.time()
-    for name in names:
-        if not name.endswith(LOCK_SUFFIX):
-            continue
-        lock = os.path.join(directory, name)
-        try:
-            st = os.stat(lock)
-        except OSError:
-            continue
-        if (_owner_dead(read_owner(lock)) or now - st.st_mtime > max_age) and break_lock(lock, st):
-            n += 1
-    return n
+        return False
+    return (_owner_dead(read_owner(lock)) or now - st.st_mtime > max_age) and break_lock(lock, st)

@@ -1,6 +1,7 @@
-"""HTTP transfer machinery for :mod:`spxframe.fetch`: retry policy, per-host adaptive
-concurrency (AIMD), streamed downloads to temporary files (requests) and byte-range reads
-(fsspec HTTP / aiohttp), with errors classified as transient (retry) or permanent.
+"""HTTP transfers for :func:`spxframe.fetch`: retry policy, per-host adaptive concurrency (AIMD),
+streamed downloads to a given temporary file (requests) and byte-range reads (fsspec HTTP /
+aiohttp), with errors classified as transient (retry) or permanent. File bookkeeping (names,
+sidecars, verification) is :mod:`spxframe.fetcher.cache`'s.
 
 Times are in seconds, sizes in bytes.
 """
@@ -10,13 +11,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
-import json
 import logging
-import os
 import random
-import re
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +23,11 @@ from urllib.parse import urlsplit
 
 import requests
 
-from spxframe.errors import FileFormatError
-from spxframe.fetcher.ranges import REQUIRED_HDUS, quick_check, scan_fits
+from spxframe._version import __version__
 
 log = logging.getLogger("spxframe.fetch")
+
+USER_AGENT = f"spxframe/{__version__}"
 
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 OVERLOAD_STATUS = frozenset({429, 503})
@@ -191,7 +188,7 @@ def call_with_retries(fn: Callable[[int], Any], *, policy: RetryPolicy, limiter:
             d = policy.delay(attempt, e.retry_after)
             log.debug("%s: attempt %d failed (%s); retry in %.2f s", what, attempt, e, d)
             if stop.wait(d):
-                raise Cancelled()
+                raise Cancelled() from e
 
 
 # --------------------------------------------------------------------------------------
@@ -301,7 +298,8 @@ async def _get_range(fs: Any, url: str, start: int, stop: int) -> tuple[bytes, i
                 raise TransferError(f"short range body from {url}: {len(data)} of {cl} bytes", transient=True)
     except TransferError:
         raise
-    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError, aiohttp.ClientOSError, ConnectionError) as e:
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+            aiohttp.ClientConnectionError, aiohttp.ClientOSError, ConnectionError) as e:
         raise TransferError(f"{type(e).__name__} reading bytes {start}-{stop} of {url}: {e}",
                             transient=True) from e
     except aiohttp.ClientError as e:
@@ -330,10 +328,8 @@ class RangeClient:
 
     def read(self, url: str, ranges: list[tuple[int, int]]) -> tuple[list[bytes], int | None, int]:
         """Returns (bytes per range, file size if the server told it, attempts used)."""
-        from fsspec.asyn import sync
-
         out: list[bytes | None] = [None] * len(ranges)
-        total: int | None = None
+        total: list[int | None] = [None]
         pending = list(range(len(ranges)))
         limiter = self.limiters.get(url, "data")
         attempt = 0
@@ -341,36 +337,10 @@ class RangeClient:
             attempt += 1
             if self.stop.is_set():
                 raise Cancelled()
-
-            async def batch(idx: list[int]) -> list[Any]:
-                sem = asyncio.Semaphore(self.parallel)
-
-                async def one(i: int) -> Any:
-                    async with sem:
-                        return await _get_range(self.fs, url, *ranges[i])
-                return await asyncio.gather(*(one(i) for i in idx), return_exceptions=True)
-
             with limiter.slot(self.stop) as started:
                 self.requests += len(pending)
-                res = sync(self.fs.loop, batch, pending)
-            failed: list[int] = []
-            worst: TransferError | None = None
-            for i, r in zip(pending, res):
-                if isinstance(r, BaseException):
-                    e = r if isinstance(r, TransferError) else TransferError(
-                        f"{type(r).__name__} reading {url}: {r}", transient=True)
-                    if not e.transient:
-                        e.attempts = attempt  # type: ignore[attr-defined]
-                        raise e
-                    failed.append(i)
-                    if worst is None or (e.retry_after or 0) > (worst.retry_after or 0) or e.status in OVERLOAD_STATUS:
-                        worst = e
-                else:
-                    data, tot = r
-                    out[i] = data
-                    total = tot if tot is not None else total
-                    if self.on_bytes is not None:
-                        self.on_bytes(len(data))
+                res = self._batch(url, [ranges[i] for i in pending])
+            failed, worst = self._sort_out(url, pending, res, out, total, attempt)
             if worst is not None and worst.status in OVERLOAD_STATUS:
                 limiter.overload(started)
             elif not failed:
@@ -385,7 +355,45 @@ class RangeClient:
                 log.debug("%s: %d range(s) failed (%s); retry in %.2f s", url, len(pending), worst, d)
                 if self.stop.wait(d):
                     raise Cancelled()
-        return [b for b in out if b is not None], total, attempt  # type: ignore[misc]
+        return [b for b in out if b is not None], total[0], attempt  # type: ignore[misc]
+
+    def _batch(self, url: str, ranges: list[tuple[int, int]]) -> list[Any]:
+        """GET the ranges concurrently (at most ``parallel`` at once); a result or an exception each."""
+        from fsspec.asyn import sync
+
+        async def batch() -> list[Any]:
+            sem = asyncio.Semaphore(self.parallel)
+
+            async def one(r: tuple[int, int]) -> Any:
+                async with sem:
+                    return await _get_range(self.fs, url, *r)
+            return await asyncio.gather(*(one(r) for r in ranges), return_exceptions=True)
+
+        return sync(self.fs.loop, batch)
+
+    def _sort_out(self, url: str, pending: list[int], res: list[Any], out: list[bytes | None],
+                  total: list[int | None], attempt: int) -> tuple[list[int], TransferError | None]:
+        """Store the ranges that came back in ``out`` (and the file size in ``total[0]``); returns
+        the indices to retry and the error that decides the wait (a permanent one raises)."""
+        failed: list[int] = []
+        worst: TransferError | None = None
+        for i, r in zip(pending, res):
+            if isinstance(r, BaseException):
+                e = r if isinstance(r, TransferError) else TransferError(
+                    f"{type(r).__name__} reading {url}: {r}", transient=True)
+                if not e.transient:
+                    e.attempts = attempt  # type: ignore[attr-defined]
+                    raise e
+                failed.append(i)
+                if worst is None or (e.retry_after or 0) > (worst.retry_after or 0) or e.status in OVERLOAD_STATUS:
+                    worst = e
+            else:
+                data, tot = r
+                out[i] = data
+                total[0] = tot if tot is not None else total[0]
+                if self.on_bytes is not None:
+                    self.on_bytes(len(data))
+        return failed, worst
 
 
 def default_session(user_agent: str, pool: int) -> requests.Session:
@@ -398,143 +406,15 @@ def default_session(user_agent: str, pool: int) -> requests.Session:
     return s
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+def http_fs(storage_options: dict[str, Any] | None, connect_s: float, read_s: float) -> Any:
+    """``fsspec.filesystem('http')`` with our User-Agent and timeouts as overridable defaults."""
+    import aiohttp
+    import fsspec
 
-
-# --------------------------------------------------------------------------------------
-# files on disk: temporary names, verified writes, JSON sidecars, stale temp files
-# --------------------------------------------------------------------------------------
-
-STALE_PART_S = 24 * 3600.0  # .part files older than this (s) are removed whoever wrote them
-
-
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
-
-
-def tmp_name(path: str) -> str:
-    """A temporary name beside ``path``: ``<path>.<pid>@<host>.<token>.part`` (never trusted by a
-    rerun; removed by :func:`clean_stale_parts` once its process is gone)."""
-    return f"{path}.{os.getpid()}@{_HOST}.{secrets.token_hex(4)}.part"
-
-
-def sidecar(path: str) -> str:
-    return path + ".ok"
-
-
-def file_md5(path: str) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def mark_ok(path: str, request: dict[str, Any], md5: str | None = None) -> None:
-    """Write the JSON sidecar of a verified file (size, md5, request), atomically."""
-    info = {"size": os.path.getsize(path), "md5": md5, "request": request, "time": time.time()}
-    atomic_write(sidecar(path), json.dumps(info, sort_keys=True).encode())
-
-
-def write_verified(path: str, data: bytes, request: dict[str, Any], *,
-                   required: tuple[str, ...] = REQUIRED_HDUS) -> None:
-    """Write a FITS file built in memory: temporary file, structural check, rename, sidecar."""
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        scan_fits(tmp, required=required)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    mark_ok(path, request, hashlib.md5(data).hexdigest())
-
-
-def is_verified(path: str, *, required: tuple[str, ...] = REQUIRED_HDUS, md5: str | None = None,
-                request: dict[str, Any] | None = None) -> bool:
-    """Whether ``path`` is a complete, verified file. With a sidecar: size and first card
-    (cheap). Without (e.g. killed between rename and sidecar): a full structural check (and
-    MD5 when ``md5`` is given), after which the sidecar is written."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        with open(sidecar(path), "rb") as f:
-            info = json.loads(f.read())
-        ok = quick_check(path, int(info["size"]))
-        if ok and md5 and info.get("md5") and info["md5"].lower() != md5.lower():
-            ok = False
-        if ok:
-            return True
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    digest = None
-    try:
-        scan_fits(path, required=required)
-        digest = file_md5(path) if md5 else None
-        if md5 and digest != md5.lower():
-            log.warning("%s: MD5 %s differs from the archive's %s; refetching", path, digest, md5)
-            return False
-    except FileFormatError as e:
-        log.warning("cached file rejected (%s); refetching", e)
-        return False
-    mark_ok(path, request or {}, digest)
-    return True
-
-
-def clean_stale_parts(directory: str) -> int:
-    """Remove ``*.part`` files in ``directory`` left by dead processes (or older than a day).
-    Returns how many were removed."""
-    n = 0
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return 0
-    now = time.time()
-    for name in names:
-        if not name.endswith(".part"):
-            continue
-        p = os.path.join(directory, name)
-        tag = name.split(".")[-3] if name.count(".") >= 3 else ""
-        pid_s, _, host = tag.partition("@")
-        try:
-            pid = int(pid_s)
-        except ValueError:
-            pid = -1
-        try:
-            old = now - os.path.getmtime(p) > STALE_PART_S
-        except OSError:
-            continue
-        here = host in ("", _HOST)  # another host's process cannot be checked: wait for age
-        if not old and (pid == os.getpid() or not here):
-            continue
-        if old or pid <= 0 or not pid_alive(pid):
-            try:
-                os.unlink(p)
-                n += 1
-            except OSError:
-                pass
-    return n
+    so = dict(storage_options or {})
+    headers = {"User-Agent": USER_AGENT}
+    headers.update(so.pop("headers", None) or {})
+    ck = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)}
+    ck.update(so.pop("client_kwargs", None) or {})
+    so.setdefault("skip_instance_cache", True)
+    return fsspec.filesystem("http", headers=headers, client_kwargs=ck, **so)

@@ -1,7 +1,10 @@
-"""FITS block arithmetic for range reads: headers, HDU layout, byte ranges, local cutout files.
+"""Byte ranges of remote SPHEREx files: which bytes a pixel box needs, and local cutout files.
 
-No network here: :mod:`spxframe.fetch` fetches bytes; this module decides *which* bytes and turns
-them into files. All offsets and sizes are in bytes; pixel boxes are zero-based parent pixels.
+No network here: :mod:`spxframe.fetcher.engine` fetches bytes; this module decides *which* bytes
+(:class:`RangeFile`: headers in three rounds of requests, then the box rows, coalesced) and turns
+them into files (:func:`build_cutout`, :func:`psf_file_bytes`). Headers and HDU layout are the
+one FITS model of :mod:`spxframe.fits` (cards, hdu, wcs). All offsets and sizes are in bytes;
+pixel boxes are zero-based parent pixels.
 
 A SPHEREx L2 MEF (spec §3.1) is PRIMARY, IMAGE, FLAGS, VARIANCE, ZODI (2040×2040 planes), PSF
 (121×101×101 cube) and WCS-WAVE (1-row BINTABLE). Header lengths are parsed, never assumed
@@ -11,232 +14,36 @@ A SPHEREx L2 MEF (spec §3.1) is PRIMARY, IMAGE, FLAGS, VARIANCE, ZODI (2040×20
 from __future__ import annotations
 
 import bisect
-import os
+import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from spxframe import spherex
 from spxframe.errors import FileFormatError
+from spxframe.fits.cards import (  # noqa: F401  (format_card, header_length, parse_header re-exported)
+    BLOCK,
+    CARD,
+    END_CARD,
+    edit_header,
+    format_card,
+    header_length,
+    padded,
+    parse_header,
+)
+from spxframe.fits.hdu import HDU, REQUIRED_HDUS, hdu_from, quick_check, scan_fits  # noqa: F401  (re-exported)
+from spxframe.fits.wcs import celestial_wcs
 
-BLOCK = spherex.BLOCK
-CARD = spherex.CARD
 PLANES: tuple[str, ...] = spherex.PLANE_HDUS
-REQUIRED_HDUS: tuple[str, ...] = spherex.HDU_NAMES
 #: nominal header lengths in blocks (spec §3.1) used to guess where later headers start
-NOMINAL_HEADER_BLOCKS: dict[str, int] = {h: spherex.QR2_HEADER_BLOCKS[h] for h in ("FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE")}
-_END_CARD = b"END" + b" " * 77
+NOMINAL_HEADER_BLOCKS: dict[str, int] = {h: spherex.QR2_HEADER_BLOCKS[h]
+                                         for h in ("FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE")}
 HEAD_BYTES = 16 * BLOCK   # first read: PRIMARY + IMAGE header (7-8 blocks) with room to spare
 TAIL_BYTES = 8 * BLOCK    # the file's tail: the WCS-WAVE header and table
 #: reads byte ranges [start, stop) of one remote file -> (bytes per range, file size or None)
 ReadFn = Callable[[list[tuple[int, int]]], tuple[list[bytes], "int | None"]]
-
-
-def padded(n: int) -> int:
-    """``n`` bytes rounded up to whole 2880-byte FITS blocks."""
-    return -(-int(n) // BLOCK) * BLOCK
-
-
-# --------------------------------------------------------------------------------------
-# header cards
-# --------------------------------------------------------------------------------------
-
-
-def header_length(buf: bytes | memoryview, start: int = 0) -> int | None:
-    """Length in bytes (whole blocks) of the header that begins at ``buf[start]``; None if the
-    END card is not within ``buf``."""
-    mv = memoryview(buf)
-    pos = start
-    while pos + BLOCK <= len(mv):
-        blk = bytes(mv[pos:pos + BLOCK])
-        for i in range(0, BLOCK, CARD):
-            if blk[i:i + 8] == b"END     ":
-                return pos + BLOCK - start
-        pos += BLOCK
-    return None
-
-
-def _split_value(s: str) -> tuple[str, str]:
-    """Split the value field (columns 11-80) into (value text, comment)."""
-    s = s.rstrip()
-    if s.lstrip().startswith("'"):
-        i = s.index("'")
-        j = i + 1
-        while j < len(s):
-            if s[j] == "'":
-                if j + 1 < len(s) and s[j + 1] == "'":
-                    j += 2
-                    continue
-                break
-            j += 1
-        val = s[: j + 1]
-        rest = s[j + 1:]
-        k = rest.find("/")
-        return val.strip(), (rest[k + 1:].strip() if k >= 0 else "")
-    k = s.find("/")
-    if k >= 0:
-        return s[:k].strip(), s[k + 1:].strip()
-    return s.strip(), ""
-
-
-def _parse_value(v: str) -> Any:
-    if v.startswith("'"):
-        return v[1:-1].replace("''", "'").rstrip()
-    if v == "T":
-        return True
-    if v == "F":
-        return False
-    try:
-        return int(v)
-    except ValueError:
-        pass
-    try:
-        return float(v.replace("D", "E"))
-    except ValueError:
-        return v
-
-
-def cards(header: bytes) -> list[bytes]:
-    """The 80-byte cards of a header up to and including END."""
-    out = []
-    for i in range(0, len(header), CARD):
-        c = header[i:i + CARD]
-        out.append(c)
-        if c[:8] == b"END     ":
-            break
-    return out
-
-
-def parse_header(header: bytes) -> dict[str, Any]:
-    """Keyword → value for the ordinary ``KEY = value`` cards (HIERARCH/COMMENT/HISTORY skipped)."""
-    out: dict[str, Any] = {}
-    for c in cards(header):
-        key = c[:8].decode("ascii", "replace").strip()
-        if not key or key in ("END", "COMMENT", "HISTORY", "HIERARCH") or c[8:10] != b"= ":
-            continue
-        val, _ = _split_value(c[10:].decode("ascii", "replace"))
-        out[key] = _parse_value(val)
-    return out
-
-
-def format_card(key: str, value: Any, comment: str = "") -> bytes:
-    """One 80-byte FITS card in fixed format (strings left, numbers right-justified to col 30)."""
-    if isinstance(value, bool):
-        v = f"{'T' if value else 'F':>20}"
-    elif isinstance(value, int):
-        v = f"{value:>20d}"
-    elif isinstance(value, float):
-        s = repr(float(value)).upper()
-        if "E" not in s and "." not in s and "N" not in s:
-            s += ".0"
-        if "E" in s and "." not in s.split("E")[0]:
-            m, e = s.split("E")
-            s = f"{m}.0E{e}"
-        v = f"{s:>20}"
-    else:
-        v = "'" + f"{str(value).replace(chr(39), chr(39) * 2):<8}" + "'"
-        v = f"{v:<20}"
-    body = f"{key:<8}= {v}"
-    if comment:
-        body += f" / {comment}"
-    body = body[:CARD]
-    return f"{body:<{CARD}}".encode("ascii", "replace")
-
-
-def edit_header(header: bytes, *, update: dict[str, Any] | None = None, delete: Iterable[str] = (),
-                append: Iterable[tuple[str, Any, str]] = ()) -> bytes:
-    """A new header: ``update`` replaces values of existing keywords (comments kept; absent
-    keywords are not added), ``delete`` drops keywords, ``append`` adds cards before END.
-    The result is padded with blanks to whole blocks."""
-    update = dict(update or {})
-    delete = set(delete)
-    out: list[bytes] = []
-    for c in cards(header):
-        key = c[:8].decode("ascii", "replace").strip()
-        if key == "END":
-            break
-        if key in delete:
-            continue
-        if key in update and c[8:10] == b"= ":
-            _, comment = _split_value(c[10:].decode("ascii", "replace"))
-            c = format_card(key, update[key], comment)
-        out.append(bytes(c))
-    for key, value, comment in append:
-        out.append(format_card(key, value, comment))
-    out.append(_END_CARD)
-    raw = b"".join(out)
-    return raw + b" " * (padded(len(raw)) - len(raw))
-
-
-# --------------------------------------------------------------------------------------
-# HDU layout
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class HDU:
-    """One HDU located in a file: raw header bytes and where its data lie (bytes)."""
-
-    index: int
-    offset: int          # header start
-    header: bytes        # raw header, whole blocks
-    keys: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def extname(self) -> str:
-        return "PRIMARY" if self.index == 0 else str(self.keys.get("EXTNAME", "")).strip().upper()
-
-    @property
-    def data_offset(self) -> int:
-        return self.offset + len(self.header)
-
-    @property
-    def data_size(self) -> int:
-        """Unpadded data size in bytes (FITS: |BITPIX|/8 × GCOUNT × (PCOUNT + ΠNAXISn))."""
-        return data_size(self.keys)
-
-    @property
-    def next_offset(self) -> int:
-        return self.data_offset + padded(self.data_size)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        n = int(self.keys.get("NAXIS", 0))
-        return tuple(int(self.keys.get(f"NAXIS{i}", 0)) for i in range(1, n + 1))
-
-    @property
-    def bytes_per_pixel(self) -> int:
-        return abs(int(self.keys.get("BITPIX", 8))) // 8
-
-
-def data_size(keys: dict[str, Any]) -> int:
-    """Unpadded data bytes of an HDU from its BITPIX/NAXISn/PCOUNT/GCOUNT."""
-    n = int(keys.get("NAXIS", 0))
-    if n == 0:
-        return 0
-    prod = 1
-    for i in range(1, n + 1):
-        prod *= int(keys.get(f"NAXIS{i}", 0))
-    bpp = abs(int(keys.get("BITPIX", 8))) // 8
-    return bpp * int(keys.get("GCOUNT", 1)) * (int(keys.get("PCOUNT", 0)) + prod)
-
-
-def hdu_from(buf: bytes, buf_offset: int, hdu_offset: int, index: int) -> HDU | None:
-    """The HDU whose header starts at file offset ``hdu_offset``, parsed from ``buf`` (which holds
-    file bytes from ``buf_offset``); None if the header is not wholly inside ``buf``."""
-    rel = hdu_offset - buf_offset
-    if rel < 0 or rel + BLOCK > len(buf):
-        return None
-    n = header_length(buf, rel)
-    if n is None:
-        return None
-    raw = bytes(buf[rel:rel + n])
-    first = raw[:10]
-    if index == 0 and first != b"SIMPLE  = ":
-        raise FileFormatError(f"not a FITS file: first card {raw[:30]!r}")
-    if index > 0 and first != b"XTENSION= ":
-        raise FileFormatError(f"HDU {index} at byte {hdu_offset}: no XTENSION card ({raw[:30]!r})")
-    return HDU(index, hdu_offset, raw, parse_header(raw))
 
 
 def header_windows(layout: list[HDU], names: tuple[str, ...] = ("FLAGS", "VARIANCE", "ZODI", "PSF"),
@@ -287,31 +94,12 @@ class Box:
 
 def nearest_box_start(center: float, n: int) -> int:
     """First pixel of the n-pixel box centred nearest to zero-based ``center`` (IBE convention)."""
-    import math
-
     return int(math.floor(center - (n - 1) / 2.0 + 0.5))
-
-
-def celestial_wcs(header: bytes):
-    """astropy WCS of the primary (celestial, SIP) system of an image header; None if unusable."""
-    import warnings
-
-    from astropy.io import fits
-    from astropy.wcs import WCS
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hdr = fits.Header.fromstring(header.decode("ascii", "replace"))
-            w = WCS(hdr, key=" ", relax=True)
-        return w if w.has_celestial else None
-    except Exception:  # noqa: BLE001 — the planned box is kept
-        return None
 
 
 def box_row_ranges(hdu: HDU, box: Box) -> list[tuple[int, int]]:
     """Byte ranges [start, stop) of each row of ``box`` in a 2-D image HDU (row-major, x fastest)."""
-    w = hdu.shape[0]
+    w = hdu.naxis[0]
     bpp = hdu.bytes_per_pixel
     base = hdu.data_offset
     return [(base + (y * w + box.x0) * bpp, base + (y * w + box.x0 + box.nx) * bpp)
@@ -427,14 +215,15 @@ class RangeFile:
             layout.append(h)
             pos = h.next_offset
         if pos != total:
-            raise FileFormatError(f"{self.name}: HDUs end at byte {pos}, the file has {total}")
+            why = "truncated" if pos > total else "bytes after the last HDU"
+            raise FileFormatError(f"{self.name}: HDUs end at byte {pos}, the file has {total} ({why})")
         names = [h.extname for h in layout]
         missing = [n for n in REQUIRED_HDUS if n not in names]
         if missing:
             raise FileFormatError(f"{self.name}: missing HDUs {missing} (found {names})")
         img = layout[names.index("IMAGE")]
         for h in layout:
-            if h.extname in PLANES and h.shape[:2] != img.shape[:2]:
+            if h.extname in PLANES and h.naxis[:2] != img.naxis[:2]:
                 raise FileFormatError(f"{self.name}: {h.extname} shape {h.shape} != IMAGE {img.shape}")
         return layout
 
@@ -444,19 +233,17 @@ class RangeFile:
         centre rule, the file's celestial WCS), clipped to the image; an error text where the
         box misses the image."""
         img = next(h for h in layout if h.extname == "IMAGE")
-        width, height = img.shape[:2]
+        width, height = img.naxis[:2]
         wcs: Any = None
         out: list[Box | str] = []
         for box, center in wanted:
             b = box
             if center is not None:
                 if wcs is None:
-                    wcs = celestial_wcs(img.header) or False
+                    wcs = celestial_wcs(img.header) or False  # a whole file: no A-system offsets
                 if wcs is not False:
-                    import numpy as np
-
-                    xe, ye = (float(v[0]) for v in wcs.all_world2pix(
-                        np.array([center[0]]), np.array([center[1]]), 0, tolerance=1e-7, maxiter=50, quiet=True))
+                    xe, ye = (float(v[0]) for v in wcs.world2pix(
+                        np.array([center[0]]), np.array([center[1]]), tolerance=1e-7, maxiter=50))
                     if np.isfinite(xe) and np.isfinite(ye):
                         b = Box(nearest_box_start(xe, b.nx), nearest_box_start(ye, b.ny), b.nx, b.ny)
             b = b.clip(width, height)
@@ -523,11 +310,11 @@ def psf_file_bytes(psf: HDU, data: bytes, psf_key: str) -> bytes:
         format_card("SIMPLE", True, "conforms to FITS standard"),
         format_card("BITPIX", 8), format_card("NAXIS", 0), format_card("EXTEND", True),
         format_card("PSF_KEY", psf_key, "detector + processing version"),
-        _END_CARD])
+        END_CARD])
     prim += b" " * (padded(len(prim)) - len(prim))
     if len(data) != padded(psf.data_size):
         raise FileFormatError(f"PSF data: got {len(data)} bytes, expected {padded(psf.data_size)}")
-    return prim + psf.header + data
+    return prim + psf.header.raw + data
 
 
 def build_cutout(layout: list[HDU], box: Box, store: ByteStore, *, psffile: str) -> bytes:
@@ -543,59 +330,7 @@ def build_cutout(layout: list[HDU], box: Box, store: ByteStore, *, psffile: str)
         elif name == "PSF":
             parts.append(psf_stub_header(h, psffile))
         else:
-            parts.append(h.header)
+            parts.append(h.header.raw)
             if h.data_size:
                 parts.append(store.get(h.data_offset, h.next_offset))
     return b"".join(parts)
-
-
-# --------------------------------------------------------------------------------------
-# verification of files on disk
-# --------------------------------------------------------------------------------------
-
-
-def scan_fits(path: str | os.PathLike, *, required: Iterable[str] = REQUIRED_HDUS) -> list[HDU]:
-    """Walk a FITS file's HDUs by their headers (no data read) and check its block structure:
-    size a multiple of 2880, every header has END, the last HDU ends exactly at the file end,
-    and every ``required`` EXTNAME is present. Raises :class:`FileFormatError`."""
-    size = os.path.getsize(path)
-    if size == 0 or size % BLOCK:
-        raise FileFormatError(f"{path}: size {size} is not a positive multiple of {BLOCK}")
-    hdus: list[HDU] = []
-    with open(path, "rb") as f:
-        pos = 0
-        while pos < size:
-            f.seek(pos)
-            buf = b""
-            n = None
-            while n is None:
-                more = f.read(BLOCK * 16)
-                if not more:
-                    raise FileFormatError(f"{path}: HDU {len(hdus)} header at byte {pos} has no END")
-                buf += more
-                n = header_length(buf)
-            h = hdu_from(buf, pos, pos, len(hdus))
-            assert h is not None
-            hdus.append(h)
-            pos = h.next_offset
-            if pos > size:
-                raise FileFormatError(f"{path}: HDU {h.index} ({h.extname}) data run past the end "
-                                      f"({pos} > {size} bytes): truncated")
-    names = [h.extname for h in hdus]
-    missing = [r for r in required if r not in names]
-    if missing:
-        raise FileFormatError(f"{path}: missing HDUs {missing} (found {names})")
-    return hdus
-
-
-def quick_check(path: str | os.PathLike, size: int | None = None) -> bool:
-    """Cheap re-verification of a file already verified once: size (if given) and the first
-    card and the file ends on a block boundary."""
-    try:
-        st = os.stat(path)
-        if st.st_size == 0 or st.st_size % BLOCK or (size is not None and st.st_size != size):
-            return False
-        with open(path, "rb") as f:
-            return f.read(10) == b"SIMPLE  = "
-    except OSError:
-        return False

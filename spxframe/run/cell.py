@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from spxframe import schema
-from spxframe.fetcher import fetch
+from spxframe.fetcher import CacheDir, fetch
 from spxframe.photometry import measure
 from spxframe.run.outputs import part_paths
 from spxframe.store import Store
@@ -32,7 +32,7 @@ class CellTask:
     catalog: pl.DataFrame  #: the cell's sources (normalised catalog)
     manifest: pl.DataFrame  #: the cell's rows of the run's plan (schema.MANIFEST)
     observations: pl.DataFrame  #: the observations the cell's rows refer to (schema.OBSERVATIONS)
-    cache_dir: str  #: local folder of the fetched files
+    cache: CacheDir  #: the run's cache of fetched files (picklable: re-resolved on a worker)
     fetch_options: dict = field(default_factory=dict)
     measure_options: dict = field(default_factory=dict)
     plan_hash: str = ""
@@ -90,7 +90,7 @@ def run_cell(task: CellTask) -> dict:
     """
     store = Store(task.output_dir, task.output_options)
     t0 = _time.perf_counter()
-    fetched = fetch(schema.conform(task.manifest, schema.MANIFEST), cache_dir=task.cache_dir,
+    fetched = fetch(schema.conform(task.manifest, schema.MANIFEST), cache_dir=task.cache,
                     progress=task.progress, **task.fetch_options)
     fetched = schema.conform(fetched, schema.MANIFEST)
     t1 = _time.perf_counter()

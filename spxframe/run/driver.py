@@ -41,6 +41,7 @@ from spxframe.archive import check_query_options, resolve_archive
 from spxframe.archive import observations as query_observations
 from spxframe.catalog import normalize_catalog
 from spxframe.errors import InputError
+from spxframe.fetcher import CacheDir
 from spxframe.planner import plan as make_plan
 from spxframe.planner.manifest import summarize
 from spxframe.run.cell import CellTask, cell_state, run_cell
@@ -82,7 +83,7 @@ class RunOptions:
     access: str
     query: dict  #: bands, time, collection for the observations query
     measure_options: dict
-    cache_dir: str
+    cache: CacheDir  #: made once per run and handed to every cell
     store: Store
 
     @property
@@ -128,23 +129,20 @@ def _validate(cutout_size, cutout_center, access, bands, time, collection, relea
     if bad_bits is not None:
         _grammar("bad_bits", spherex.bits_to_mask, bad_bits)
         measure_options["bad_bits"] = sorted(int(b) for b in bad_bits)
-    if cache_dir is not None:
-        cache_dir = str(cache_dir).removeprefix("file://")
-        if is_url(cache_dir):
-            raise InputError(f"cache_dir={cache_dir!r}: must be a local (or mounted) folder; "
-                             "photometry memory-maps the fetched files")
-        if os.path.isfile(os.path.expanduser(cache_dir)):
-            raise InputError(f"cache_dir={cache_dir!r} is a file; expected a folder")
     if not is_url(output_dir) and os.path.isfile(os.path.expanduser(str(output_dir))):
         raise InputError(f"output_dir={str(output_dir)!r} is a file; expected a folder (or an fsspec URL)")
-    store = Store(output_dir, output_options)
     if cache_dir is None:
-        cache_dir = DEFAULT_CACHE if is_url(output_dir) else store.root
+        cache = CacheDir(DEFAULT_CACHE if is_url(output_dir) else os.path.expanduser(str(output_dir)))
+    else:  # refuses URLs: photometry memory-maps the fetched files
+        cache = CacheDir(cache_dir)
+        if os.path.isfile(cache.root):
+            raise InputError(f"cache_dir={str(cache_dir)!r} is a file; expected a folder")
+    store = Store(output_dir, output_options)
     if isinstance(releases, str):
         releases = [releases]
     query = {"bands": bands, "time": list(time) if time is not None else None, "collection": collection,
              "releases": None if releases is None else sorted(str(r).lower() for r in releases)}
-    return RunOptions(size, cutout_center, access, query, measure_options, cache_dir, store)
+    return RunOptions(size, cutout_center, access, query, measure_options, cache, store)
 
 
 def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: Any, *, refresh: bool = False):
@@ -187,7 +185,7 @@ def _cell_tasks(cat: pl.DataFrame, obs: pl.DataFrame, manifest: pl.DataFrame, op
         cobs = obs.join(cman.select("obs_id", "detector").unique(), on=["obs_id", "detector"], how="semi")
         tasks.append(CellTask(
             cell=cell, output_dir=opts.store.url, catalog=ccat, manifest=cman, observations=cobs,
-            cache_dir=opts.cache_dir, output_options=output_options, fetch_options=fetch_options,
+            cache=opts.cache, output_options=output_options, fetch_options=fetch_options,
             measure_options=opts.measure_options, plan_hash=cell_hash, measure_hash=measure_hash))
     log.info("%d cells: %d to run, %d already complete", len(tasks) + len(skipped), len(tasks), len(skipped))
     return sorted(tasks, key=lambda t: t.cell), skipped, np.unique(cells).tolist()
@@ -298,7 +296,7 @@ def lightcurves(
         cutout_center=cutout_center, bands=opts.query["bands"], time=opts.query["time"], collection=collection,
         releases=opts.query["releases"], releases_used=_releases_used(obs),
         access=access, archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
-        cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=opts.cache_dir),
+        cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=opts.cache.root),
         summaries=summaries, skipped=skipped, timings=timings, counts=counts,
         plan=the_plan.summary.to_dicts())
     write_query_summary(opts.store, sizes, obs, cat)

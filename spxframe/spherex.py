@@ -73,6 +73,11 @@ FLAG_BITS: dict[str, int] = {
     "SOURCE": 21,
 }
 HARD_BAD_BITS: frozenset[int] = frozenset({0, 2, 6, 7, 9, 10, 11, 14, 15, 17})
+#: bits pipeline R7 added (spec §3.9, §4.1; observed in QR3 files, not in the official docs)
+R7_FLAG_BITS: dict[str, int] = {"CROSSTALK": 20, "GHOST": 22, "GHOST_FPA": 23, "GHOST_EXT": 24,
+                                "STREAK": 25, "BLOOM": 26, "SNOWBALL": 27, "HALO": 28, "SATELLITE_HALO": 29}
+#: the R7 bits masked by default (the IRSA Mosaic Tool set, spec §4.2); unused in QR2 files
+R7_HARD_BAD_BITS: frozenset[int] = frozenset(R7_FLAG_BITS.values())
 OPTIONAL_BAD_BITS: frozenset[int] = frozenset({1, 4, 5, 19})
 NEVER_REJECT_BITS: frozenset[int] = frozenset({12, 21})
 

@@ -26,6 +26,8 @@ __all__ = [
     "parse_cutout_size",
     "parse_cutout_center",
     "read",
+    "spectra",
+    "variability",
     "errors",
     "__version__",
 ]
@@ -45,6 +47,8 @@ _LAZY = {
     "measure": ("spxframe.photometry", "measure"),
     "parse_cutout_size": ("spxframe.sizes", "parse_cutout_size"),
     "parse_cutout_center": ("spxframe.sizes", "parse_cutout_center"),
+    "spectra": ("spxframe.science", "spectra"),
+    "variability": ("spxframe.science", "variability"),
     "errors": ("spxframe.errors", None),
 }
 

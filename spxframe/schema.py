@@ -190,7 +190,63 @@ PHOTOMETRY = Table(
     ),
 )
 
-TABLES: dict[str, Table] = {t.name: t for t in (OBSERVATIONS, MANIFEST, PHOTOMETRY)}
+SPECTRA = Table(
+    "spectra",
+    ("source_id", "band", "channel"),
+    (
+        C("source_id", CATALOG_ID, None, "catalog source id (the catalog's dtype)"),
+        C("band", STR, None, "D1..D6"),
+        C("channel", I8, None, "channel 0-16 of the band (spxframe.spherex.channel_edges)"),
+        C("wavelength", F64, "um", "inverse-variance weighted mean wavelength of the channel's measurements"),
+        C("bandwidth", F64, "um", "width of the channel (one LVF resolution element, constant resolving power)"),
+        C("flux", F64, "uJy", "inverse-variance weighted mean flux density over all visits"),
+        C("flux_err", F64, "uJy", "1-sigma error of flux from the errors scaled by the run's empirical error scale "
+                                  "(and the relative calibration floor)"),
+        C("n_obs", I32, None, "measurements averaged"),
+        C("mjd_min", F64, "d", "first measurement, MJD (UTC)"),
+        C("mjd_max", F64, "d", "last measurement, MJD (UTC)"),
+    ),
+)
+
+VARIABILITY = Table(
+    "variability",
+    ("source_id",),
+    (
+        C("source_id", CATALOG_ID, None, "catalog source id (the catalog's dtype)"),
+        C("n_obs", I32, None, "good measurements used"),
+        C("n_visits", I32, None, "visits (measurements less than 0.05 d apart form one visit)"),
+        C("n_params", I8, None, "parameters of the source's spectral model (continuum 1-4, +3 with a line)"),
+        C("chi2", F64, None, "chi-square of the measurements about the source's spectral model (scaled errors)"),
+        C("dof", F64, None, "degrees of freedom (0: too few measurements to test)"),
+        C("chi2_dof", F64, None, "chi2 / dof"),
+        C("p_constant", F64, None, "probability of chi2 this large or larger for a constant source; NaN untested"),
+        C("variable", BOOL, None, "p_constant < the false-alarm probability (default 0.0027)"),
+        C("mean_flux", F64, "uJy", "mean of the spectral model over the measurements (brightness)"),
+        C("excess_var", F64, "uJy2", "variance of the flux about the spectral model beyond the scaled errors "
+                                     "(maximum likelihood, >= 0)"),
+        C("excess_var_err", F64, "uJy2", "1-sigma error of excess_var"),
+        C("frac_amp", F64, None, "fractional rms amplitude sqrt(excess_var) / mean_flux"),
+        C("frac_amp_err", F64, None, "1-sigma error of frac_amp"),
+        C("timescale", F64, "d", "shortest time lag at which the residual structure function reaches half its "
+                                 "plateau (lags binned 0.05, 0.5, 2, 7, 30, 100 d); NaN when not variable"),
+        C("line_wavelength", F64, "um", "centre of the emission line in the spectral model (NaN: none)"),
+        C("line_sigma", F64, "um", "Gaussian sigma of that line"),
+        C("line_amp", F64, "uJy", "peak flux density of that line above the continuum"),
+    ),
+)
+
+ERROR_SCALES = Table(
+    "error_scales",
+    ("detector",),
+    (
+        C("detector", I8, None, "detector number 1-6"),
+        C("scale", F64, None, "empirical error scale: the scatter about the spectral models / flux_err"),
+        C("n_rows", I64, None, "measurements of this detector in the run"),
+        C("n_sources", I64, None, "sources with measurements on this detector"),
+    ),
+)
+
+TABLES: dict[str, Table] = {t.name: t for t in (OBSERVATIONS, MANIFEST, PHOTOMETRY, SPECTRA, VARIABILITY, ERROR_SCALES)}
 
 
 def empty(table: Table, id_dtype: Any = None) -> pl.DataFrame:

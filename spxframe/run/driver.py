@@ -5,6 +5,9 @@ Output folder layout (``output_dir``)::
     observations.parquet   the archive's observations of the catalog (schema.OBSERVATIONS)
     manifest.parquet       one row per (source, observation, detector): request, path, status
     photometry.parquet     one row per (source, observation, detector); by sky cell, then source, time
+    spectra.parquet        one row per (source, channel): the mean spectrum (spxframe.spectra)
+    variability.parquet    one row per source: variability about its own spectrum (spxframe.variability)
+    error_scales.parquet   the run's empirical error scale per detector
     run.json               versions, parameters, counts, timings per stage, the plan, bytes transferred
     results/query_summary.json   SPXQuery-style summary (total_size_gb, band_sizes, ...)
     plots/                 PNG light curves / spectra of the first sources and a run summary
@@ -47,7 +50,7 @@ from spxframe.planner.manifest import summarize
 from spxframe.run.cell import CellTask, cell_state, run_cell
 from spxframe.run.cells import DEFAULT_ORDER, cell_of
 from spxframe.run.cluster import run_cells_dask
-from spxframe.run.outputs import merge, write_plots, write_query_summary, write_run_json
+from spxframe.run.outputs import merge, write_plots, write_query_summary, write_run_json, write_science
 from spxframe.sizes import CutoutSize, parse_cutout_center, parse_cutout_size
 from spxframe.store import Store, is_url
 
@@ -287,6 +290,9 @@ def lightcurves(
     phot = opts.store.read_parquet("photometry.parquet")
     timings["merge"] = _time.perf_counter() - t0
     t0 = _time.perf_counter()
+    scales = write_science(opts.store, phot)
+    timings["science"] = _time.perf_counter() - t0
+    t0 = _time.perf_counter()
     if plots:
         write_plots(opts.store, phot, plots)
     timings["plots"] = _time.perf_counter() - t0
@@ -298,7 +304,7 @@ def lightcurves(
         access=access, archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
         cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=opts.cache.root),
         summaries=summaries, skipped=skipped, timings=timings, counts=counts,
-        plan=the_plan.summary.to_dicts())
+        plan=the_plan.summary.to_dicts(), error_scales=scales)
     write_query_summary(opts.store, sizes, obs, cat)
     return phot
 

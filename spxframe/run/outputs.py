@@ -132,7 +132,7 @@ def versions() -> dict[str, str]:
 
 
 def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], skipped: list[dict],
-                   timings: dict, counts: dict, plan: list[dict]) -> None:
+                   timings: dict, counts: dict, plan: list[dict], error_scales: list[dict] | None = None) -> None:
     """run.json: versions, parameters, counts, timings per stage and bytes transferred."""
     allc = summaries + skipped
     run = {
@@ -147,9 +147,26 @@ def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], ski
         "bytes_transferred_this_run": sum(s.get("bytes", 0) for s in summaries),
         "timings_s": timings,
         "plan": plan,
+        "error_scales": error_scales or [],
         "finished": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
     }
     store.write_json("run.json", run)
+
+
+def write_science(store: Store, phot: pl.DataFrame) -> list[dict]:
+    """spectra.parquet, variability.parquet and error_scales.parquet from the run's photometry;
+    returns the error scales (for run.json). A failure is logged, never loses the run."""
+    from spxframe.science import products
+
+    try:
+        res = products(phot)
+    except Exception as exc:  # noqa: BLE001 - the photometry is written; the science is extra
+        log.warning("spectra/variability not computed: %s", exc)
+        return []
+    for name, table in (("spectra", schema.SPECTRA), ("variability", schema.VARIABILITY),
+                        ("error_scales", schema.ERROR_SCALES)):
+        store.write_parquet(f"{name}.parquet", res[name], table)
+    return res["error_scales"].to_dicts()
 
 
 def write_query_summary(store: Store, sizes: dict[str, int], obs: pl.DataFrame, cat: pl.DataFrame) -> None:

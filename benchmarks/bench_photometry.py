@@ -192,7 +192,7 @@ def _universe():
     try:
         from spxframe.sim import Universe
     except ImportError:
-        from spxframe.sim.universe import Universe
+        from spxframe.sim.world.universe import Universe
     return Universe(seed=1)
 
 

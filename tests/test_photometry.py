@@ -25,7 +25,7 @@ BOX = 400  #: side of the test cutouts, px
 @pytest.fixture(scope="module")
 def universe():
     """The simulated universe (seed 1); module-local so the tests do not need a running server."""
-    from spxframe.sim.universe import Universe
+    from spxframe.sim import Universe
 
     return Universe(seed=1)
 
@@ -99,7 +99,7 @@ def _isolated(u, df: pl.DataFrame, cat: pl.DataFrame, min_px: float = 12.0) -> n
     """Rows whose source has no other catalog source within min_px pixels."""
     ra, dec = np.radians(cat["ra"].to_numpy()), np.radians(cat["dec"].to_numpy())
     v = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], 1)
-    ids = cat["source_id"].cast(pl.Utf8).to_numpy()
+    ids = cat["source_id"].to_numpy()  # measure() keeps the catalog dtype
     idx = {s: i for i, s in enumerate(ids)}
     lim = math.cos(math.radians(min_px * spherex.PIXEL_SCALE_ARCSEC / 3600))
     iso = {}
@@ -152,7 +152,7 @@ def test_zero_and_negative_truth_measured(measured, universe):
 
 
 def test_positions_and_wavelengths(measured, simfiles, universe):
-    from spxframe.sim import instrument as ins
+    from spxframe.sim.world import instrument as ins
 
     df = measured.sample(min(300, measured.height), seed=0)
     x0 = {}
@@ -193,7 +193,7 @@ def test_bjd_against_astropy(measured):
 
 
 def test_legacy_psf_header_same_flux(universe, tmp_path):
-    from spxframe.sim.universe import Universe
+    from spxframe.sim import Universe
 
     ul = Universe(seed=1, legacy_psf_headers=True)
     o = _field_obs(universe, "wide_generic", 1)[0]
@@ -235,8 +235,8 @@ def test_full_file_and_manifest(universe, tmp_path, simfiles):
     full.write_bytes(universe.read(o["cloud_key"], 0, universe.file_size(o["cloud_key"])))
     cat = simfiles["cat"]
     d = np.hypot((cat["ra"].to_numpy() - o["s_ra"]) * math.cos(math.radians(o["s_dec"])), cat["dec"].to_numpy() - o["s_dec"])
-    sids = cat["source_id"].cast(pl.Utf8).to_numpy()[np.argsort(d)[:30]].tolist()
-    sids += cat["source_id"].cast(pl.Utf8).to_numpy()[np.argsort(d)[-10:]].tolist()  # far away: off file
+    sids = cat["source_id"].to_numpy()[np.argsort(d)[:30]].tolist()
+    sids += cat["source_id"].to_numpy()[np.argsort(d)[-10:]].tolist()  # far away: off file
     bad = tmp_path / "broken.fits"
     bad.write_bytes(b"SIMPLE  =                    T" + b" " * 100)
     man = pl.DataFrame({

@@ -1,6 +1,6 @@
 """Reading SPHEREx L2 MEFs (full files and cutouts): headers, planes, A/W systems, PSF zones.
 
-Speed (DESIGN "Speed rules"): headers are parsed by hand (``spxframe.fits.header``; astropy
+Speed (DESIGN "Speed rules"): headers are parsed by hand (``spxframe.fits.cards``; astropy
 ``fits.open`` costs milliseconds per file); only the HDUs that are needed are read; PSF cube
 planes are read only when first needed for a key; the parent celestial WCS (TAN-SIP,
 ``spxframe.fits.wcs``) is built once per (OBSID, DETECTOR, VERSION) and shared by all cutouts of that
@@ -17,22 +17,13 @@ import os
 import re
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from spxframe.fits.header import (  # noqa: F401
-    _BITPIX,
-    BLOCK,
-    Hdu,
-    Header,
-    MefError,
-    _find_end,
-    _parse_value,
-    read_array,
-    read_rows,  # (re-exported)
-    scan,
-)
+from spxframe import spherex
+from spxframe.errors import FileFormatError
+from spxframe.fits.cards import Header  # noqa: F401  (re-exported)
+from spxframe.fits.hdu import HDU, by_name, scan
 from spxframe.fits.psf import PsfPlanes, PsfZones, is_legacy_version, parse_psf_zones  # noqa: F401  (re-exported)
 from spxframe.fits.wcs import parent_wcs, pixel_area_arcsec2, table_bilinear  # noqa: F401  (re-exported)
 
@@ -55,7 +46,7 @@ class WaveTable:
         return r[:, 0], r[:, 1]
 
 
-def parse_wave_table(fd: int, hdu: Hdu) -> WaveTable:
+def parse_wave_table(fd: int, hdu: HDU) -> WaveTable:
     h = hdu.header
     row = os.pread(fd, int(h["NAXIS1"]), hdu.data_offset)
     cols, pos = {}, 0
@@ -70,7 +61,8 @@ def parse_wave_table(fd: int, hdu: Hdu) -> WaveTable:
             a = a.reshape(tuple(int(v) for v in str(tdim).strip("() ").split(","))[::-1])
         cols[str(h[f"TTYPE{k}"]).strip().upper()] = a
     x, y, v = cols["X"].ravel(), cols["Y"].ravel(), cols["VALUES"]
-    return WaveTable(np.ascontiguousarray(x), np.ascontiguousarray(y), np.ascontiguousarray(v.reshape(len(y), len(x), 2)))
+    return WaveTable(np.ascontiguousarray(x), np.ascontiguousarray(y),
+                     np.ascontiguousarray(v.reshape(len(y), len(x), 2)))
 
 
 # ------------------------------------------------------------------------------ files
@@ -88,42 +80,68 @@ class MefInfo:
     mjd: float  #: mid-exposure MJD (UTC)
     sc_pos_km: tuple[float, float, float] | None  #: geocentric spacecraft position
     image: Header
-    hdus: dict[str, Hdu] = field(default_factory=dict)
+    hdus: dict[str, HDU] = field(default_factory=dict)
     psf_key: str = ""
     psf_header: Header | None = None
-    psffile: str | None = None  #: resolved absolute path of an external PSF cube (range reads)
+    psffile: str | None = None  #: path of the external PSF cube (range reads), see :func:`psf_path`
     wave_key: bytes = b""
 
 
-def cache_root(path: str | Path) -> Path:
-    """The directory holding ``data/`` above a fetched file (PSFFILE is relative to it)."""
-    p = Path(path).resolve()
-    for parent in p.parents:
-        if parent.name == "data":
-            return parent.parent
-    return p.parent
+def psf_path(path: str, psffile: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """Where the PSF cube of a range-read cutout lies; ``psffile`` is its PSFFILE card.
+
+    fetch writes ``PSFFILE = 'psf/<psf_key>.fits'`` (relative to the cache root) into files it
+    stores at ``<cache root>/data/D<d>/<name>.fits``. The rule, first match wins:
+
+    1. ``cache_dir`` given: ``cache_dir/psf/<psf_key>.fits`` (the key is PSFFILE's file name,
+       checked against ``spherex.PSF_KEY_RE``), and nothing else;
+    2. an absolute PSFFILE, as is;
+    3. PSFFILE relative to the file's own folder, if that file exists;
+    4. PSFFILE relative to the cache root of fetch's layout, i.e. two folders above a file that
+       sits in ``data/D<d>/`` (caches written by every version so far), if that file exists.
+
+    Raises :class:`FileFormatError` naming the card and the paths tried.
+    """
+    pf = str(psffile).strip()
+    if cache_dir is not None:
+        name = os.path.basename(pf)
+        key = name[:-5] if name.endswith(".fits") else ""
+        if not spherex.PSF_KEY_RE.match(key) or ".." in key:
+            raise FileFormatError(f"{path}: PSFFILE = {pf!r} names no PSF cache key")
+        tried = [os.path.join(os.fspath(cache_dir), "psf", key + ".fits")]
+    elif os.path.isabs(pf):
+        tried = [pf]
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+        tried = [os.path.join(folder, pf)]
+        up, det = os.path.split(folder)
+        root, data = os.path.split(up)
+        if data == "data" and re.fullmatch(r"D\d", det):
+            tried.append(os.path.join(root, pf))
+    for p in tried:
+        if os.path.isfile(p):
+            return os.path.normpath(p)
+    raise FileFormatError(f"{path}: the PSF cube of PSFFILE = {pf!r} is not at {' nor '.join(tried)}"
+                          + ("" if cache_dir is not None else " (pass cache_dir= the fetch cache)"))
 
 
-def open_info(path: str, fd: int) -> MefInfo:
-    """Scan a file and parse what photometry needs; raises MefError for non-SPHEREx files."""
-    size = os.fstat(fd).st_size
-    hdus = scan(fd, size, path=path)
-    named: dict[str, Hdu] = {}
-    for i, hd in enumerate(hdus):
-        name = str(hd.header.get("EXTNAME", "PRIMARY" if i == 0 else "")).strip().upper()
-        named.setdefault(name, hd)
-    missing = [n for n in ("IMAGE", "FLAGS", "VARIANCE", "ZODI") if n not in named]
+def open_info(path: str, fd: int, *, cache_dir: str | os.PathLike | None = None) -> MefInfo:
+    """Scan a file and parse what photometry needs; raises :class:`FileFormatError` for files that
+    are not SPHEREx L2 files (or whose PSFFILE cube is not found, see :func:`psf_path`)."""
+    hdus = scan(fd, os.fstat(fd).st_size, path=path)
+    named = by_name(hdus)
+    missing = [n for n in spherex.PLANE_HDUS if n not in named]
     if missing:
-        raise MefError(f"{path}: not a SPHEREx L2 file (no {', '.join(missing)} HDU)")
+        raise FileFormatError(f"{path}: not a SPHEREx L2 file (no {', '.join(missing)} HDU)")
     im = named["IMAGE"].header
     im.index()  # ~40 look-ups follow (here and for the WCS): a keyword index is cheaper than a full parse
-    prim = named.get("PRIMARY").header if "PRIMARY" in named else im
+    prim = named["PRIMARY"].header
     version = prim.get("VERSION")
     version = str((im.get("VERSION", "") if version is None else version) or "")
     det = im.get("DETECTOR")
     det = prim.get("DETECTOR") if det is None else det
     if det is None:
-        raise MefError(f"{path}: no DETECTOR keyword")
+        raise FileFormatError(f"{path}: no DETECTOR keyword")
     det = int(str(det).strip().lstrip("Dd"))
     x0 = int(round(1 - float(im.get("CRPIX1A", 1.0))))
     y0 = int(round(1 - float(im.get("CRPIX2A", 1.0))))
@@ -141,7 +159,7 @@ def open_info(path: str, fd: int) -> MefInfo:
         info.psf_header = ph.header
         pf = ph.header.get("PSFFILE")
         if pf:
-            info.psffile = str((cache_root(path) / str(pf)).resolve())
+            info.psffile = psf_path(path, str(pf), cache_dir)
             info.psf_key = "file:" + info.psffile
         else:
             info.psf_key = f"D{det}|{version}|{_header_id(ph.header.raw)}"
@@ -171,7 +189,7 @@ def psf_cube(info: MefInfo, fd: int):
     demand): its own PSF data, or the PSFFILE cube; None if absent or unreadable."""
     if not info.psffile:
         hd = info.hdus.get("PSF")
-        return PsfPlanes(hd.shape, _BITPIX[hd.bitpix]) if hd is not None and len(hd.shape) == 3 else None
+        return PsfPlanes(hd.shape, hd.dtype) if hd is not None and len(hd.shape) == 3 else None
     try:
         pfd = os.open(info.psffile, os.O_RDONLY)
     except OSError:
@@ -181,7 +199,7 @@ def psf_cube(info: MefInfo, fd: int):
     finally:
         os.close(pfd)
     hd = cubes[0] if cubes else None
-    return None if hd is None else PsfPlanes(hd.shape, _BITPIX[hd.bitpix], info.psffile, hd.data_offset)
+    return None if hd is None else PsfPlanes(hd.shape, hd.dtype, info.psffile, hd.data_offset)
 
 
 def load_psf_planes(cube, info: MefInfo, fd: int, planes) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spxframe import spherex
+
 _ZONE_RE = re.compile(r"\((\d+)\s*,\s*(\d+)\)")
 
 
@@ -62,7 +64,7 @@ def parse_psf_zones(h, version: str | None) -> PsfZones:
         kk = np.array(ks) - 1
         plane = (kk % ncols) * ncols + kk // ncols if legacy and ncols else kk
     return PsfZones(np.array(xs), np.array(ys), np.asarray(plane, np.int64), legacy,
-                    int(h.get("OVERSAMP", 10) or 10))
+                    int(h.get("OVERSAMP", spherex.PSF_OVERSAMP) or spherex.PSF_OVERSAMP))
 
 
 _CARD_RE = re.compile(rb"([XY])CTR_(\d+) *= *([-+0-9.EeDd]+) */[^/\n]{0,60}?\((\d+)\s*,\s*(\d+)\)")
@@ -85,7 +87,7 @@ def _parse_zone_cards(raw: bytes):
 
 
 def _parse_zones_slow(h):
-    h.cards  # one full parse: many lookups follow
+    _ = h.cards  # one full parse: many lookups follow
     xs, ys, ixs, iys, ks = [], [], [], [], []
     k = 1
     while f"XCTR_{k}" in h:

@@ -16,6 +16,9 @@ transforms with two numba kernels (arrays in, arrays out) that follow astropy ex
 
 The two agree with astropy to ~1e-12 px (tests/test_kernels.py). Anything but TAN / TAN-SIP with PC
 or CD and LONPOLE 180 goes through astropy (:func:`parent_wcs`, :class:`AstropyWcs`).
+
+One entry point: :func:`celestial_wcs` (a header or a file's info -> TanSip, AstropyWcs or None),
+used by photometry and by range reads alike.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import warnings
 
 import numpy as np
 from numba import njit
+
+from spxframe import spherex
+from spxframe.fits.cards import Header
 
 _D2R = math.pi / 180.0
 _R2D = 180.0 / math.pi
@@ -223,7 +229,7 @@ class TanSip:
         w.wcs.cunit = ["deg", "deg"]
         if self.a.size:
             w.sip = Sip(self.a, self.b, None, None, list(self.crpix))
-        w.pixel_shape = (2040, 2040)
+        w.pixel_shape = (spherex.NPIX, spherex.NPIX)
         w.wcs.set()
         return w
 
@@ -248,7 +254,7 @@ class AstropyWcs:
 
 
 def tan_sip_from_header(h, x0: int, y0: int) -> TanSip | None:
-    """TanSip of the parent from an IMAGE header (``mef.Header``), or None if astropy is needed.
+    """TanSip of the parent from an IMAGE header (:class:`~spxframe.fits.cards.Header`), or None if astropy is needed.
 
     Same reading as :func:`parent_wcs` ``fast=True``: CRPIXn shifted by the A-system offsets.
     """
@@ -276,71 +282,64 @@ def tan_sip_from_header(h, x0: int, y0: int) -> TanSip | None:
             order = h.get(f"{name}_ORDER")
             if order is None:
                 return None
+            keys, ij = _sip_keys(name, int(order))
             m = np.zeros((int(order) + 1, int(order) + 1))
-            pq = [(p, q) for p in range(int(order) + 1) for q in range(int(order) + 1 - p)]
-            for (p, q), v in zip(pq, h.floats([f"{name}_{p}_{q}" for p, q in pq], 0.0)):
-                m[p, q] = v or 0.0
+            m[ij] = h.floats(keys, 0.0)
             mats.append(m)
         a, b = mats
     return TanSip(crval, crpix, cd, a, b)
+
+
+_SIP_KEYS: dict[tuple[str, int], tuple[list[str], tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def _sip_keys(name: str, order: int) -> tuple[list[str], tuple[np.ndarray, np.ndarray]]:
+    """The keywords ``<name>_p_q`` (p + q <= order) and their (p, q) indices, made once per order."""
+    v = _SIP_KEYS.get((name, order))
+    if v is None:
+        pq = [(p, q) for p in range(order + 1) for q in range(order + 1 - p)]
+        v = _SIP_KEYS[(name, order)] = ([f"{name}_{p}_{q}" for p, q in pq],
+                                        (np.array([p for p, _ in pq]), np.array([q for _, q in pq])))
+    return v
 
 
 _WCS_KEYS = re.compile(r"^(CTYPE\d|CUNIT\d|CRVAL\d|CDELT\d|CD\d_\d|PC\d_\d|[AB]P?_(\d+_\d+|ORDER)|"
                        r"LONPOLE|LATPOLE|RADESYS|EQUINOX|MJD-OBS|DATE-OBS)$")
 
 
-def parent_wcs(info, *, fast: bool = True):
-    """An astropy TAN-SIP WCS of the parent 2040x2040 image, built from a file's IMAGE header.
+def _source(src, x0: int | None, y0: int | None):
+    """(IMAGE header, x0, y0) of a :class:`~spxframe.fits.l2file.MefInfo` or of a header."""
+    if hasattr(src, "image"):
+        return src.image, (src.x0 if x0 is None else x0), (src.y0 if y0 is None else y0)
+    h = src if isinstance(src, Header) else Header(bytes(src))
+    return h, int(x0 or 0), int(y0 or 0)
 
+
+def parent_wcs(src, x0: int | None = None, y0: int | None = None, *, fast: bool = True):
+    """An astropy TAN-SIP WCS of the parent image, built from an IMAGE header.
+
+    ``src``: a :class:`~spxframe.fits.l2file.MefInfo` (its IMAGE header and A-system offsets) or a
+    header (:class:`~spxframe.fits.cards.Header` or bytes) with offsets ``x0, y0`` (default 0).
     Only the primary celestial keywords are used (no A/W alternates, no SCAMP PV cards); CRPIXn are
-    shifted by the file's A-system offsets, so the result is the parent's WCS for any cutout.
+    shifted by the offsets, so the result is the parent's WCS for any cutout.
     ``fast``: fill a ``WCS`` object from the parsed values (≈0.3 ms) instead of astropy parsing a
     Header (≈6 ms); falls back to the Header path for anything but TAN / TAN-SIP with PC or CD.
     """
     from astropy.io import fits
-    from astropy.wcs import WCS, FITSFixedWarning, Sip
+    from astropy.wcs import WCS, FITSFixedWarning
 
-    h = info.image
-    h.cards  # one full parse: ~60 look-ups follow
-    crpix = [float(h["CRPIX1"]) + info.x0, float(h["CRPIX2"]) + info.y0]
+    h, x0, y0 = _source(src, x0, y0)
+    _ = h.cards  # one full parse: ~60 look-ups follow
+    crpix = [float(h["CRPIX1"]) + x0, float(h["CRPIX2"]) + y0]
     ctype = [str(h.get("CTYPE1", "")), str(h.get("CTYPE2", ""))]
     if fast and ctype[0].startswith("RA---TAN") and ctype[1].startswith("DEC--TAN") and (
             "PC1_1" in h or "CD1_1" in h):
-        w = WCS(naxis=2)
-        w.wcs.ctype = [c.replace("-SIP", "") for c in ctype]
-        w.wcs.crpix = crpix
-        w.wcs.crval = [float(h["CRVAL1"]), float(h["CRVAL2"])]
-        if "CD1_1" in h:
-            w.wcs.cd = [[float(h.get(f"CD{i}_{j}", 0.0)) for j in (1, 2)] for i in (1, 2)]
-        else:
-            w.wcs.pc = [[float(h.get(f"PC{i}_{j}", float(i == j))) for j in (1, 2)] for i in (1, 2)]
-            w.wcs.cdelt = [float(h.get("CDELT1", 1.0)), float(h.get("CDELT2", 1.0))]
-        w.wcs.cunit = ["deg", "deg"]
-        w.wcs.radesys = str(h.get("RADESYS", "ICRS")).strip() or "ICRS"
-        for k in ("LONPOLE", "LATPOLE"):
-            if k in h:
-                setattr(w.wcs, k.lower(), float(h[k]))
-        if ctype[0].endswith("-SIP"):
-            mats = []
-            for name in ("A", "B", "AP", "BP"):
-                order = h.get(f"{name}_ORDER")
-                if order is None:
-                    mats.append(None)
-                    continue
-                m = np.zeros((int(order) + 1, int(order) + 1))
-                for pq in range(int(order) + 1):
-                    for q in range(pq + 1):
-                        m[pq - q, q] = float(h.get(f"{name}_{pq - q}_{q}", 0.0) or 0.0)
-                mats.append(m)
-            w.sip = Sip(mats[0], mats[1], mats[2], mats[3], crpix)
-        w.pixel_shape = (2040, 2040)
-        w.wcs.set()
-        return w
+        return _fill_wcs(h, crpix, ctype)
     keep = [c for k, c in h.cards.items() if _WCS_KEYS.match(k)]
     hdr = fits.Header.fromstring("".join(keep), sep="")
     hdr["NAXIS"] = 2
-    hdr["NAXIS1"] = 2040
-    hdr["NAXIS2"] = 2040
+    hdr["NAXIS1"] = spherex.NPIX
+    hdr["NAXIS2"] = spherex.NPIX
     hdr["CRPIX1"], hdr["CRPIX2"] = crpix
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
@@ -348,10 +347,59 @@ def parent_wcs(info, *, fast: bool = True):
         return WCS(hdr)
 
 
-def celestial_wcs(info):
-    """What photometry uses: :class:`TanSip` when the header allows, else :class:`AstropyWcs`."""
-    w = tan_sip_from_header(info.image, info.x0, info.y0)
-    return w if w is not None else AstropyWcs(parent_wcs(info))
+def _fill_wcs(h, crpix: list[float], ctype: list[str]):
+    """An astropy TAN(-SIP) WCS filled from parsed header values (the fast path of parent_wcs)."""
+    from astropy.wcs import WCS, Sip
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = [c.replace("-SIP", "") for c in ctype]
+    w.wcs.crpix = crpix
+    w.wcs.crval = [float(h["CRVAL1"]), float(h["CRVAL2"])]
+    if "CD1_1" in h:
+        w.wcs.cd = [[float(h.get(f"CD{i}_{j}", 0.0)) for j in (1, 2)] for i in (1, 2)]
+    else:
+        w.wcs.pc = [[float(h.get(f"PC{i}_{j}", float(i == j))) for j in (1, 2)] for i in (1, 2)]
+        w.wcs.cdelt = [float(h.get("CDELT1", 1.0)), float(h.get("CDELT2", 1.0))]
+    w.wcs.cunit = ["deg", "deg"]
+    w.wcs.radesys = str(h.get("RADESYS", "ICRS")).strip() or "ICRS"
+    for k in ("LONPOLE", "LATPOLE"):
+        if k in h:
+            setattr(w.wcs, k.lower(), float(h[k]))
+    if ctype[0].endswith("-SIP"):
+        mats = []
+        for name in ("A", "B", "AP", "BP"):
+            order = h.get(f"{name}_ORDER")
+            if order is None:
+                mats.append(None)
+                continue
+            m = np.zeros((int(order) + 1, int(order) + 1))
+            for pq in range(int(order) + 1):
+                for q in range(pq + 1):
+                    m[pq - q, q] = float(h.get(f"{name}_{pq - q}_{q}", 0.0) or 0.0)
+            mats.append(m)
+        w.sip = Sip(mats[0], mats[1], mats[2], mats[3], crpix)
+    w.pixel_shape = (spherex.NPIX, spherex.NPIX)
+    w.wcs.set()
+    return w
+
+
+def celestial_wcs(src, x0: int | None = None, y0: int | None = None):
+    """THE celestial WCS of a SPHEREx image, zero-based parent pixels in and out: :class:`TanSip`
+    (numba) when the header allows, else :class:`AstropyWcs`; None if the header has no usable
+    celestial WCS. ``src``, ``x0``, ``y0`` as for :func:`parent_wcs` (a whole parent file's header:
+    offsets 0). Used by photometry (per parent) and by range reads (re-centring boxes)."""
+    h, x0, y0 = _source(src, x0, y0)
+    try:
+        w = tan_sip_from_header(h, x0, y0)
+    except (TypeError, ValueError, ZeroDivisionError):  # a TAN header missing values: astropy decides
+        w = None
+    if w is not None:
+        return w
+    try:
+        a = parent_wcs(h, x0, y0)
+    except Exception:  # noqa: BLE001 — astropy refuses the header: no usable WCS
+        return None
+    return AstropyWcs(a) if a.has_celestial else None
 
 
 def pixel_area_arcsec2(wcs, xp: np.ndarray, yp: np.ndarray) -> np.ndarray:

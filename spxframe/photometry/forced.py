@@ -30,9 +30,10 @@ import numpy as np
 import polars as pl
 
 from spxframe import schema, spherex
-from spxframe.errors import InputError
+from spxframe.errors import FileFormatError, InputError
 from spxframe.fits import l2file as mef
 from spxframe.fits import wcs as _wcs
+from spxframe.fits.hdu import read_rows
 from spxframe.photometry import kernels as K
 
 log = logging.getLogger("spxframe")
@@ -43,7 +44,8 @@ _ZONE_CACHE: dict[tuple, mef.PsfZones] = {}
 _WAVE_CACHE: dict[bytes, mef.WaveTable] = {}
 
 
-def _catalog(catalog) -> pl.DataFrame:
+def _catalog(catalog) -> tuple[pl.DataFrame, pl.DataType]:
+    """(catalog with text ids and float columns, the catalog's own source_id dtype)."""
     if not isinstance(catalog, pl.DataFrame):
         catalog = pl.from_pandas(catalog) if hasattr(catalog, "to_numpy") and hasattr(catalog, "iloc") else pl.DataFrame(catalog)
     for c in ("source_id", "ra", "dec"):
@@ -53,7 +55,7 @@ def _catalog(catalog) -> pl.DataFrame:
     for c, default in (("pmra", 0.0), ("pmdec", 0.0), ("ref_epoch", 2016.0)):
         cols.append(pl.col(c).cast(pl.Float64).fill_null(default).fill_nan(default) if c in catalog.columns
                     else pl.lit(default).alias(c))
-    return catalog.select(cols)
+    return catalog.select(cols), catalog.schema["source_id"]
 
 
 def _files(files) -> tuple[list[str], dict[str, list[str]] | None, set[tuple[str, str]]]:
@@ -174,7 +176,7 @@ def _cut(fd: int, info: mef.MefInfo, x: np.ndarray, y: np.ndarray, half: int):
     cols = ix[:, None] + np.arange(-half if inside else 0, s - half if inside else s)[None]
     out = []
     for name, fill in (("IMAGE", np.nan), ("VARIANCE", np.nan), ("FLAGS", 0), ("ZODI", np.nan)):
-        blk = mef.read_rows(fd, info.hdus[name], r0, r1, convert=False)  # stored type: convert the stamps only
+        blk = read_rows(fd, info.hdus[name], r0, r1, convert=False)  # stored type: convert the stamps only
         if not inside:  # pad by `half` columns and the missing rows (cols index the padded block)
             pad = np.full((r1 - r0, nx + 2 * half), fill, dtype=blk.dtype)
             a, b = max(r0, 0) - r0, max(r0, 0) - r0 + blk.shape[0]
@@ -184,7 +186,8 @@ def _cut(fd: int, info: mef.MefInfo, x: np.ndarray, y: np.ndarray, half: int):
     return out, x - (ix - half), y - (iy - half)
 
 
-def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: float = 2.0,
+def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os.PathLike | None = None,
+            aperture_radius: float = 2.0,
             annulus: tuple[float, float] = (5.0, 9.0), background: str = "annulus",
             bad_bits: Iterable[int] | None = None, max_masked_fraction: float = 0.5,
             progress: bool = False) -> pl.DataFrame:
@@ -197,6 +200,13 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
     ZODI plane as is). bad_bits: FLAGS bits that mask a pixel (default spherex.HARD_BAD_BITS; SOURCE
     and FULLSAMPLE are refused). Returns one schema.PHOTOMETRY row per (source, file) with the
     source on the file's pixels (manifest pairs always get a row; qc says why flux may be NaN).
+
+    cache_dir: the fetch cache the files came from (a path or a CacheDir); range-read cutouts
+    hold their PSF cube's name in the PSFFILE card and the cube is read from
+    ``cache_dir/psf/<psf_key>.fits``. Without it, PSFFILE is resolved relative to the file's
+    folder, then relative to the cache root of fetch's layout (two folders above ``data/D<d>/``);
+    a file whose cube is not found gets a READ_ERROR row (the rule:
+    :func:`spxframe.fits.l2file.psf_path`).
     """
     r_in, r_out = (float(a) for a in annulus)
     if not 0 < aperture_radius <= r_in < r_out:
@@ -204,7 +214,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
     if background not in ("annulus", "zodi"):
         raise InputError(f"background must be 'annulus' or 'zodi', got {background!r}")
     bad_mask = spherex.bits_to_mask(spherex.HARD_BAD_BITS if bad_bits is None else set(bad_bits))
-    cat = _catalog(catalog)
+    cat, id_dtype = _catalog(catalog)
     ids = cat["source_id"].to_numpy()
     cat = {c: cat[c].to_numpy() for c in ("ra", "dec", "pmra", "pmdec", "ref_epoch")}
     pos_of = {s: i for i, s in enumerate(ids)}
@@ -220,8 +230,9 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
             log.info("measure: %d/%d files", n_done, len(paths))
         want = None if wanted is None else np.array([pos_of[s] for s in wanted[path] if s in pos_of], np.int64)
         try:
-            _one_file(path, cat, ids, cvec, want, st, r_ap=aperture_radius, r_in=r_in, r_out=r_out)
-        except (OSError, ValueError, KeyError) as exc:  # MefError is a ValueError
+            _one_file(path, cat, ids, cvec, want, st, r_ap=aperture_radius, r_in=r_in, r_out=r_out,
+                      cache_dir=cache_dir)
+        except (OSError, ValueError, KeyError, FileFormatError) as exc:
             log.warning("measure: cannot read %s: %s", path, exc)
             m = re.match(r"^(.+?)D(\d)(?:_|\.)", os.path.basename(path))
             base = dict(obs_id=m.group(1), detector=int(m.group(2))) if m else {}
@@ -231,20 +242,23 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, aperture_radius: fl
         for row in st.rows:
             if (row.get("file"), row.get("source_id")) in clipped:
                 row["qc"] = int(row.get("qc", 0)) | schema.QC["CUTOUT_CLIPPED"]
-    return _finish(st, r_ap=aperture_radius, max_masked=max_masked_fraction, zodi_only=zodi_only)
+    out = _finish(st, r_ap=aperture_radius, max_masked=max_masked_fraction, zodi_only=zodi_only)
+    return out.with_columns(pl.col("source_id").cast(id_dtype))  # the catalog's dtype
 
 
 def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.ndarray, want: np.ndarray | None,
-              st: _Stack, *, r_ap: float, r_in: float, r_out: float) -> None:
+              st: _Stack, *, r_ap: float, r_in: float, r_out: float, cache_dir=None) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        info = mef.open_info(path, fd)
+        info = mef.open_info(path, fd, cache_dir=cache_dir)
         im = info.image  # parent identity; CRVAL/PC guard against equal ids from different archives
         wkey = (info.obs_id, info.detector, info.version, im.get("CRVAL1"), im.get("CRVAL2"), im.get("PC1_1"),
                 im.get("CD1_1"))
         wcs = _WCS_CACHE.get(wkey)
         if wcs is None:
             wcs = _WCS_CACHE[wkey] = _wcs.celestial_wcs(info)
+            if wcs is None:
+                raise FileFormatError(f"{path}: the IMAGE header has no usable celestial WCS")
         ny, nx = info.shape
         listed = want is not None  # manifest pairs: every pair gets a row, OFF_FILE if needed
         if want is None:  # candidates: catalog sources within 3.2 deg of the file's reference point
@@ -362,8 +376,8 @@ def _to_table(recs: list[dict]) -> pl.DataFrame:
     det = cols["detector"]
     cols["band"] = [None if d is None else f"D{int(d)}" for d in det]
     for c in names:
-        dt = schema.PHOTOMETRY[c].dtype
+        dt = schema.PHOTOMETRY.schema[c]
         if dt in (pl.Float64, pl.Float32):
             cols[c] = list(f(c))
-    df = pl.DataFrame({c: pl.Series(c, cols[c], dtype=schema.PHOTOMETRY[c].dtype, strict=False) for c in names})
+    df = pl.DataFrame({c: pl.Series(c, cols[c], dtype=schema.PHOTOMETRY.schema[c], strict=False) for c in names})
     return schema.conform(df, schema.PHOTOMETRY, extra=False)

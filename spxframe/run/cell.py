@@ -75,7 +75,7 @@ def _measure_done(fetched: pl.DataFrame, task: CellTask) -> pl.DataFrame:
     if not done.height:
         return schema.empty(schema.PHOTOMETRY, id_dtype)
     # the manifest tells measure() which sources each file serves (and which were clipped)
-    phot = measure(done, task.catalog, **task.measure_options)
+    phot = measure(done, task.catalog, cache_dir=task.cache, **task.measure_options)
     phot = schema.conform(phot, schema.PHOTOMETRY).with_columns(pl.col("source_id").cast(id_dtype))
     planned = done.select("source_id", "obs_id", "detector", pl.col("path").alias("file"))
     phot = phot.join(planned, on=["source_id", "obs_id", "detector", "file"], how="semi")

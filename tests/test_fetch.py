@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from spxframe.errors import InputError
 from spxframe.fetcher import cache as C
 from spxframe.fetcher import ranges as R
+from spxframe.fits import cards, hdu
 
 F = importlib.import_module("spxframe.fetcher.engine")  # the module; ``spxframe.fetch`` is the function
 
@@ -40,12 +41,12 @@ PLANES = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
 def test_format_card_roundtrip_astropy():
     from astropy.io import fits
 
-    cards = [R.format_card("CRPIX1", 1020.5 - 37, "reference pixel"), R.format_card("NAXIS1", 60),
-             R.format_card("CRPIX2A", 1.0 - 1900), R.format_card("CRPIX1W", -0.0),
-             R.format_card("PSFFILE", "psf/D3_l2b-v20-2025-247.fits", "cube"),
-             R.format_card("SIMPLE", True), R.format_card("TINY", 1e-30)]
-    assert all(len(c) == 80 for c in cards)
-    h = fits.Header.fromstring(b"".join(cards).decode() + "END".ljust(80))
+    made = [cards.format_card("CRPIX1", 1020.5 - 37, "reference pixel"), cards.format_card("NAXIS1", 60),
+             cards.format_card("CRPIX2A", 1.0 - 1900), cards.format_card("CRPIX1W", -0.0),
+             cards.format_card("PSFFILE", "psf/D3_l2b-v20-2025-247.fits", "cube"),
+             cards.format_card("SIMPLE", True), cards.format_card("TINY", 1e-30)]
+    assert all(len(c) == 80 for c in made)
+    h = fits.Header.fromstring(b"".join(made).decode() + "END".ljust(80))
     assert h["CRPIX1"] == 983.5 and h["NAXIS1"] == 60 and h["CRPIX2A"] == -1899.0
     assert h["PSFFILE"] == "psf/D3_l2b-v20-2025-247.fits" and h["SIMPLE"] is True and h["TINY"] == 1e-30
     assert h.comments["CRPIX1"] == "reference pixel"
@@ -60,14 +61,14 @@ def test_edit_header_and_parse():
     for i in range(60):
         hdr[f"K{i}"] = i
     raw = hdr.tostring().encode()
-    assert R.header_length(raw) == len(raw) and len(raw) % 2880 == 0
-    assert R.header_length(raw[:-2880]) is None or len(raw) == 2880
-    new = R.edit_header(raw, update={"CRPIX1": 10.5 - 3, "CRPIX1A": 1.0 - 3, "ABSENT": 1}, delete=["K3"],
+    assert cards.header_length(raw) == len(raw) and len(raw) % 2880 == 0
+    assert cards.header_length(raw[:-2880]) is None or len(raw) == 2880
+    new = cards.edit_header(raw, update={"CRPIX1": 10.5 - 3, "CRPIX1A": 1.0 - 3, "ABSENT": 1}, delete=["K3"],
                         append=[("PSFFILE", "psf/x.fits", "c")])
     h = fits.Header.fromstring(new.decode())
     assert h["CRPIX1"] == 7.5 and h.comments["CRPIX1"] == "x ref" and h["CRPIX1A"] == -2.0
     assert "K3" not in h and "ABSENT" not in h and h["PSFFILE"] == "psf/x.fits"
-    keys = R.parse_header(new)
+    keys = cards.parse_header(new)
     assert keys["NAXIS1"] == 7 and keys["EXTNAME"] == "IMAGE" and keys["BITPIX"] == -32
 
 
@@ -464,7 +465,7 @@ def test_killed_run_resumes_without_refetching(sarc, tmp_path):
     assert done_before
     # every file at a final name is complete; partial transfers are only *.part
     for p in cache.rglob("*.fits"):
-        R.scan_fits(p, required=("PRIMARY", "PSF") if p.parent.name == "psf" else R.REQUIRED_HDUS)
+        hdu.scan_fits(p, required=("PRIMARY", "PSF") if p.parent.name == "psf" else hdu.REQUIRED_HDUS)
     time.sleep(0.3)
     t_rerun = time.time()  # the killed client's sockets may still be logged: look at later requests
     out = F.fetch(_manifest(rows), cache_dir=cache, progress=False)
@@ -490,7 +491,7 @@ def test_killed_run_resumes_without_refetching(sarc, tmp_path):
         assert r["attempts"] == 0
     # every file verifies
     for r in out.iter_rows(named=True):
-        R.scan_fits(r["path"])
+        hdu.scan_fits(r["path"])
 
 
 # --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from spxframe.fetcher import cache as C
 from spxframe.fetcher import claims as _claims
 from spxframe.fetcher import ranges as R
 from spxframe.fetcher.owner import HOST as _HOST
+from spxframe.fits import hdu
 
 F = importlib.import_module("spxframe.fetcher.engine")
 
@@ -193,7 +194,7 @@ def test_two_processes_fetch_each_file_once(sarc, tmp_path):
     assert fp.stat().st_size == u.file_size(obs[0]["cloud_key"]) == rows[0]["size"]
     assert hashlib.md5(fp.read_bytes()).hexdigest() == rows[0]["checksum"]
     for p in outs[0]["path"]:
-        R.scan_fits(p)
+        hdu.scan_fits(p)
         assert Path(p + ".ok").exists()
     assert _leftovers(cache) == []
 

@@ -33,7 +33,8 @@ from spxframe import spherex
 from spxframe.errors import FileFormatError, InputError
 from spxframe.fetcher import claims
 from spxframe.fetcher.owner import PART_SUFFIX, gone, part_writer, tmp_name
-from spxframe.fetcher.ranges import REQUIRED_HDUS, Box, quick_check, scan_fits
+from spxframe.fetcher.ranges import Box
+from spxframe.fits.hdu import REQUIRED_HDUS, quick_check, scan_fits
 
 log = logging.getLogger("spxframe.fetch")
 

@@ -30,8 +30,10 @@ from spxframe.fetcher.http import (
     stream_to_file,
 )
 from spxframe.fetcher.owner import tmp_name
-from spxframe.fetcher.ranges import BLOCK, HDU, Box, RangeFile, build_cutout, psf_file_bytes, scan_fits
+from spxframe.fetcher.ranges import Box, RangeFile, build_cutout, psf_file_bytes
 from spxframe.fetcher.tasks import Target, Task
+from spxframe.fits.hdu import HDU, scan_fits
+from spxframe.spherex import BLOCK
 
 log = logging.getLogger("spxframe.fetch")
 
@@ -190,7 +192,7 @@ class Worker:
         # header lengths of earlier files with this psf_key: read exactly those (a miss costs a read)
         layout = rf.read_layout(guess=self._layout_guess.get(task.psf_key or ""))
         if task.psf_key:
-            self._layout_guess[task.psf_key] = {h.extname: len(h.header) // BLOCK for h in layout[2:]}
+            self._layout_guess[task.psf_key] = {h.extname: h.header_size // BLOCK for h in layout[2:]}
         resolved = rf.resolve_boxes(layout, [(t.box, t.center) for t in task.targets])  # type: ignore[misc]
         boxes: dict[str, Box] = {}
         for t, b in zip(task.targets, resolved):

@@ -28,6 +28,7 @@ __all__ = [
     "read",
     "spectra",
     "variability",
+    "to_lightcurve",
     "errors",
     "__version__",
 ]
@@ -49,6 +50,7 @@ _LAZY = {
     "parse_cutout_center": ("spxframe.sizes", "parse_cutout_center"),
     "spectra": ("spxframe.science", "spectra"),
     "variability": ("spxframe.science", "variability"),
+    "to_lightcurve": ("spxframe.results", "to_lightcurve"),
     "errors": ("spxframe.errors", None),
 }
 

@@ -1,9 +1,15 @@
 """Light-curve and spectrum figures (matplotlib), and a run summary.
 
-``plot_source(phot, source_id)`` draws flux against time coloured by wavelength and flux
-against wavelength coloured by time, with error bars; points with quality problems (any
-``qc`` bit other than NONPOSITIVE_FLUX, or FLAGS bits in the hard-bad set) are drawn as open
-grey circles so they stay visible but do not read as good data.
+``plot_source(phot, source_id)`` draws one light curve per band (flux against time, coloured by
+wavelength within the band, since every visit falls on a different part of the filter) and
+below them the spectrum (flux against wavelength, coloured by time). ``channel=k`` keeps only
+spectral channel ``k`` of each band (``spherex.channel_of``). The time axis is broken at gaps
+longer than ``gap_days`` (the survey revisits a field every ~6 months).
+
+Good data (:func:`spxframe.results.good_mask`: no hard-bad FLAGS bit, no unusable qc bit, a
+finite flux; zero and negative fluxes included) are filled circles with error bars. Measurements
+with a hard-bad FLAGS bit in the aperture are black crosses, those with an unusable qc bit
+(saturated, too much masked) red triangles; rows with no flux at all are counted in the legend.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import numpy as np
 import polars as pl
 
 from spxframe import schema, spherex
+from spxframe.results import Q_BAD_FLAGS, Q_NO_FLUX, _as_frame, channels, quality, source_rows
 
 log = logging.getLogger("spxframe.plot")
 
-_SOFT_QC = schema.QC["NONPOSITIVE_FLUX"] | schema.QC["APERTURE_EDGE"] | schema.QC["CUTOUT_CLIPPED"] \
-    | schema.QC["LEGACY_PSF_HEADER"]
+GOOD_STYLE = dict(marker="o", s=16, zorder=3)
+BAD_FLAGS_STYLE = dict(marker="x", s=26, color="k", linewidths=1.0, zorder=4)
+UNUSABLE_STYLE = dict(marker="^", s=26, facecolors="none", edgecolors="tab:red", linewidths=1.0, zorder=4)
 
 
 def _plt():
@@ -36,45 +44,165 @@ def _plt():
     return plt
 
 
-def _good(df: pl.DataFrame) -> np.ndarray:
-    qc = df.get_column("qc").fill_null(0).to_numpy()
-    flags = df.get_column("flags").fill_null(0).to_numpy()
-    return ((qc & ~_SOFT_QC) == 0) & ((flags & spherex.DEFAULT_BAD_MASK) == 0)
+def time_segments(t: np.ndarray, gap_days: float) -> list[tuple[float, float]]:
+    """(start, end) of the runs of ``t`` (days) separated by gaps longer than ``gap_days``."""
+    t = np.unique(t[np.isfinite(t)])
+    if t.size == 0:
+        return []
+    cut = np.flatnonzero(np.diff(t) > gap_days)
+    starts = np.r_[t[0], t[cut + 1]]
+    ends = np.r_[t[cut], t[-1]]
+    return list(zip(starts.tolist(), ends.tolist()))
 
 
-def plot_source(phot: pl.DataFrame, source_id: Any, *, path: str | Path | None = None, title: str | None = None):
-    """Two panels for one source: flux (µJy) vs time (MJD), flux vs wavelength (µm).
+def _classes(df: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Row masks: good, hard-bad FLAGS, unusable qc (both with a flux), and no flux."""
+    q = quality(df)
+    no_flux = (q & Q_NO_FLUX) != 0
+    bad_flags = ~no_flux & ((q & Q_BAD_FLAGS) != 0)
+    return {"good": q == 0, "bad_flags": bad_flags, "unusable": ~no_flux & ~bad_flags & (q != 0),
+            "no_flux": no_flux}
 
+
+def _draw(ax, x, f, e, cls, color, norm, cmap):
+    """Good points (coloured, with error bars) and the two kinds of bad points of one panel."""
+    g = cls["good"]
+    ax.errorbar(x[g], f[g], yerr=e[g], fmt="none", ecolor="0.75", elinewidth=0.8, zorder=2)
+    sc = ax.scatter(x[g], f[g], c=color[g], cmap=cmap, norm=norm, **GOOD_STYLE)
+    ax.scatter(x[cls["bad_flags"]], f[cls["bad_flags"]], **BAD_FLAGS_STYLE)
+    ax.scatter(x[cls["unusable"]], f[cls["unusable"]], **UNUSABLE_STYLE)
+    lo, hi = ax.get_ylim()
+    if lo < 0 < hi:  # a zero line where fluxes reach it; a bright source keeps its own scale
+        ax.axhline(0, color="0.85", lw=0.8, zorder=0)
+    return sc
+
+
+def _break_marks(axes: list) -> None:
+    """Hide the spines between time segments and draw // marks on the break."""
+    for i, ax in enumerate(axes):
+        kw = dict(marker=[(-1, -1.5), (1, 1.5)], markersize=8, linestyle="none", color="0.3", mec="0.3",
+                  mew=1, clip_on=False, transform=ax.transAxes)
+        if i > 0:
+            ax.spines["left"].set_visible(False)
+            ax.tick_params(axis="y", which="both", left=False, labelleft=False)
+            ax.plot([0, 0], [0, 1], **kw)
+        if i < len(axes) - 1:
+            ax.spines["right"].set_visible(False)
+            ax.plot([1, 1], [0, 1], **kw)
+
+
+def _band_row(fig, axes, df: pl.DataFrame, band: str, segs) -> None:
+    """One band's light curve over the time segments ``segs`` (one axis each), coloured by wavelength."""
+    import matplotlib.colors as mcolors
+
+    lo, hi, _ = spherex.BANDS[band]
+    norm = mcolors.Normalize(lo, hi)
+    t, lam = df["mjd"].to_numpy(), df["wavelength"].to_numpy()
+    f, e = df["flux"].to_numpy(), df["flux_err"].to_numpy()
+    cls = _classes(df)
+    sc = None
+    for ax, (t0, t1) in zip(axes, segs):
+        pad = max(2.0, 0.05 * (t1 - t0))
+        sc = _draw(ax, t, f, e, cls, lam, norm, "turbo")
+        ax.set_xlim(t0 - pad, t1 + pad)
+        ax.locator_params(axis="x", nbins=max(2, min(5, int((t1 - t0) / 5) + 2)))
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    _break_marks(axes)
+    axes[0].set_ylabel(f"{band} flux [µJy]")
+    fig.colorbar(sc, ax=axes, label=f"{band} λ [µm]", pad=0.01, aspect=12)
+
+
+def _spectrum(fig, ax, df: pl.DataFrame) -> None:
+    import matplotlib.colors as mcolors
+
+    t = df["mjd"].to_numpy()
+    ok = np.isfinite(t)
+    t0 = float(np.nanmin(t)) if ok.any() else 0.0
+    norm = mcolors.Normalize(0, max(float(np.nanmax(t)) - t0, 1.0) if ok.any() else 1.0)
+    sc = _draw(ax, df["wavelength"].to_numpy(), df["flux"].to_numpy(), df["flux_err"].to_numpy(),
+               _classes(df), t - t0, norm, "viridis")
+    ax.set_xlabel("wavelength [µm]")
+    ax.set_ylabel("flux [µJy]")
+    fig.colorbar(sc, ax=ax, label=f"days since MJD {t0:.1f}", pad=0.01, aspect=12)
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}" + ("" if k == 1 else "s")
+
+
+def _legend(fig, cls: dict[str, np.ndarray]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="none", marker="o", color="0.45",
+                      label=f"good ({int(cls['good'].sum())}): no hard-bad FLAGS, no unusable qc bit")]
+    if cls["bad_flags"].any():
+        handles.append(Line2D([], [], ls="none", marker="x", color="k",
+                              label=f"hard-bad FLAGS bit in the aperture ({int(cls['bad_flags'].sum())})"))
+    if cls["unusable"].any():
+        handles.append(Line2D([], [], ls="none", marker="^", mfc="none", mec="tab:red",
+                              label=f"unusable qc: saturated / masked ({int(cls['unusable'].sum())})"))
+    if cls["no_flux"].any():
+        handles.append(Line2D([], [], ls="none", label=f"{_n(int(cls['no_flux'].sum()), 'row')} without a flux "
+                              "(off the file, fetch or read failed, no PSF, masked)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+
+
+def plot_source(phot: Any, source_id: Any, *, bands: list[str] | None = None, channel: int | None = None,
+                gap_days: float = 60.0, spectrum: bool = True, path: str | Path | None = None,
+                title: str | None = None):
+    """Per-band light curves of one source (flux in µJy against MJD, coloured by wavelength), time
+    axis broken at gaps over ``gap_days``, and its spectrum below (``spectrum=False`` to omit).
+
+    ``bands``: the bands to draw (default every band the source has); ``channel``: keep only that
+    spectral channel (0..16) of each band. ``phot``: a photometry DataFrame, its Parquet file or
+    a run's output_dir. An unknown ``source_id`` raises :class:`~spxframe.errors.InputError`.
     Returns the matplotlib Figure; writes a PNG when ``path`` is given.
     """
+    from spxframe.errors import InputError
+
     plt = _plt()
-    sid = pl.Series([source_id]).cast(phot.schema["source_id"], strict=False)[0]
-    df = phot.filter((pl.col("source_id") == sid) & pl.col("flux").is_not_nan()).sort("mjd")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    if df.height == 0:
-        for ax in (ax1, ax2):
-            ax.text(0.5, 0.5, "no measurements", ha="center", va="center", transform=ax.transAxes)
-    else:
-        t, lam = df["mjd"].to_numpy(), df["wavelength"].to_numpy()
-        f, e = df["flux"].to_numpy(), df["flux_err"].to_numpy()
-        good = _good(df)
-        for ax, x, c, cmap, clabel in ((ax1, t, lam, "turbo", "wavelength [µm]"),
-                                       (ax2, lam, t - t.min(), "viridis", f"days since MJD {t.min():.1f}")):
-            ax.errorbar(x[good], f[good], yerr=e[good], fmt="none", ecolor="0.7", elinewidth=0.8, zorder=1)
-            sc = ax.scatter(x[good], f[good], c=c[good], cmap=cmap, s=14, zorder=2,
-                            vmin=np.nanmin(c), vmax=np.nanmax(c))
-            if (~good).any():
-                ax.scatter(x[~good], f[~good], facecolors="none", edgecolors="0.5", s=18, zorder=2,
-                           label=f"flagged ({(~good).sum()})")
-                ax.legend(loc="best", fontsize=8, frameon=False)
-            ax.axhline(0, color="0.85", lw=0.8, zorder=0)
-            fig.colorbar(sc, ax=ax, label=clabel, pad=0.01)
-            ax.set_ylabel("flux density [µJy]")
-        ax1.set_xlabel("time [MJD]")
-        ax2.set_xlabel("wavelength [µm]")
-        ax1.set_title("light curve", fontsize=10)
-        ax2.set_title("spectrum", fontsize=10)
-    fig.suptitle(title or f"source {source_id}  ({df.height} measurements)", fontsize=11)
+    frame, _ = _as_frame(phot)
+    df = source_rows(frame, source_id)
+    if bands is not None:
+        unknown = [b for b in bands if b not in spherex.BANDS]
+        if unknown:
+            raise InputError(f"bands={bands!r}: unknown {unknown}; expected some of {list(spherex.BANDS)}")
+        df = df.filter(pl.col("band").is_in(list(bands)))
+    if channel is not None:
+        if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) \
+                or not 0 <= channel < spherex.CHANNELS_PER_BAND:
+            raise InputError(f"channel={channel!r}: expected an integer 0..{spherex.CHANNELS_PER_BAND - 1}")
+        df = df.filter(pl.Series(channels(df) == int(channel)))
+    cls = _classes(df)
+    plotted = df.filter(pl.Series(~cls["no_flux"]))
+    present = [b for b in spherex.BANDS if b in set(plotted["band"].to_list())]
+    segs = time_segments(plotted["mjd"].to_numpy(), gap_days) or [(0.0, 1.0)]
+    nrows = max(len(present), 1) + (1 if spectrum and present else 0)
+    fig = plt.figure(figsize=(12, 1.9 * nrows + 1.2), layout="constrained")
+    widths = [max(t1 - t0, 0.08 * (segs[-1][1] - segs[0][0]), 1.0) for t0, t1 in segs]
+    gs = fig.add_gridspec(nrows, len(segs), width_ratios=widths)
+    if not present:
+        ax = fig.add_subplot(gs[0, :])
+        ax.text(0.5, 0.5, "no measurements with a flux", ha="center", va="center", transform=ax.transAxes)
+    top: list = []
+    for i, band in enumerate(present):
+        axes = [fig.add_subplot(gs[i, j], sharex=top[j] if top else None) for j in range(len(segs))]
+        top = top or axes
+        for ax in axes[1:]:
+            ax.sharey(axes[0])
+        _band_row(fig, axes, plotted.filter(pl.col("band") == band), band, segs)
+        if i < len(present) - 1:
+            for ax in axes:
+                ax.tick_params(axis="x", labelbottom=False)
+        else:
+            axes[0].set_xlabel("MJD (UTC)" if len(segs) == 1 else f"MJD (UTC); axis broken at gaps > {gap_days:g} d",
+                               loc="left")
+    if spectrum and present:
+        _spectrum(fig, fig.add_subplot(gs[-1, :]), plotted)
+    _legend(fig, cls)
+    what = f", channel {channel}" if channel is not None else ""
+    fig.suptitle(title or f"source {source_id}: {_n(df.height, 'measurement')} in {_n(len(present), 'band')}{what}",
+                 fontsize=11)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)

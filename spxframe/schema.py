@@ -14,9 +14,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import polars as pl
 
-from spxframe.spherex import FLAG_BITS
+from spxframe.spherex import DEFAULT_BAD_MASK, FLAG_BITS
 
 # --------------------------------------------------------------------------------------
 # Our quality bits (photometry column ``qc``)
@@ -278,3 +279,134 @@ def parquet_metadata(table: Table) -> dict[bytes, bytes]:
             "qc_bits": {q.name: {"bit": q.bit, "doc": q.doc} for q in QC_BITS},
             "flag_bits": FLAG_BITS}
     return {b"spxframe": json.dumps(meta).encode()}
+
+
+# --------------------------------------------------------------------------------------
+# The good-data mask (documented in spxframe.results), shared by plots, exports and science
+# --------------------------------------------------------------------------------------
+
+#: qc bits that make a measurement unusable (the flux is NaN or cannot be trusted)
+UNUSABLE_QC: int = (QC["OFF_FILE"] | QC["MASKED_FRACTION"] | QC["FETCH_FAILED"]
+                    | QC["SATURATED"] | QC["NO_PSF"] | QC["READ_ERROR"])
+#: ``quality`` bit: a hard-bad FLAGS bit (``HARD_BAD_BITS``) is set in the aperture
+Q_BAD_FLAGS: int = 1 << 16
+#: ``quality`` bit: the flux or its error is missing or NaN
+Q_NO_FLUX: int = 1 << 17
+#: the ``quality`` bits and what they mean (the qc bits keep their ``QC_BITS`` positions)
+QUALITY_BITS: dict[str, int] = {**{q.name: q.value for q in QC_BITS if q.value & UNUSABLE_QC},
+                                "BAD_FLAGS": Q_BAD_FLAGS, "NO_FLUX": Q_NO_FLUX}
+
+
+def _ints(df: pl.DataFrame, name: str) -> np.ndarray:
+    if name not in df.columns:
+        return np.zeros(df.height, dtype=np.int64)
+    return df.get_column(name).fill_null(0).cast(pl.Int64).to_numpy()
+
+
+def floats(df: pl.DataFrame, name: str) -> np.ndarray:
+    """Column ``name`` as float64 (NaN for nulls, all NaN when the column is missing)."""
+    if name not in df.columns:
+        return np.full(df.height, np.nan)
+    return df.get_column(name).cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+
+def quality(df: pl.DataFrame, *, bad_flags: int = DEFAULT_BAD_MASK) -> np.ndarray:
+    """Per row, the reasons it is not good data as bits (0 = good; see the module docstring).
+
+    The unusable qc bits keep their ``qc`` positions; ``Q_BAD_FLAGS`` marks a FLAGS bit of
+    ``bad_flags`` (default the hard-bad bits) in the aperture, ``Q_NO_FLUX`` a missing flux.
+    """
+    q = _ints(df, "qc") & UNUSABLE_QC
+    q |= np.where((_ints(df, "flags") & int(bad_flags)) != 0, Q_BAD_FLAGS, 0)
+    ok = np.isfinite(floats(df, "flux")) & np.isfinite(floats(df, "flux_err"))
+    q |= np.where(ok, 0, Q_NO_FLUX)
+    return q.astype(np.int32)
+
+
+def good_mask(df: pl.DataFrame, *, bad_flags: int = DEFAULT_BAD_MASK) -> np.ndarray:
+    """True for good measurements: no hard-bad FLAGS bit, no unusable qc bit, a finite flux.
+
+    Zero and negative fluxes are good data. See the module docstring for the full definition.
+    """
+    return quality(df, bad_flags=bad_flags) == 0
+
+
+def describe_quality(value: int) -> list[str]:
+    """Names of the :data:`QUALITY_BITS` set in ``value``."""
+    return [name for name, bit in QUALITY_BITS.items() if int(value) & bit]
+
+
+# --------------------------------------------------------------------------------------
+# Units astropy reads back from Parquet (its table-meta YAML)
+# --------------------------------------------------------------------------------------
+
+#: units of the catalog columns that ride along into the photometry table
+CATALOG_UNITS: dict[str, tuple[str, str]] = {
+    "ra": ("deg", "catalog RA (ICRS)"), "dec": ("deg", "catalog Dec (ICRS)"),
+    "pmra": ("mas / yr", "catalog proper motion in RA, times cos(Dec)"),
+    "pmdec": ("mas / yr", "catalog proper motion in Dec"),
+}
+
+
+def _yaml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid YAML flow scalar
+
+
+def string_lengths(tab: Any) -> dict[str, int]:
+    """Longest value (characters) of each string column of a pyarrow table (0 when all null);
+    ``{}`` for a table without rows. The maximum over several tables is that of their union."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out: dict[str, int] = {}
+    if not tab.num_rows:  # nothing to measure: astropy would truncate to a guessed length
+        return out
+    for field in tab.schema:
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            out[field.name] = int(pc.max(pc.utf8_length(tab.column(field.name))).as_py() or 0)
+    return out
+
+
+def astropy_meta(arrow_schema: Any, table: Table, str_lengths: dict[str, int] | None = None
+                 ) -> dict[bytes, bytes]:
+    """Parquet key-value metadata astropy reads back: ``QTable.read(path)`` then has the units.
+
+    ``arrow_schema``: the pyarrow schema, or table, about to be written; every one of its
+    columns is listed (astropy requires that), with the unit and description of ``table``'s
+    column of that name. Returns ``b"table_meta_yaml"`` (astropy's table-meta YAML) and, per
+    string column, ``b"table::len::<name>"`` (its longest value: without it astropy warns and
+    measures) from ``str_lengths`` or, given a table, from its data. Merge it into the schema
+    metadata next to ``schema.parquet_metadata(table)``.
+    """
+    import pyarrow as pa
+
+    if isinstance(arrow_schema, pa.Table):
+        str_lengths = string_lengths(arrow_schema) if str_lengths is None else str_lengths
+        arrow_schema = arrow_schema.schema
+    fields = arrow_schema
+    known = {c.name: c for c in table.columns}
+    lines = ["datatype:"]
+    for field in fields:
+        t = field.type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            dtype = "string"
+        elif pa.types.is_boolean(t):
+            dtype = "bool"
+        elif pa.types.is_integer(t) or pa.types.is_floating(t):
+            dtype = t.to_pandas_dtype().__name__
+        else:
+            dtype = "string"
+        entry = [f"name: {_yaml_str(field.name)}"]
+        col = known.get(field.name)
+        unit, doc = (col.unit, col.description) if col is not None else CATALOG_UNITS.get(field.name, (None, None))
+        if unit:
+            entry.append(f"unit: {_yaml_str(unit)}")
+        entry.append(f"datatype: {dtype}")
+        if doc:
+            entry.append(f"description: {_yaml_str(doc)}")
+        lines.append("- {" + ", ".join(entry) + "}")
+    lines += ["meta:", f"  spxframe_table: {table.name}"]
+    out = {b"table_meta_yaml": "\n".join(lines).encode()}
+    for name, n in (str_lengths or {}).items():
+        out[f"table::len::{name}".encode()] = str(max(int(n), 1)).encode()
+    return out

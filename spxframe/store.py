@@ -2,7 +2,8 @@
 
 Every write is whole-or-nothing: the bytes go to ``<name>.<pid>@<host>.<token>.part`` first and
 are then moved onto the final name (``os.replace`` on local disks; on object stores a server-side
-copy, so the final object appears whole or not at all), so a reader or a rerun never sees a half-written part, marker or table.
+copy, so the final object appears whole or not at all), so a reader or a rerun never sees a
+half-written part, marker or table.
 The downloaded L2 files themselves are not kept here but in a local ``cache_dir``: photometry
 memory-maps them.
 """
@@ -128,4 +129,5 @@ def with_units(tab: Any, table: schema.Table | None) -> Any:
         return tab
     meta = dict(tab.schema.metadata or {})
     meta.update(schema.parquet_metadata(table))
+    meta.update(schema.astropy_meta(tab, table))  # astropy's QTable.read gets the units too
     return tab.replace_schema_metadata(meta)

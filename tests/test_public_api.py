@@ -9,7 +9,7 @@ def test_public_names_are_functions_even_after_submodule_import():
             "import inspect; "
             "assert all(inspect.isfunction(getattr(spxframe, n)) for n in "
             "('lightcurves','observations','plan','fetch','measure','parse_cutout_size','parse_cutout_center','read',"
-            "'spectra','variability')); "
+            "'spectra','variability','to_lightcurve')); "
             "assert len(spxframe.__all__) <= 13; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

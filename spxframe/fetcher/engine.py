@@ -48,6 +48,7 @@ from spxframe.fetcher.cache import CacheDir
 from spxframe.fetcher.http import USER_AGENT, Limiters, RetryPolicy, default_session, http_fs
 from spxframe.fetcher.tasks import Outcome, Task, make_tasks, manifest_frame, still_to_fetch, with_archive_info
 from spxframe.fetcher.worker import Worker
+from spxframe.progress import bar as progress_bar
 
 __all__ = ["fetch", "USER_AGENT"]
 
@@ -314,9 +315,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = None
         if enabled and total:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="file", desc="fetch", leave=True)
+            self.bar = progress_bar(total=total, unit="file", desc="fetch")
         self.nbytes = 0
         self._lock = threading.Lock()
         self._last = 0.0

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from spxframe.progress import bar as progress_bar
 from spxframe.run.cell import run_cell
 
 log = logging.getLogger("spxframe.run.cluster")
@@ -43,14 +44,13 @@ def run_cells_dask(client: Any, tasks: list, *, progress: bool = True, retries: 
     ``retries`` times. Either way its part is rewritten whole, so rows are never doubled.
     """
     from dask.distributed import as_completed
-    from tqdm.auto import tqdm
 
     if not tasks:
         return []
     futures = client.map(func or run_cell, tasks, retries=retries, pure=False,
                          key=[f"spxframe-cell-{t.cell}-{t.plan_hash}-{t.measure_hash}" for t in tasks])
     summaries = []
-    with tqdm(total=len(tasks), unit="cell", desc="spxframe (dask)", disable=not progress) as bar:
+    with progress_bar(total=len(tasks), unit="cell", desc="cells on dask", enabled=progress) as bar:
         for fut in as_completed(futures):
             summaries.append(fut.result())
             bar.update(1)

@@ -47,6 +47,7 @@ from spxframe.errors import InputError
 from spxframe.fetcher import CacheDir
 from spxframe.planner import plan as make_plan
 from spxframe.planner.manifest import summarize
+from spxframe.progress import bar as progress_bar
 from spxframe.run.cell import CellTask, cell_state, run_cell
 from spxframe.run.cells import DEFAULT_ORDER, cell_of
 from spxframe.run.cluster import run_cells_dask
@@ -325,15 +326,13 @@ def _archive_name(archive: Any) -> str:
 
 
 def _run_cells_local(tasks: list[CellTask], *, progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
     summaries = []
     if progress and len(tasks) <= 2:  # few big cells: show the transfers themselves
         for t in tasks:
             t.progress = True
         progress = False
     n_src = sum(t.catalog.height for t in tasks)
-    with tqdm(total=n_src, unit="src", desc="spxframe", disable=not progress or not tasks) as bar:
+    with progress_bar(total=n_src, unit="src", desc="cells (fetch + measure)", enabled=progress and bool(tasks)) as bar:
         for task in tasks:
             s = run_cell(task)
             summaries.append(s)

@@ -78,6 +78,11 @@ def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, cells: list[int]) -> 
 
     p_schema = with_units(finish(schema.empty(schema.PHOTOMETRY, src_dtype)).to_arrow(), schema.PHOTOMETRY).schema
     m_schema = with_units(finish_man(schema.empty(schema.MANIFEST, src_dtype)).to_arrow(), schema.MANIFEST).schema
+    # astropy reads the units back from its table-meta YAML; text lengths spare it a warning per column
+    p_len = _string_lengths(store, [part_paths(c)[0] for c in cells], catx)
+    m_len = _string_lengths(store, [part_paths(c)[1] for c in cells], None)
+    p_schema = p_schema.with_metadata({**p_schema.metadata, **schema.astropy_meta(p_schema, schema.PHOTOMETRY, p_len)})
+    m_schema = m_schema.with_metadata({**m_schema.metadata, **schema.astropy_meta(m_schema, schema.MANIFEST, m_len)})
     counts = {"measurements": 0, "measured": 0, "qc": {q.name: 0 for q in schema.QC_BITS}}
     sizes: dict[str, int] = {b: 0 for b in spherex.BANDS}
     seen: set[str] = set()
@@ -102,6 +107,24 @@ def merge(store: Store, cat: pl.DataFrame, src_dtype: Any, cells: list[int]) -> 
         phot_out.flush()
         man_out.flush()
     return counts, sizes
+
+
+def _string_lengths(store: Store, rels: list[str], extra: pl.DataFrame | None) -> dict[str, int]:
+    """Longest value of each text column over the parts ``rels`` (and the catalog columns ``extra``)."""
+    import pyarrow.parquet as pq
+
+    out = {c: int(extra[c].str.len_chars().max() or 0) for c, t in extra.schema.items() if t == pl.Utf8} \
+        if extra is not None else {}
+    for rel in rels:
+        if not store.exists(rel):
+            continue
+        with store.fs.open(store.path(rel), "rb") as f:
+            names = [fld.name for fld in pq.read_schema(f) if str(fld.type) in ("string", "large_string")]
+            f.seek(0)
+            lengths = schema.string_lengths(pq.read_table(f, columns=names))
+        for c, n in lengths.items():
+            out[c] = max(out.get(c, 0), n)
+    return out
 
 
 def _add_sizes(sizes: dict[str, int], seen: set[str], man: pl.DataFrame) -> None:

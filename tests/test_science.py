@@ -167,10 +167,12 @@ def test_spectra_of_constant_sources_resolve_the_channels_and_match_the_truth(sk
 def test_schemas_bad_rows_and_source_id_dtype(phot):
     sub = phot.filter(pl.col("source_id").is_in(phot["source_id"].unique().sort().head(40).implode()))
     sub = sub.with_columns(pl.col("source_id").cast(pl.Utf8))
-    # rows that are not data: every bad qc bit, a NaN flux; a zero flux is data
+    # rows that are not data (the good-data mask, schema.good_mask): every unusable qc bit, a
+    # hard-bad FLAGS bit in the aperture, a NaN flux; a zero flux is data
     bad = sub.head(8).with_columns(
         pl.Series("qc", [schema.QC[n] for n in ("OFF_FILE", "MASKED_FRACTION", "FETCH_FAILED", "READ_ERROR",
-                                                "NO_PSF", "SATURATED", "NAN_VARIANCE")] + [0], dtype=pl.Int32),
+                                                "NO_PSF", "SATURATED")] + [0, 0], dtype=pl.Int32),
+        pl.Series("flags", [0] * 6 + [1 << 10, 0], dtype=pl.Int64),  # bit 10: HOT
         pl.Series("flux", [1e9] * 7 + [float("nan")]))
     zero = sub.head(1).with_columns(pl.lit(0.0).alias("flux"), pl.lit(schema.QC["NONPOSITIVE_FLUX"]).alias("qc"))
     sc = error_scales(sub)

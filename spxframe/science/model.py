@@ -1,6 +1,6 @@
 """Good-data selection and the per-source spectral model fitted to all of a source's visits.
 
-``prepare(phot)`` keeps the rows that are data (see :data:`BAD_QC`) and sorts them by source;
+``prepare(phot)`` keeps the rows that are data (the run's good-data mask, :func:`spxframe.schema.good_mask`) and sorts them by source;
 ``fit(prep, scale, mode)`` fits every source's spectral model (:mod:`spxframe.science.kernels`)
 with the formal errors multiplied by a per-row error scale and returns the per-source χ² and the
 per-row model and leverage.
@@ -16,10 +16,6 @@ import polars as pl
 from spxframe import schema
 from spxframe.science import kernels
 
-#: qc bits that make a row not data (its flux is NaN or not a measurement of the source)
-BAD_QC_NAMES: tuple[str, ...] = ("OFF_FILE", "MASKED_FRACTION", "FETCH_FAILED", "READ_ERROR", "NO_PSF",
-                                 "SATURATED", "NAN_VARIANCE")
-BAD_QC: int = int(np.bitwise_or.reduce([schema.QC[n] for n in BAD_QC_NAMES]))
 MODES: dict[str, int] = {"constant": kernels.MODE_CONSTANT, "continuum": kernels.MODE_CONTINUUM,
                          "lines": kernels.MODE_LINES}
 #: a line enters the model when it lowers χ² by at least this much
@@ -30,13 +26,11 @@ FLOOR: float = 0.005
 
 
 def good_rows(phot: pl.DataFrame) -> pl.DataFrame:
-    """Rows of ``phot`` that are data: finite flux, positive finite flux_err and wavelength, no
-    :data:`BAD_QC` bit. Zero and negative fluxes are data."""
-    qc = pl.col("qc").fill_null(0) if "qc" in phot.columns else pl.lit(0)
-    return phot.filter(
-        pl.col("flux").is_finite() & pl.col("flux_err").is_finite() & (pl.col("flux_err") > 0)
-        & pl.col("wavelength").is_finite() & (pl.col("wavelength") > 0) & ((qc & BAD_QC) == 0)
-    )
+    """Rows of ``phot`` that are data: the run's good-data mask (:func:`spxframe.schema.good_mask`:
+    no hard-bad FLAGS bit, no unusable qc bit, finite flux) with a positive error and a wavelength.
+    Zero and negative fluxes are data."""
+    good = pl.Series(schema.good_mask(phot)) if phot.height else pl.Series([], dtype=pl.Boolean)
+    return phot.filter(good & (pl.col("flux_err") > 0) & pl.col("wavelength").is_finite() & (pl.col("wavelength") > 0))
 
 
 @dataclass

@@ -312,10 +312,15 @@ class _Scheduler:
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled and total:
-            self.bar = progress_bar(total=total, unit="file", desc="fetch")
+    """The fetch bar: made here (``progress=True``) or the caller's own (a tqdm-like object with
+    ``update``, shared by several fetches of one run; it is not closed here)."""
+
+    def __init__(self, total: int, enabled: bool | Any) -> None:
+        self.bar, self.own = None, False
+        if hasattr(enabled, "update"):
+            self.bar = enabled
+        elif enabled and total:
+            self.bar, self.own = progress_bar(total=total, unit="file", desc="fetch"), True
         self.nbytes = 0
         self._lock = threading.Lock()
         self._last = 0.0
@@ -333,5 +338,5 @@ class _Progress:
             self.bar.update(1)
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.own:
             self.bar.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time as _time
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 
@@ -37,7 +38,7 @@ class CellTask:
     measure_options: dict = field(default_factory=dict)
     plan_hash: str = ""
     measure_hash: str = ""
-    progress: bool = False  #: per-transfer progress bar (local runs with one or two cells)
+    progress: Any = False  #: the run's fetch bar (local runs), or a bool
     output_options: dict | None = None  #: fsspec storage options of output_dir
     plan_summary: list = field(default_factory=list)  #: the cell's rows of the plan summary
 

@@ -326,16 +326,21 @@ def _archive_name(archive: Any) -> str:
 
 
 def _run_cells_local(tasks: list[CellTask], *, progress: bool) -> list[dict]:
-    summaries = []
-    if progress and len(tasks) <= 2:  # few big cells: show the transfers themselves
-        for t in tasks:
-            t.progress = True
-        progress = False
-    n_src = sum(t.catalog.height for t in tasks)
-    with progress_bar(total=n_src, unit="src", desc="cells (fetch + measure)", enabled=progress and bool(tasks)) as bar:
+    """Run the cells one after another, with one bar per stage: ``fetch`` (transfers, across all
+    cells) and ``measure`` (images measured)."""
+    n_req = sum(t.manifest.filter(pl.col("status") == "planned").get_column("request_id").n_unique() for t in tasks)
+    n_img = sum(t.manifest.select(pl.struct("obs_id", "detector").n_unique()).item() if t.manifest.height else 0
+                for t in tasks)
+    summaries: list[dict] = []
+    on = progress and bool(tasks)
+    with progress_bar(total=n_req, unit="file", desc="fetch", enabled=on) as fetch_bar, \
+            progress_bar(total=n_img, unit="image", desc="measure", enabled=on) as measure_bar:
         for task in tasks:
-            s = run_cell(task)
-            summaries.append(s)
-            bar.update(task.catalog.height)
-            bar.set_postfix(cells=f"{len(summaries)}/{len(tasks)}", MB=f"{sum(x['bytes'] for x in summaries)/1e6:.0f}")
+            if on:
+                task.progress = fetch_bar  # a live object: local runs only (not pickled to Dask)
+            summaries.append(run_cell(task))
+            task.progress = False
+            measure_bar.update(task.manifest.select(pl.struct("obs_id", "detector").n_unique()).item()
+                               if task.manifest.height else 0)
+            measure_bar.set_postfix(cells=f"{len(summaries)}/{len(tasks)}")
     return summaries

@@ -91,7 +91,10 @@ class Worker:
         task.targets.extend(by_others)
         task.bytes = counter[0]
         for rel, err in task.errors.items():
-            log.warning("failed %s (%s): %s", rel, task.url, err)
+            if err == "cancelled":  # an interrupted run: said once by fetch(), not per transfer
+                log.debug("cancelled %s (%s)", rel, task.url)
+            else:
+                log.warning("failed %s (%s): %s", rel, task.url, err)
         return task
 
     @staticmethod

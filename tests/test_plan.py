@@ -44,7 +44,7 @@ def truth(universe, field_cat) -> dict:
         if near.any():
             x, y = universe.truth_pixel(ids[near], oid, det)
             for sid, a, b in zip(ids[near], x, y):
-                out[(str(sid), oid, int(det))] = (a, b)
+                out[(int(sid), oid, int(det))] = (a, b)  # ids keep the catalog dtype (int64)
     return out
 
 

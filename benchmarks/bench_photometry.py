@@ -27,6 +27,12 @@ header look-ups, header reads sized from the previous file, PSF planes read on d
 load average 0.7-0.9: kernel 8.4 us vs photutils 886 us per aperture (105x);
 300 files, 10 per parent: 0.57 ms/file vs 28.6 ms (51x); 120 files, 1 per parent: 0.70 ms vs
 27.0 ms (39x); accuracy unchanged (0.998 / 1.004 bias, pull width 0.96-1.03).
+
+QR3 (pipeline R7) vs QR2, side by side (``--qr3``, or part of the full run): the same cutouts
+written twice — as served (QR2: PSF cube) and through the simulated archive's R7 writer
+(``spxframe.sim.r7``: RICE_1 FLAGS, MSKN cards, the EPSF table) — and ``measure()`` timed on
+each in interleaved rounds with cold caches (PSF cube planes / ePSF libraries read again each
+round). Goal: QR3 within 1.5x of QR2 per file.
 """
 
 from __future__ import annotations
@@ -122,8 +128,8 @@ def reference_measure(paths: list[str], pairs: pl.DataFrame, cat: pl.DataFrame, 
     if fallbacks and verbose:
         print(f"  (reference: {fallbacks}/{len(paths)} annuli were all SOURCE/bad; SPXQuery would give NaN; "
               f"fell back to masking bad pixels only)")
-    return pl.DataFrame(out, schema=["source_id", "file", "obs_id", "detector", "mjd", "wavelength", "flux", "flux_err"],
-                        orient="row")
+    cols = ["source_id", "file", "obs_id", "detector", "mjd", "wavelength", "flux", "flux_err"]
+    return pl.DataFrame(out, schema=cols, orient="row")
 
 
 def accuracy(u, df: pl.DataFrame, label: str) -> dict:
@@ -139,8 +145,9 @@ def accuracy(u, df: pl.DataFrame, label: str) -> dict:
     res = dict(label=label, n=int(ok.sum()), n_bright=int(bright.sum()),
                bias_bright=float(np.median(f[bright] / true[bright])) if bright.any() else np.nan,
                pull_median=float(med), pull_width=float(1.4826 * np.median(np.abs(pull - med))))
-    print(f"  {label:10s} n={res['n']:5d} bright={res['n_bright']:4d} median(flux/true, bright)={res['bias_bright']:.4f} "
-          f"pull median={res['pull_median']:+.3f} width={res['pull_width']:.3f}")
+    print(f"  {label:10s} n={res['n']:5d} bright={res['n_bright']:4d} "
+          f"median(flux/true, bright)={res['bias_bright']:.4f} pull median={res['pull_median']:+.3f} "
+          f"width={res['pull_width']:.3f}")
     return res
 
 
@@ -188,6 +195,66 @@ def kernel_vs_photutils(n: int = 2000) -> None:
           f"ratio sep/kernel {ts / tk:.1f}x")
 
 
+def to_qr3(raw: bytes) -> bytes:
+    """The R7 (QR3) version of a QR2 file or cutout: the same pixels, FLAGS RICE_1-compressed with
+    MSKN bit cards, the detector's EPSF table instead of the PSF cube, the 9x9 WCS-WAVE table."""
+    import io
+
+    from astropy.io import fits
+
+    from spxframe.sim.r7 import mef as r7mef
+
+    names = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
+    with fits.open(io.BytesIO(raw)) as hl:
+        hdr = {n: hl[n].header.tostring().encode() for n in names}
+        hdr["PRIMARY"] = hl[0].header.tostring().encode()
+        planes = {n: np.array(hl[n].data) for n in names}
+        det = int(hl["IMAGE"].header["DETECTOR"])
+    return r7mef.write_r7(planes, hdr, det)
+
+
+def qr3_vs_qr2(u, n_files: int, size: int, per_parent: int, rounds: int = 3) -> dict:
+    """measure() per file on QR3 vs QR2 versions of the same cutouts (interleaved rounds, min)."""
+    with tempfile.TemporaryDirectory() as d:
+        q2 = os.path.join(d, "qr2")
+        os.makedirs(q2)
+        paths2, pairs2 = make_files(u, q2, n_files, size, per_parent=per_parent)
+        paths3 = [p.replace(f"{os.sep}qr2{os.sep}", f"{os.sep}qr3{os.sep}") for p in paths2]
+        os.makedirs(os.path.join(d, "qr3"))
+        for a, b in zip(paths2, paths3):
+            with open(a, "rb") as f, open(b, "wb") as g:
+                g.write(to_qr3(f.read()))
+        pairs3 = pairs2.with_columns(pl.Series("path", paths3))
+        cat = u.catalog().with_columns(pl.col("source_id").cast(pl.Utf8))
+        size2 = np.mean([os.path.getsize(p) for p in paths2]) / 1e6
+        size3 = np.mean([os.path.getsize(p) for p in paths3]) / 1e6
+        spxframe.measure(pairs2.head(2), cat), spxframe.measure(pairs3.head(2), cat)  # numba cache, imports
+        for p in paths2 + paths3:  # page cache
+            with open(p, "rb") as f:
+                f.read()
+        t2, t3, c2, c3 = [], [], [], []
+        for _ in range(rounds):
+            for pairs, tw, tc in ((pairs2, t2, c2), (pairs3, t3, c3)):
+                for c in (photometry._WCS_CACHE, photometry._PSF_CACHE, photometry._ZONE_CACHE,
+                          photometry._WAVE_CACHE, photometry._EPSF_CACHE):
+                    c.clear()
+                t, c0 = time.perf_counter(), time.process_time()
+                out = spxframe.measure(pairs, cat)
+                tw.append((time.perf_counter() - t) / len(paths2))
+                tc.append((time.process_time() - c0) / len(paths2))
+                assert out.height == len(paths2) and out["flux"].is_not_nan().sum() > 0.9 * len(paths2)
+        res = dict(files=len(paths2), qr2_ms=1e3 * min(t2), qr3_ms=1e3 * min(t3), qr2_cpu_ms=1e3 * min(c2),
+                   qr3_cpu_ms=1e3 * min(c3), qr2_mb=size2, qr3_mb=size3)
+    res["ratio"] = res["qr3_ms"] / res["qr2_ms"]
+    print(f"\n== QR3 vs QR2: {res['files']} cutouts of {size} px, {per_parent} per parent image "
+          f"(QR2 {size2:.2f} MB with the PSF cube, QR3 {size3:.2f} MB with the EPSF table); cold caches, "
+          f"min of {rounds} interleaved rounds")
+    print(f"per file: QR2 {res['qr2_ms']:.2f} ms, QR3 {res['qr3_ms']:.2f} ms, ratio {res['ratio']:.2f}x "
+          f"(goal <= 1.5x); CPU QR2 {res['qr2_cpu_ms']:.2f} ms, QR3 {res['qr3_cpu_ms']:.2f} ms; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    return res
+
+
 def _universe():
     try:
         from spxframe.sim import Universe
@@ -223,8 +290,8 @@ def run_case(u, n_files: int, size: int, per_parent: int) -> None:
         t = time.perf_counter()
         ours_list = spxframe.measure(paths, cat)  # every catalog source on every file (warm caches)
         t_list = (time.perf_counter() - t) / len(paths)
-        print(f"per file (min of runs): spxframe {t_ours * 1e3:.2f} ms (cold caches; {t_list * 1e3:.2f} ms warm for all "
-              f"{ours_list.height} sources on the files), SPXQuery-like {t_ref * 1e3:.2f} ms; "
+        print(f"per file (min of runs): spxframe {t_ours * 1e3:.2f} ms (cold caches; {t_list * 1e3:.2f} ms warm "
+              f"for all {ours_list.height} sources on the files), SPXQuery-like {t_ref * 1e3:.2f} ms; "
               f"ratio {t_ref / t_ours:.1f}x (goal >= 20x); load average {os.getloadavg()[0]:.1f}")
         print(f"per file CPU time (process_time, less sensitive to load): spxframe {c_ours * 1e3:.2f} ms, "
               f"SPXQuery-like {c_ref * 1e3:.2f} ms; ratio {c_ref / c_ours:.1f}x")
@@ -239,13 +306,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--files", type=int, default=None)
     ap.add_argument("--size", type=int, default=200)
+    ap.add_argument("--qr3", action="store_true", help="only the QR3 vs QR2 comparison")
     a = ap.parse_args()
     n_files = a.files or (100 if a.quick else 300)
     u = _universe()
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if a.qr3:
+        qr3_vs_qr2(u, n_files, a.size, per_parent=10)
+        qr3_vs_qr2(u, n_files // 4 if a.quick else 120, a.size, per_parent=1)
+        return
     kernel_vs_photutils(1000 if a.quick else 5000)
     run_case(u, n_files, a.size, per_parent=10)
     run_case(u, n_files // 4 if a.quick else 120, a.size, per_parent=1)
+    qr3_vs_qr2(u, n_files, a.size, per_parent=10)
+    qr3_vs_qr2(u, n_files // 4 if a.quick else 120, a.size, per_parent=1)
 
 
 if __name__ == "__main__":

@@ -234,7 +234,8 @@ def test_full_file_and_manifest(universe, tmp_path, simfiles):
     full.parent.mkdir(parents=True)
     full.write_bytes(universe.read(o["cloud_key"], 0, universe.file_size(o["cloud_key"])))
     cat = simfiles["cat"]
-    d = np.hypot((cat["ra"].to_numpy() - o["s_ra"]) * math.cos(math.radians(o["s_dec"])), cat["dec"].to_numpy() - o["s_dec"])
+    d = np.hypot((cat["ra"].to_numpy() - o["s_ra"]) * math.cos(math.radians(o["s_dec"])),
+                 cat["dec"].to_numpy() - o["s_dec"])
     sids = cat["source_id"].to_numpy()[np.argsort(d)[:30]].tolist()
     sids += cat["source_id"].to_numpy()[np.argsort(d)[-10:]].tolist()  # far away: off file
     bad = tmp_path / "broken.fits"

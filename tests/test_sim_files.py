@@ -12,7 +12,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from spxframe.sim.universe import BadRequest, Universe
+from spxframe.sim import BadRequest, Universe
 from spxframe.spherex import FLAG_BITS, FULL_FILE_BYTES, MJY_SR_TO_UJY_PER_ARCSEC2
 
 warnings.filterwarnings("ignore", module="astropy.wcs")
@@ -291,3 +291,35 @@ def test_knobs_and_pickle(uni):
     assert 0.2 < 1 - o["cloud_available"].mean() < 0.4 and uni.observations["cloud_available"].all()
     back = pickle.loads(pickle.dumps(small))
     assert back.observations.equals(o)
+
+
+def test_variance_understate_knob(uni):
+    """``variance_understate``: VARIANCE understates the true scatter by the factor of its detector,
+    IMAGE is unchanged, and the default writes the same files."""
+    under = Universe(seed=1, variance_understate={2: 2.0})
+    o = uni.observations
+    keys = {d: o.filter(pl.col("detector") == d)["cloud_key"][3] for d in (1, 2)}
+    bad = sum(1 << FLAG_BITS[b] for b in ("TRANSIENT", "OVERFLOW", "NONFUNC", "HOT", "COLD", "OUTLIER"))
+    for det, want in ((2, 2.0), (1, 1.0)):
+        c, ref = under.components(keys[det], 960, 1090), uni.components(keys[det], 960, 1090)
+        good = ((c["FLAGS"] & bad) == 0) & np.isfinite(c["VARIANCE"])
+        pull = (c["IMAGE"] - c["sky"] - c["sources"])[good] / np.sqrt(c["VARIANCE"][good])
+        assert abs(pull.std() / want - 1) < 0.03, (det, pull.std())
+        assert np.array_equal(c["IMAGE"], ref["IMAGE"]) and np.array_equal(c["FLAGS"], ref["FLAGS"])
+    a, b = 23040 + 8160 * 600, 23040 + 8160 * 603
+    assert Universe(seed=1, variance_understate=1.0).read(keys[2], 0, b) == uni.read(keys[2], 0, b)
+    assert under.read(keys[1], a, b) == uni.read(keys[1], a, b)
+    with pytest.raises(ValueError):
+        Universe(seed=1, variance_understate={7: 2.0})
+    from spxframe import sim
+
+    assert sim.serve(seed=1, variance_understate=3.0).universe.variance_understate == dict.fromkeys(range(1, 7), 3.0)
+
+
+def test_flag_counts_in_header_match_flags_plane(hdul):
+    """Every IMAGE ``L2 N_<FLAG>`` card counts the FLAGS plane's pixels with that bit."""
+    im, fl = hdul["IMAGE"].header, hdul["FLAGS"].data
+    counted = [f for f in FLAG_BITS if f"L2 N_{f}" in im]
+    assert len(counted) == 14 and im["L2 N_FULLSAMPLE"] > 0 and im["L2 N_DICHROIC"] > 0
+    for f in counted:
+        assert im[f"L2 N_{f}"] == np.count_nonzero(fl & (1 << FLAG_BITS[f])), f

@@ -13,8 +13,9 @@ pyvo = pytest.importorskip("pyvo")
 from pyvo.dal import DALQueryError  # noqa: E402
 
 from spxframe import sim  # noqa: E402
-from spxframe.sim import geom  # noqa: E402
-from spxframe.sim.adqleval import Table, run_query  # noqa: E402
+from spxframe.sim.adql import geom  # noqa: E402
+from spxframe.sim.adql.evaluate import run_query  # noqa: E402
+from spxframe.sim.adql.values import Table  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +97,8 @@ def test_spxquery_shape_2_async(tap, obs, spot):
         t = job.fetch_result().to_table()
     finally:
         job.delete()
-    sel = obs.filter(frames_containing(obs, ra, dec) & obs["energy_bandpassname"].is_in(["SPHEREx-D1", "SPHEREx-D4"]).to_numpy())
+    sel = obs.filter(frames_containing(obs, ra, dec)
+                     & obs["energy_bandpassname"].is_in(["SPHEREx-D1", "SPHEREx-D4"]).to_numpy())
     assert len(t) == sel.height > 0
     assert set(t["obs_publisher_did"]) == set(sel["obs_publisher_did"])
     assert t["energy_bounds_lower"].unit == "m"
@@ -106,7 +108,8 @@ def test_obscore_alone_s_region_shape_3_and_run_async(tap, obs, spot):
     ra, dec = spot
     t = tap.run_async(f"SELECT * FROM spherex.obscore WHERE CONTAINS(POINT('ICRS',{ra},{dec}), s_region)=1").to_table()
     assert len(t) == frames_containing(obs, ra, dec).sum()
-    assert all(u.startswith(tap.baseurl.replace("/TAP", "") + "/datalink/links/spherex?ID=ivo://") for u in t["access_url"])
+    assert all(u.startswith(tap.baseurl.replace("/TAP", "") + "/datalink/links/spherex?ID=ivo://")
+               for u in t["access_url"])
     assert set(t["access_format"]) == {"application/x-votable+xml;content=datalink"}
     assert t["s_ra"].unit == "deg" and t["em_min"].unit == "m"
 
@@ -281,7 +284,8 @@ def test_sia2_search(archive, obs, spot):
     assert 0 < len(tb) < len(t)
     from astropy.time import Time
     t0, t1 = float(np.min(t["t_min"])), float(np.min(t["t_min"])) + 1.0
-    tt = sia.search(pos=(ra, dec, 0.01), time=(Time(t0, format="mjd"), Time(t1, format="mjd")), collection=["spherex_qr2", "spherex_qr2_deep"]).to_table()
+    tt = sia.search(pos=(ra, dec, 0.01), time=(Time(t0, format="mjd"), Time(t1, format="mjd")),
+                    collection=["spherex_qr2", "spherex_qr2_deep"]).to_table()
     assert 0 < len(tt) <= len(t) and np.all(np.asarray(tt["t_min"]) <= t1)
     none = sia.search(pos=(ra, dec, 0.01), collection="spherex_qr3").to_table()
     assert len(none) == 0
@@ -294,7 +298,8 @@ def test_sia2_raw_params(archive, spot):
     assert r.status_code == 200 and "<TR>" not in r.text and "<FIELD" in r.text
     poly = f"POLYGON {ra - 0.01} {dec - 0.01} {ra + 0.01} {dec - 0.01} {ra} {dec + 0.01}"
     n_poly = requests.get(base, params={"POS": poly}).text.count("<TR>")
-    n_range = requests.get(base, params={"POS": f"RANGE {ra - 0.01} {ra + 0.01} {dec - 0.01} {dec + 0.01}"}).text.count("<TR>")
+    n_range = requests.get(base, params={"POS": f"RANGE {ra - 0.01} {ra + 0.01} {dec - 0.01} {dec + 0.01}"}
+                           ).text.count("<TR>")
     n_circ = requests.get(base, params={"POS": f"CIRCLE {ra} {dec} 0.01"}).text.count("<TR>")
     assert n_poly == n_range == n_circ > 0
     csv = requests.get(base, params={"POS": f"CIRCLE {ra} {dec} 0.01", "RESPONSEFORMAT": "csv"})
@@ -399,7 +404,8 @@ def test_cloud_lag_404(universe):
         key = missing["cloud_key"][0]
         assert requests.head(f"{arc.cloud_url}/{key}").status_code == 404
         assert requests.head(f"{arc.url}/ibe/data/spherex/{key}").status_code == 200
-        t = pyvo.dal.SIA2Service(arc.sia_url).search(pos=(float(missing["s_ra"][0]), float(missing["s_dec"][0]), 0.001)).to_table()
+        t = pyvo.dal.SIA2Service(arc.sia_url).search(pos=(float(missing["s_ra"][0]), float(missing["s_dec"][0]),
+                                                          0.001)).to_table()
         ca = dict(zip(t["obs_publisher_did"], t["cloud_access"]))
         assert ca[missing["obs_publisher_did"][0]] == ""
 
@@ -416,7 +422,8 @@ def faulty(universe):
 def test_fault_error_rate(faulty):
     faulty.faults.error_rate = 0.5
     faulty.faults.endpoints = {"tap"}
-    codes = [requests.get(faulty.tap_url + "/sync", params={"QUERY": "SELECT TOP 1 planeid FROM spherex.plane"}).status_code
+    codes = [requests.get(faulty.tap_url + "/sync",
+                          params={"QUERY": "SELECT TOP 1 planeid FROM spherex.plane"}).status_code
              for _ in range(40)]
     assert set(codes) <= {200, 502, 503} and 8 < codes.count(200) < 32
     assert requests.get(faulty.url + "/datalink/links/spherex?ID=x").status_code == 200  # other endpoints unaffected
@@ -431,7 +438,7 @@ def test_fault_truncation(faulty):
     key = first(faulty)
     url = f"{faulty.cloud_url}/{key}"
     with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)):
-        requests.get(url, headers={"Range": "bytes=0-999999"}).content
+        _ = requests.get(url, headers={"Range": "bytes=0-999999"}).content  # reading the body raises
     e = faulty.log[-1]
     assert e["fault"] == "truncated" and e["bytes_sent"] == 500_000
     faulty.faults.truncate_rate = 0.0
@@ -516,7 +523,8 @@ def test_contains_matches_direct_geometry(geo_tables, ra, dec):
     want = np.nonzero(_inside_convex(xyz, p))[0]
     assert list(r.arrays[0]) == list(want)
     d = run_query(tables, f"SELECT id, DISTANCE(POINT('ICRS', ra, dec), POINT('ICRS', {ra}, {dec})) AS d FROM t.poly")
-    c = run_query(tables, f"SELECT id FROM t.poly WHERE CONTAINS(POINT('ICRS', ra, dec), CIRCLE('ICRS', {ra}, {dec}, 2.5)) = 1")
+    c = run_query(tables, "SELECT id FROM t.poly WHERE CONTAINS(POINT('ICRS', ra, dec), "
+                          f"CIRCLE('ICRS', {ra}, {dec}, 2.5)) = 1")
     assert list(c.arrays[0]) == [i for i, x in zip(d.arrays[0], d.arrays[1]) if x <= 2.5]
 
 
@@ -570,8 +578,10 @@ def test_contains_property_random_polygons():
         tables = {"t.p": Table("t.p", {"id": np.array([0]), "poly": np.array(["p"], dtype=object)},
                                geoms={"poly": polys}),
                   "t.u": Table("t.u", {"ra": np.array([pra]), "dec": np.array([pdec])})}
-        got = run_query(tables, f"SELECT id FROM t.p WHERE CONTAINS(POINT('ICRS', {float(pra)!r}, {float(pdec)!r}), poly) = 1")
-        joined = run_query(tables, "SELECT p.id FROM t.u AS u JOIN t.p AS p ON 1 = CONTAINS(POINT('ICRS', u.ra, u.dec), p.poly)")
+        got = run_query(tables, f"SELECT id FROM t.p WHERE CONTAINS(POINT('ICRS', {float(pra)!r}, {float(pdec)!r}), "
+                                "poly) = 1")
+        joined = run_query(tables, "SELECT p.id FROM t.u AS u JOIN t.p AS p "
+                                   "ON 1 = CONTAINS(POINT('ICRS', u.ra, u.dec), p.poly)")
         assert (len(got.arrays[0]) == 1) == bool(want) == (len(joined.arrays[0]) == 1)
 
     check()

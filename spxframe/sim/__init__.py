@@ -2,22 +2,28 @@
 
 ``Universe`` is the truth (observations table, virtual files, cutouts); ``serve`` runs the
 IRSA-like HTTP services on 127.0.0.1 (TAP, SIA2, DataLink, IBE files/cutouts, cloud copy);
-``Faults`` injects failures. The sim shares only ``spxframe.schema`` constants with the client.
+``Faults`` injects failures; ``main`` is ``spxframe sim serve``. Three rooms, imported one way
+(services -> world, services -> adql): ``world`` (sky, instrument, survey, frames, headers,
+cutouts, ``Universe``), ``services`` (HTTP) and ``adql`` (the TAP query engine). The sim shares
+only ``spxframe.spherex`` constants with the client.
 """
 
 from __future__ import annotations
 
-from .faults import Faults
-from .server import Archive, main, serve
+from .services.faults import Faults
+from .services.server import Archive, main, serve
 
-__all__ = ["Universe", "BadRequest", "serve", "Faults", "Archive", "main"]
+__all__ = ["Universe", "BadRequest", "SurveyConfig", "serve", "Faults", "Archive", "main"]
 
 
-def __getattr__(name):  # Universe/BadRequest are imported lazily (sim-data modules)
+def __getattr__(name):  # the world (numba, astropy) is imported on first use
     if name == "Universe":
-        from .universe import Universe
+        from .world.universe import Universe
         return Universe
     if name == "BadRequest":
-        from .cutout import BadRequest
+        from .world.cutout import BadRequest
         return BadRequest
+    if name == "SurveyConfig":
+        from .world.survey import SurveyConfig
+        return SurveyConfig
     raise AttributeError(f"module 'spxframe.sim' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """ADQL subset for the simulated TAP service: tokenizer and recursive-descent parser.
 
-The parser produces a small tuple AST (see ``Query``); ``adqleval`` evaluates it over numpy
+The parser produces a small tuple AST (see ``Query``); ``evaluate`` evaluates it over numpy
 columns. Errors raise ``AdqlError`` with a message in the style of a TAP service.
 """
 
@@ -102,7 +102,8 @@ class Parser:
 
     def error(self, what: str | None = None):
         t = self.tok
-        near = "end of input" if t.kind == "eof" else f"\"{self.text[t.pos:t.pos + 12].split()[0] if self.text[t.pos:].strip() else ''}\""
+        word = self.text[t.pos:t.pos + 12].split()[0] if self.text[t.pos:].strip() else ""
+        near = "end of input" if t.kind == "eof" else f'"{word}"'
         raise AdqlError(f"syntax error at or near {near} (position {t.pos + 1})" + (f": {what}" if what else ""))
 
     def kw(self, *words) -> bool:
@@ -381,7 +382,7 @@ class Parser:
 
 
 def parse(text: str) -> Query:
-    """Parse an ADQL query (the subset documented in ``adqleval``)."""
+    """Parse an ADQL query (the subset documented in ``evaluate``)."""
     if not text or not text.strip():
         raise AdqlError("empty query")
     return Parser(text).parse()

@@ -30,7 +30,8 @@ REF_EPOCH: float = 2016.0
 _H_C_OVER_K = 14387.77  # µm K
 
 
-def cap_points(rng: np.random.Generator, ra0: float, dec0: float, radius_deg: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+def cap_points(rng: np.random.Generator, ra0: float, dec0: float, radius_deg: float,
+               n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` points uniform on the sphere within ``radius_deg`` of (ra0, dec0) (works at the poles)."""
     cosr = np.cos(np.radians(radius_deg))
     z = rng.uniform(cosr, 1.0, n)

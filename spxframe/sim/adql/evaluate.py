@@ -14,85 +14,17 @@ WHERE conjuncts are pushed down before joining.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
 import numpy as np
 import polars as pl
 
 from . import geom
-from .adql import AdqlError, Query, parse
+from .functions import evaluate, geo_value
+from .parser import AdqlError, Query, parse
+from .project import project
+from .values import Circle, Geo, Point, PolyVal, Rel, Result, to_series
 
 ST_COVERS_ERROR = "function st_covers(character varying, geography) does not exist"
 MAX_CROSS = 5_000_000
-
-
-@dataclass
-class Table:
-    """A named table: ordered numpy columns, per-column metadata, optional geometries."""
-
-    name: str
-    columns: dict  # lower-case name -> np.ndarray (strings as object arrays)
-    meta: dict = field(default_factory=dict)  # name -> {'unit','ucd','description','xtype'}
-    geoms: dict = field(default_factory=dict)  # name -> geom.Polygons aligned with rows
-    description: str = ""
-
-    @property
-    def nrows(self) -> int:
-        for v in self.columns.values():
-            return len(v)
-        return 0
-
-
-@dataclass
-class Result:
-    names: list
-    arrays: list
-    meta: list
-    overflow: bool = False
-
-
-# geometry values ---------------------------------------------------------------------------
-class Geo:
-    kind = ""
-
-
-class Point(Geo):
-    kind = "point"
-
-    def __init__(self, ra, dec):
-        self.ra, self.dec = ra, dec
-
-
-class Circle(Geo):
-    kind = "circle"
-
-    def __init__(self, ra, dec, r):
-        self.ra, self.dec, self.r = ra, dec, r
-
-
-class PolyVal(Geo):
-    """Polygons ``polys`` taken at row indices ``idx`` (None: the single polygon 0)."""
-
-    kind = "polygon"
-
-    def __init__(self, polys: geom.Polygons, idx=None, column=None):
-        self.polys, self.idx, self.column = polys, idx, column
-
-    def indices(self, n):
-        return np.zeros(n, np.int64) if self.idx is None else self.idx
-
-
-# relation ----------------------------------------------------------------------------------
-class Rel:
-    def __init__(self, parts: dict, n: int):
-        self.parts = parts  # alias -> (Table, idx)
-        self.n = n
-
-    def take(self, sel) -> Rel:
-        parts = {a: (t, i[sel]) for a, (t, i) in self.parts.items()}
-        n = len(next(iter(parts.values()))[1]) if parts else 0
-        return Rel(parts, n)
 
 
 def _conjuncts(e):
@@ -236,9 +168,8 @@ class Evaluator:
                 prel, grel, swap = right, rel, True
             else:
                 continue
-            from .adqlfuncs import _geo
             p = self.eval(prel, pt)
-            g = _geo(self, grel, reg)
+            g = geo_value(self, grel, reg)
             if not isinstance(p, Point):
                 continue
             cra, cdec, crad = _region_centres(g, grel.n)
@@ -276,12 +207,10 @@ class Evaluator:
 
     # ---- projection ---------------------------------------------------------------------
     def _project(self, q: Query, rel: Rel, maxrec) -> Result:
-        from .adqlproject import project
         return project(self, q, rel, maxrec)
 
     # ---- expressions --------------------------------------------------------------------
     def eval(self, rel: Rel, e):
-        from .adqlfuncs import evaluate
         return evaluate(self, rel, e)
 
     def column(self, rel: Rel, qual, name):
@@ -323,18 +252,8 @@ def _region_centres(g, n):
     return None, None, None
 
 
-def _to_series(a: np.ndarray) -> pl.Series:
-    if a.dtype == object:
-        return pl.Series(a.tolist())
-    if a.dtype.kind in "iub":
-        return pl.Series(a.astype(np.int64))
-    if a.dtype.kind == "f":
-        return pl.Series(a.astype(np.float64))
-    return pl.Series(a.tolist())
-
-
 def _hash_join(lk: np.ndarray, rk: np.ndarray):
-    ls, rs = _to_series(lk), _to_series(rk)
+    ls, rs = to_series(lk), to_series(rk)
     if ls.dtype != rs.dtype:
         if ls.dtype.is_numeric() and rs.dtype.is_numeric():
             ls, rs = ls.cast(pl.Float64), rs.cast(pl.Float64)
@@ -346,13 +265,6 @@ def _hash_join(lk: np.ndarray, rk: np.ndarray):
     right = pl.DataFrame({"k": rs, "j": np.arange(len(rk), dtype=np.int64)})
     j = left.join(right, on="k", how="inner").sort(["i", "j"])
     return j["i"].to_numpy(), j["j"].to_numpy()
-
-
-def like_regex(pattern: str, ci: bool) -> re.Pattern:
-    out = []
-    for ch in pattern:
-        out.append(".*" if ch == "%" else "." if ch == "_" else re.escape(ch))
-    return re.compile("^" + "".join(out) + "$", re.S | (re.I if ci else 0))
 
 
 def run_query(tables: dict, adql: str, maxrec: int | None = None) -> Result:

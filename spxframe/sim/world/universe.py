@@ -14,14 +14,14 @@
     u.components(key, r0, r1) -> dict                           # planes + noiseless 'sky', 'sources'
     u.frame_sources(key) -> DataFrame                           # what was rendered on a file
 
-Files are computed on demand in 64-row strips (LRU-cached, deterministic from the seed); nothing is
-stored on disk. ``key`` is the cloud key ``qr2/level2/...`` (the IBE ``uri`` is accepted too);
-unknown keys raise KeyError.
+Files are computed on demand (deterministic from the seed): a cutout or a read of a few rows draws
+just that box; large reads go by 64-row strips (LRU-cached); nothing is stored on disk. ``key`` is
+the cloud key ``qr2/level2/...`` (the IBE ``uri`` is accepted too); unknown keys raise KeyError.
 
 Photometric truth: a source of truth flux F (µJy at the WCS-WAVE wavelength of its pixel position
 and at mid-exposure MJD-AVG) adds F·P/(Ω·23.5044) MJy/sr, P = the zone PSF of the file's cube
 integrated over each pixel, Ω = the pixel solid angle (arcsec²) of the full TAN-SIP WCS at the
-source position (see ``mefgen``). Positions come from the file's own WCS (``all_world2pix``) with
+source position (see ``frame``). Positions come from the file's own WCS (``all_world2pix``) with
 linear proper motion from ``ref_epoch`` to mid-exposure.
 """
 
@@ -36,43 +36,79 @@ from collections import OrderedDict
 import numpy as np
 import polars as pl
 
-from spxframe.spherex import EXPTIME_S, FULL_FILE_BYTES, NPIX
+from spxframe.spherex import EXPTIME_S, FULL_FILE_BYTES, NPIX, ROW_BYTES
 
 from . import cutout as cut
 from . import headers as hd
 from . import instrument as ins
 from .cutout import BadRequest
-from .mefgen import STRIP, Frame, frame_wcs
+from .frame import STRIP, Frame, frame_wcs
 from .sky import Sky, make_sources
 from .survey import SurveyConfig, observations_table, plan_visits
 
 __all__ = ["Universe", "BadRequest", "SurveyConfig"]
-ROW_BYTES = NPIX * 4
+BOX_CACHE_PIXELS = 4 * STRIP * NPIX  #: boxes up to this size (4 strips' worth) are kept in a small LRU
 
 
 class _LRU:
-    """A small thread-safe LRU mapping."""
+    """A small thread-safe LRU mapping. A value is made once even when several threads ask for it
+    at the same time (the others wait for it): the four planes of a frame are asked for together."""
 
     def __init__(self, size: int) -> None:
         self.size, self.d, self.lock = size, OrderedDict(), threading.Lock()
+        self.making: dict = {}  #: key -> Event of a value being made
 
     def get(self, key, make):
-        with self.lock:
-            if key in self.d:
+        while True:
+            with self.lock:
+                if key in self.d:
+                    self.d.move_to_end(key)
+                    return self.d[key]
+                busy = self.making.get(key)
+                if busy is None:
+                    done = self.making[key] = threading.Event()
+                    break
+            busy.wait()  # made by another thread (or it failed: then try ourselves)
+        try:
+            val = make()
+            with self.lock:
+                self.d[key] = val
                 self.d.move_to_end(key)
-                return self.d[key]
-        val = make()
-        with self.lock:
-            self.d[key] = val
-            self.d.move_to_end(key)
-            while len(self.d) > self.size:
-                self.d.popitem(last=False)
+                while len(self.d) > self.size:
+                    self.d.popitem(last=False)
+        finally:
+            with self.lock:
+                del self.making[key]
+            done.set()
         return val
+
+    def __contains__(self, key) -> bool:
+        with self.lock:
+            return key in self.d
 
 
 def _iso(mjd: float) -> str:
     d = _dt.datetime(1858, 11, 17) + _dt.timedelta(days=float(mjd))
     return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}"
+
+
+def _dtype(plane: str) -> str:
+    """The file dtype of a pixel plane (big-endian)."""
+    return ">i4" if plane == "FLAGS" else ">f4"
+
+
+def _understate(value: float | dict[int, float]) -> dict[int, float]:
+    """``variance_understate`` as {detector: factor} for detectors 1-6 (factors finite and > 0)."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(range(1, 7))
+        if unknown:
+            raise ValueError(f"variance_understate: detectors are 1-6, got {sorted(unknown)}")
+        out = {d: float(value.get(d, 1.0)) for d in range(1, 7)}
+    else:
+        out = dict.fromkeys(range(1, 7), float(value))
+    if not all(np.isfinite(f) and f > 0 for f in out.values()):
+        raise ValueError(f"variance_understate: factors must be finite and > 0, got {value!r}")
+    return out
 
 
 def _rebuild(seed, kwargs):
@@ -86,21 +122,26 @@ class Universe:
     '6.5.4' and the legacy PSF zone labelling; v21 files are VERSION '6.5.6', always correct);
     ``cloud_lag_fraction`` (fraction of files with ``cloud_available`` False); ``config`` (a
     ``SurveyConfig``) or keyword knobs ``deep_visits``, ``wide_visits_per_pass``, ``sources_per_field``;
-    ``cutout_pixel_base`` (0 or 1: base of ``center=...px``); ``cache_strips`` (LRU size).
+    ``cutout_pixel_base`` (0 or 1: base of ``center=...px``); ``cache_strips`` (LRU size);
+    ``variance_understate`` (a factor, or ``{detector 1-6: factor}`` with 1.0 for detectors not
+    listed): the VARIANCE plane written is the true noise variance / factor², so formal errors
+    understate the true scatter by ``factor``; IMAGE is unchanged, and 1.0 gives the same files.
     """
 
     def __init__(self, seed: int = 1, *, legacy_psf_headers: bool = False, cloud_lag_fraction: float = 0.0,
                  config: SurveyConfig | None = None, deep_visits: int | None = None,
                  wide_visits_per_pass: int | None = None, sources_per_field: int | None = None,
-                 cutout_pixel_base: int = 0, cache_strips: int = 48) -> None:
+                 cutout_pixel_base: int = 0, cache_strips: int = 48,
+                 variance_understate: float | dict[int, float] = 1.0) -> None:
         self._init_args = (seed, dict(legacy_psf_headers=legacy_psf_headers, cloud_lag_fraction=cloud_lag_fraction,
                                       config=config, deep_visits=deep_visits, wide_visits_per_pass=wide_visits_per_pass,
                                       sources_per_field=sources_per_field, cutout_pixel_base=cutout_pixel_base,
-                                      cache_strips=cache_strips))
+                                      cache_strips=cache_strips, variance_understate=variance_understate))
         self.seed = int(seed)
         self.legacy_psf_headers = bool(legacy_psf_headers)
         self.cloud_lag_fraction = float(cloud_lag_fraction)
         self.cutout_pixel_base = int(cutout_pixel_base)
+        self.variance_understate: dict[int, float] = _understate(variance_understate)
         cfg = config or SurveyConfig()
         if deep_visits is not None:
             cfg.deep_visits = int(deep_visits)
@@ -124,9 +165,10 @@ class Universe:
                                              "crota", "sps_epa", "version", "psf_key").rows(named=True)
         ra, dec = np.radians(self.sources["ra"].to_numpy()), np.radians(self.sources["dec"].to_numpy())
         self._src_vec = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
-        self._frames = _LRU(64)
+        self._frames = _LRU(256)  #: a frame keeps its source list and PSF stamps (~0.3 MB)
         self._strips = _LRU(cache_strips)
-        self._metas = _LRU(256)
+        self._metas = _LRU(1024)  #: headers, WCS and flag counts of a frame
+        self._boxes = _LRU(32)  #: boxes drawn without their strips: the other planes' requests reuse them
         self._md5: dict[str, str] = {}
 
     def __reduce__(self):  # pickles as its constructor arguments (caches hold locks)
@@ -198,7 +240,8 @@ class Universe:
             g = np.linspace(0, NPIX - 1, 9)
             gx, gy = np.meshgrid(g, g)
             return {"seed": self.seed, "obs_index": r, "det": det, "obs_id": o["obs_id"], "crval": crval,
-                    "rot": rot, "t_min": t0, "t_max": t1, "version": o["version"], "epa": o["sps_epa"],
+                    "rot": rot, "variance_understate": self.variance_understate[det], "t_min": t0, "t_max": t1,
+                    "version": o["version"], "epa": o["sps_epa"],
                     "wcs_header": wcs_header, "expidn": int(o["obs_index"]) + 100000,
                     "date": _iso(t0 + 20.0)[:19], "date_beg": _iso(t0), "date_end": _iso(t1),
                     "date_avg": _iso(0.5 * (t0 + t1)), "exptime": EXPTIME_S,
@@ -219,8 +262,21 @@ class Universe:
     def _strip(self, r: int, s: int) -> dict[str, np.ndarray]:
         def make():
             c = self._frame(r).strip(s)
-            return {k: c[k].astype(">i4" if k == "FLAGS" else ">f4") for k in hd.PLANES}
+            return {k: c[k].astype(_dtype(k)) for k in hd.PLANES}
         return self._strips.get((r, s), make)
+
+    def _box(self, r: int, box: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
+        """The pixel planes (file dtypes, big-endian) of a box (x0, y0, nx, ny): sliced from cached
+        strips when all are cached, otherwise drawn for the box alone (the same pixels)."""
+        x0, y0, nx, ny = box
+        strips = range(y0 // STRIP, (y0 + ny - 1) // STRIP + 1)
+        if all((r, s) in self._strips for s in strips):
+            return {n: self._rows(r, n, y0, y0 + ny)[:, x0:x0 + nx].astype(_dtype(n), copy=False) for n in hd.PLANES}
+
+        def draw():
+            c = self._frame(r).render(y0, y0 + ny, x0, x0 + nx)
+            return {k: c[k].astype(_dtype(k)) for k in hd.PLANES}
+        return self._boxes.get((r, box), draw) if nx * ny <= BOX_CACHE_PIXELS else draw()
 
     def _row_parts(self, r: int, name: str, r0: int, r1: int) -> list[np.ndarray]:
         parts = []
@@ -250,6 +306,11 @@ class Universe:
         if kind == "hdr":
             meta = self._full_meta(r) if hdu == "IMAGE" else self._meta(r)
             return hd.plane_header(hdu, meta)[lo:hi]
+        ra, rb = lo // ROW_BYTES, -(-hi // ROW_BYTES)
+        if rb - ra < 2 * STRIP:  # a few rows (as a fetcher reads them): draw just those rows; longer reads
+            # (a file streamed in 1 MiB pieces) go by cached strips, which all four planes share
+            raw = np.ascontiguousarray(self._box(r, (0, ra, NPIX, rb - ra))[hdu]).reshape(-1).view(np.uint8)
+            return raw[lo - ra * ROW_BYTES:hi - ra * ROW_BYTES].tobytes()
         out, sb = [], STRIP * ROW_BYTES
         for s in range(lo // sb, (hi - 1) // sb + 1):
             raw = self._strip(r, s)[hdu].reshape(-1).view(np.uint8)  # big-endian bytes, no copy
@@ -293,7 +354,7 @@ class Universe:
         r = self.row(key)
         box = self.cutout_box(key, center, size)
         x0, y0, nx, ny = box
-        planes = {n: self._rows(r, n, y0, y0 + ny) for n in hd.PLANES}
+        planes = self._box(r, box)
         ph, pd = self._psf(r)
         return cut.assemble(self._full_meta(r), planes, box, ph, pd, hd.wave_hdu(int(self._obs[r]["detector"])), gzip)
 

@@ -1,17 +1,17 @@
-"""Projection for ``adqleval``: select list, DISTINCT, aggregates, ORDER BY, TOP/OFFSET/MAXREC."""
+"""Projection for the ADQL evaluator: select list, DISTINCT, aggregates, ORDER BY, TOP/OFFSET/MAXREC."""
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 
-from .adql import AdqlError
-from .adqleval import Geo, Rel, _to_series
-from .adqlfuncs import AGGS, evaluate
+from .functions import AGGS, evaluate
+from .parser import AdqlError
+from .values import Geo, Rel, Result, to_series
 
 
 def _codes(a: np.ndarray) -> np.ndarray:
-    s = _to_series(np.asarray(a))
+    s = to_series(np.asarray(a))
     r = s.rank("dense")
     mx = (r.max() or 0) + 1
     return r.fill_null(mx).to_numpy().astype(np.int64)
@@ -30,9 +30,9 @@ def _aggregate(ev, rel, items):
             if fn == "COUNT":
                 v = np.int64(np.sum(~_null_mask(x)))
             elif fn == "COUNT_DISTINCT":
-                v = np.int64(_to_series(x).drop_nulls().n_unique())
+                v = np.int64(to_series(x).drop_nulls().n_unique())
             else:
-                s = _to_series(x)
+                s = to_series(x)
                 v = getattr(s, {"MIN": "min", "MAX": "max", "SUM": "sum", "AVG": "mean"}[fn])()
         names.append(alias or fn.lower().replace("_distinct", ""))
         arrays.append(np.array([v], dtype=object if isinstance(v, str) or v is None else None))
@@ -49,7 +49,6 @@ def _null_mask(x):
 
 
 def project(ev, q, rel: Rel, maxrec):
-    from .adqleval import Result
     items = []
     for e, alias in q.select:
         if e[0] == "star":

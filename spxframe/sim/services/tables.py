@@ -7,8 +7,10 @@ import json
 import numpy as np
 import polars as pl
 
-from . import geom
-from .adqleval import Table
+from spxframe.spherex import FULL_FILE_BYTES
+
+from ..adql import geom
+from ..adql.values import Table
 
 CLOUD_BUCKET = "nasa-irsa-spherex"
 
@@ -84,9 +86,10 @@ def build_tables(obs: pl.DataFrame, base_url: str) -> dict:
         elif c == "access_format":
             oc[c] = np.full(n, "application/x-votable+xml;content=datalink", dtype=object)
         elif c == "access_estsize":
-            oc[c] = (get("contentlength", 71634240).astype(np.int64) + 1023) // 1024
+            oc[c] = (get("contentlength", FULL_FILE_BYTES).astype(np.int64) + 1023) // 1024
         elif c == "spherex_uuid":
-            oc[c] = np.array([f"{int(p):012x}-{d}" for p, d in zip(get("planeid", 0), get("detector", 0))], dtype=object) \
+            oc[c] = np.array([f"{int(p):012x}-{d}" for p, d in zip(get("planeid", 0), get("detector", 0))],
+                             dtype=object) \
                 if "planeid" in col else np.full(n, "", dtype=object)
         elif c in ("target_name",):
             oc[c] = get(c, "")
@@ -109,7 +112,7 @@ def build_tables(obs: pl.DataFrame, base_url: str) -> dict:
     artifact = Table("spherex.artifact", {
         "planeid": col["planeid"], "uri": col["uri"],
         "contentchecksum": get("contentchecksum", ""),
-        "contentlength": get("contentlength", 71634240).astype(np.int64),
+        "contentlength": get("contentlength", FULL_FILE_BYTES).astype(np.int64),
         "contenttype": np.full(n, "application/fits", dtype=object),
         "producttype": np.full(n, "science", dtype=object),
     }, {"contentlength": META["contentlength"]}, {}, "files of SPHEREx planes")

@@ -123,12 +123,12 @@ def cutout_box(wcs, center: str, size: str, pixel_base: int = 0) -> tuple[int, i
 
 def assemble(meta: dict, planes: dict[str, np.ndarray], box: tuple[int, int, int, int],
              psf_hdr: bytes, psf_data: bytes, wave: tuple[bytes, bytes], gzip: bool = False) -> bytes:
-    """Cutout MEF bytes from the parent's rows ``planes`` (rows y0..y0+ny, all columns)."""
+    """Cutout MEF bytes from the pixel ``planes`` of the box (ny x nx each)."""
     x0, y0, nx, ny = box
     out = [hd.primary_header(meta)]
     for name in hd.PLANES:
         out.append(hd.plane_header(name, meta, x0, y0, nx, ny))
-        raw = np.ascontiguousarray(planes[name][:, x0:x0 + nx]).astype(">i4" if name == "FLAGS" else ">f4").tobytes()
+        raw = np.ascontiguousarray(planes[name]).astype(">i4" if name == "FLAGS" else ">f4").tobytes()
         out.append(raw + b"\0" * (hd.padded(len(raw)) - len(raw)))
     out += [psf_hdr, psf_data, wave[0], wave[1]]
     data = b"".join(out)

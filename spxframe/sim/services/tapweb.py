@@ -32,16 +32,26 @@ def route_tap(arc, method, path, p, files):
         return 404, {"Content-Type": "text/plain"}, f"no such job: {rest[0]}\n".encode()
     what = "/".join(rest[1:])
     if what == "":
-        if method == "DELETE" or (method == "POST" and (p.get("ACTION") or [""])[0].upper() == "DELETE"):
-            tap.delete(job.id)
-            return 303, {"Location": arc.tap_url + "/async", "Content-Type": "text/plain"}, b""
-        if "WAIT" in p:
-            try:
-                w = float(p["WAIT"][0])
-            except ValueError:
-                w = 0.0
-            job.wait(60.0 if w < 0 else min(w, 60.0))
-        return 200, {"Content-Type": "text/xml"}, job.xml()
+        return _job(arc, job, method, p)
+    return _job_resource(job, what, method, p, files)
+
+
+def _job(arc, job, method, p):
+    """/TAP/async/<job>: the job document (WAIT blocks), or DELETE."""
+    if method == "DELETE" or (method == "POST" and (p.get("ACTION") or [""])[0].upper() == "DELETE"):
+        arc.tap.delete(job.id)
+        return 303, {"Location": arc.tap_url + "/async", "Content-Type": "text/plain"}, b""
+    if "WAIT" in p:
+        try:
+            w = float(p["WAIT"][0])
+        except ValueError:
+            w = 0.0
+        job.wait(60.0 if w < 0 else min(w, 60.0))
+    return 200, {"Content-Type": "text/xml"}, job.xml()
+
+
+def _job_resource(job, what, method, p, files):
+    """/TAP/async/<job>/<what>: phase, results/result, error, parameters and the UWS attributes."""
     if what == "phase":
         if method == "POST":
             ph = (p.get("PHASE") or [""])[0].upper()

@@ -14,9 +14,10 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
+from ..adql.evaluate import Evaluator
+from ..adql.parser import AdqlError, parse
+from ..adql.values import Table
 from . import votable as vt
-from .adql import AdqlError, parse
-from .adqleval import Evaluator, Table
 
 DEFAULT_MAXREC = 5_000_000
 VOT_CT = "application/x-votable+xml"
@@ -42,7 +43,7 @@ def parse_uploads(params: dict, files: dict) -> dict:
         try:
             name, ref = item.split(",", 1)
         except ValueError:
-            raise AdqlError(f"malformed UPLOAD parameter: {item!r}")
+            raise AdqlError(f"malformed UPLOAD parameter: {item!r}") from None
         name = name.strip().lower()
         if not ref.startswith("param:"):
             raise AdqlError(f"UPLOAD by URL is not supported by this service: {ref}")
@@ -54,7 +55,7 @@ def parse_uploads(params: dict, files: dict) -> dict:
             vot = vparse(io.BytesIO(data), verify="ignore")
             tab = vot.get_first_table()
         except Exception as ex:  # noqa: BLE001
-            raise AdqlError(f"cannot parse uploaded table {name!r}: {ex}")
+            raise AdqlError(f"cannot parse uploaded table {name!r}: {ex}") from ex
         cols, meta = {}, {}
         arr = tab.array
         for f in tab.fields:
@@ -102,7 +103,7 @@ class TapService:
             try:
                 maxrec = DEFAULT_MAXREC if maxrec in (None, "") else int(maxrec)
             except ValueError:
-                raise AdqlError(f"MAXREC must be an integer: {maxrec!r}")
+                raise AdqlError(f"MAXREC must be an integer: {maxrec!r}") from None
             if maxrec < 0:
                 raise AdqlError("MAXREC must not be negative")
             tables = dict(self.tables)
@@ -233,7 +234,8 @@ class Job:
             if val is None:
                 return f'<uws:{tag} xsi:nil="true"/>'
             return f"<uws:{tag}>{escape(str(val))}</uws:{tag}>"
-        params = "".join(f"<uws:parameter id={quoteattr(k.lower())}>{escape(str(v[0] if isinstance(v, list) else v))}</uws:parameter>"
+        params = "".join(f"<uws:parameter id={quoteattr(k.lower())}>"
+                         f"{escape(str(v[0] if isinstance(v, list) else v))}</uws:parameter>"
                          for k, v in self.params.items())
         parts = [f'<?xml version="1.0" encoding="UTF-8"?>\n<uws:job {_NS} version="1.1">',
                  el("jobId", self.id), el("runId", None), el("ownerId", None), el("phase", self.phase),
@@ -309,7 +311,8 @@ def tables_xml(tables: dict) -> bytes:
     schemas: dict[str, list] = {}
     for name, t in tables.items():
         schemas.setdefault(name.split(".")[0], []).append(t)
-    out = ['<?xml version="1.0" encoding="UTF-8"?>\n<vosi:tableset xmlns:vosi="http://www.ivoa.net/xml/VOSITables/v1.0" '
+    out = ['<?xml version="1.0" encoding="UTF-8"?>\n'
+           '<vosi:tableset xmlns:vosi="http://www.ivoa.net/xml/VOSITables/v1.0" '
            'xmlns:vs="http://www.ivoa.net/xml/VODataService/v1.1" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">']
     for s, ts in schemas.items():
         out.append(f"<schema><name>{s}</name>")
@@ -319,7 +322,8 @@ def tables_xml(tables: dict) -> bytes:
                 dt, size = _datatype(np.asarray(a))
                 unit = (t.meta.get(c) or {}).get("unit")
                 out.append(f"<column><name>{c}</name>" + (f"<unit>{unit}</unit>" if unit else "")
-                           + f'<dataType xsi:type="vs:VOTableType"{" arraysize=" + quoteattr(size) if size else ""}>{dt}</dataType></column>')
+                           + f'<dataType xsi:type="vs:VOTableType"{" arraysize=" + quoteattr(size) if size else ""}>'
+                           + f'{dt}</dataType></column>')
             out.append("</table>")
         out.append("</schema>")
     out.append("</vosi:tableset>\n")

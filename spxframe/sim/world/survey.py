@@ -70,7 +70,8 @@ def _nominal_pc(theta: float) -> np.ndarray:
     return s * np.array([[-math.cos(t), math.sin(t)], [math.sin(t), math.cos(t)]])
 
 
-def pointing(target: tuple[float, float], pair: int, x_t: float, y_t: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def pointing(target: tuple[float, float], pair: int, x_t: float, y_t: float,
+             theta: float) -> tuple[np.ndarray, np.ndarray]:
     """CRVALs (6, 2) and rotations (6,) that put ``target`` near zero-based (x_t, y_t) of ``pair`` (0-2)."""
     pc = _nominal_pc(theta)
     crval = np.zeros((6, 2))
@@ -108,7 +109,8 @@ def plan_visits(seed: int, cfg: SurveyConfig) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([int(seed), 41, fi])
         deep = f["collection"].endswith("_deep")
         passes = [(0, cfg.deep_start_mjd, cfg.deep_span_days, cfg.deep_visits)] if deep else [
-            (p, f["start"] + p * PASS_SEPARATION_D, PASS_DAYS, cfg.wide_visits_per_pass) for p in range(cfg.wide_passes)]
+            (p, f["start"] + p * PASS_SEPARATION_D, PASS_DAYS, cfg.wide_visits_per_pass)
+            for p in range(cfg.wide_passes)]
         theta0 = float(rng.uniform(0, 360))
         for p, t0, span, nvis in passes:
             sizes: list[int] = []
@@ -166,7 +168,8 @@ def observations_table(seed: int, visits: dict[str, np.ndarray], cfg: SurveyConf
     verts = np.zeros((len(vi), 4, 2))
     for d in range(1, 7):
         m = det == d
-        ra, dec = ins.pix2world(seed, d, (crval[m, 0:1], crval[m, 1:2]), rot[m, None], corners[None, :, 0], corners[None, :, 1])
+        ra, dec = ins.pix2world(seed, d, (crval[m, 0:1], crval[m, 1:2]), rot[m, None], corners[None, :, 0],
+                                corners[None, :, 1])
         verts[m] = np.stack([ra, dec], axis=-1)
     t0 = visits["t_min"][vi]
     proc = np.where(t0 < V21_FROM_MJD, PROC_V20, PROC_V21)
@@ -178,7 +181,8 @@ def observations_table(seed: int, visits: dict[str, np.ndarray], cfg: SurveyConf
         "obs_collection": np.array([f["collection"] for f in cfg.fields])[fld],
         "t_min": t0, "t_max": t0 + ELAPSED_S / 86400.0, "t_mid": t0 + ELAPSED_S / 172800.0,
         "s_ra": crval[:, 0], "s_dec": crval[:, 1],
-        "s_region": ["POLYGON ICRS " + " ".join(f"{a:.6f} {d:.6f}" for a, d in np.concatenate([v, v[:1]])) for v in verts],
+        "s_region": ["POLYGON ICRS " + " ".join(f"{a:.6f} {d:.6f}" for a, d in np.concatenate([v, v[:1]]))
+                     for v in verts],
         "crota": rot, "sps_epa": visits["epa"][vi], "version": np.where(proc == PROC_V20, v20, "6.5.6"), "proc": proc,
     }
     rec = {k: (v.tolist() if isinstance(v, np.ndarray) and v.dtype.kind in "US" else v) for k, v in rec.items()}
@@ -193,7 +197,8 @@ def observations_table(seed: int, visits: dict[str, np.ndarray], cfg: SurveyConf
         pl.col("detector").cast(pl.Int8),
         pl.Series("energy_bandpassname", [f"SPHEREx-D{d}" for d in det]),
         pl.Series("spherex_detector", [f"D{d}" for d in det]),
-        pl.Series("obs_publisher_did", [f"ivo://irsa.ipac/{c}?{o}/D{d}" for c, o, d in zip(rec["obs_collection"], rec["obs_id"], det)]),
+        pl.Series("obs_publisher_did", [f"ivo://irsa.ipac/{c}?{o}/D{d}"
+                                        for c, o, d in zip(rec["obs_collection"], rec["obs_id"], det)]),
         pl.Series("obs_creator_did", [f"{o}D{d}" for o, d in zip(rec["obs_id"], det)]),
         pl.Series("obs_title", [f"{o}D{d} ({_iso(t)[:16]})" for o, d, t in zip(rec["obs_id"], det, rec["t_min"])]),
         pl.Series("planeid", np.arange(n, dtype=np.int64) + 100001),

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
 
-from . import services
-from .cutout import BadRequest
+from ..world.cutout import BadRequest
+from . import vo
 from .tap import VOT_CT, sia_capabilities_xml
 from .tapweb import route_tap
 
@@ -147,7 +147,8 @@ class Handler(BaseHTTPRequestHandler):
             code = f.draw_error(ep)
             if code is not None:
                 return self._send(code, {"Content-Type": "text/plain", "Retry-After": _ra(f)},
-                                  f"{code} {'Bad Gateway' if code == 502 else 'Service Unavailable'} (simulated)\n".encode(),
+                                  f"{code} {'Bad Gateway' if code == 502 else 'Service Unavailable'} "
+                                  "(simulated)\n".encode(),
                                   ep, fault="error")
             status, headers, body = self._route(method, path, allp, files, ep)
             self._send(status, headers, body, ep, method=method)
@@ -161,7 +162,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             try:
-                self._send(500, {"Content-Type": "text/plain"}, f"internal error: {type(ex).__name__}: {ex}\n".encode(), ep)
+                self._send(500, {"Content-Type": "text/plain"},
+                           f"internal error: {type(ex).__name__}: {ex}\n".encode(), ep)
             except OSError:
                 self.close_connection = True
         finally:
@@ -182,14 +184,14 @@ class Handler(BaseHTTPRequestHandler):
                 return route_tap(arc, method, "/TAP/availability", p, files)
             lag = arc.faults.sia_lag_days
             newest = arc.t_min_max - lag if lag > 0 else None
-            return services.sia_query(arc.tables["spherex.obscore"], arc.sia_extra, p, newest)
+            return vo.sia_query(arc.tables["spherex.obscore"], arc.sia_extra, p, newest)
         if ep == "datalink":
             if not path.rstrip("/").endswith("/links/spherex"):
                 return 404, {"Content-Type": "text/plain"}, b"no such DataLink service\n"
             ids = p.get("ID") or [""]
             i = arc.did_index.get(ids[0])
             row = arc.row(i) if i is not None else None
-            body = services.datalink(row, ids[0], arc.url, arc.cloud_url)
+            body = vo.datalink(row, ids[0], arc.url, arc.cloud_url)
             return 200, {"Content-Type": VOT_CT + ";content=datalink"}, body
         if ep in ("ibe_file", "ibe_cutout"):
             return self._ibe(method, path[len(IBE_PREFIX):], p, ep)
@@ -197,7 +199,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._cloud(method, path, p)
         if path in ("/", ""):
             return 200, {"Content-Type": "text/plain"}, (
-                b"spxframe simulated IRSA archive\n/TAP /SIA /datalink/links/spherex /ibe/data/spherex/ /nasa-irsa-spherex/\n")
+                b"spxframe simulated IRSA archive\n"
+                b"/TAP /SIA /datalink/links/spherex /ibe/data/spherex/ /nasa-irsa-spherex/\n")
         return 404, {"Content-Type": "text/plain"}, b"404 Not Found\n"
 
     def _file(self, method, key, ctype, extra=None):
@@ -280,7 +283,8 @@ class Handler(BaseHTTPRequestHandler):
                         for k in contents)
         cps = "".join(f"<CommonPrefixes><Prefix>{escape(c)}</Prefix></CommonPrefixes>" for c in prefixes)
         body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
-                f"<Name>{BUCKET}</Name><Prefix>{escape(prefix)}</Prefix><KeyCount>{len(contents) + len(prefixes)}</KeyCount>"
+                f"<Name>{BUCKET}</Name><Prefix>{escape(prefix)}</Prefix>"
+                f"<KeyCount>{len(contents) + len(prefixes)}</KeyCount>"
                 f"<MaxKeys>{maxkeys}</MaxKeys><Delimiter>{escape(delim)}</Delimiter><IsTruncated>{str(truncated).lower()}</IsTruncated>"
                 + (f"<NextContinuationToken>{escape(last)}</NextContinuationToken>" if truncated else "")
                 + items + cps + "</ListBucketResult>\n").encode()

@@ -7,9 +7,10 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from . import geom
+from ..adql import geom
+from ..adql.functions import intersects
+from ..adql.values import Circle, PolyVal, Rel
 from . import votable as vt
-from .adqleval import Circle, PolyVal, Rel
 
 VOT_CT = "application/x-votable+xml"
 
@@ -23,7 +24,7 @@ def _floats(s: str, n=None, name="") -> list[float]:
     try:
         vals = [float(t) for t in toks]
     except ValueError:
-        raise SiaError(f"{name}: cannot parse numbers in {s!r}")
+        raise SiaError(f"{name}: cannot parse numbers in {s!r}") from None
     if n is not None and len(vals) not in (n if isinstance(n, tuple) else (n,)):
         raise SiaError(f"{name}: expected {n} values, got {s!r}")
     return vals
@@ -42,7 +43,7 @@ def pos_mask(obscore, pos: str, n: int) -> np.ndarray:
     try:
         vals = [float(w) for w in words[1:]]
     except ValueError:
-        raise SiaError(f"POS: cannot parse {pos!r}")
+        raise SiaError(f"POS: cannot parse {pos!r}") from None
     polys = obscore.geoms["s_region"]
     if shape == "CIRCLE":
         if len(vals) != 3:
@@ -85,9 +86,8 @@ def pos_mask(obscore, pos: str, n: int) -> np.ndarray:
                       <= crad + polys.radius + 1e-9)[0]
     mask = np.zeros(n, bool)
     if len(cand):
-        from .adqlfuncs import _intersects
         rel = Rel({"o": (obscore, cand)}, len(cand))
-        hit = _intersects(None, rel, PolyVal(polys, cand), region, len(cand))
+        hit = intersects(None, rel, PolyVal(polys, cand), region, len(cand))
         mask[cand[np.asarray(hit, bool)]] = True
     return mask
 
@@ -172,10 +172,12 @@ def datalink(row: dict | None, did: str, base_url: str, cloud_url: str) -> bytes
             f'<PARAM name="accessURL" datatype="char" arraysize="*" value={quoteattr(ibe)}/>\n'
             '<GROUP name="inputParams">\n'
             '<PARAM name="center" datatype="char" arraysize="*" ucd="pos.eq" value="">'
-            "<DESCRIPTION>x,y[units]: ra,dec in deg (or d, rad, arcsec, arcmin) or px/pix/pixels</DESCRIPTION></PARAM>\n"
+            "<DESCRIPTION>x,y[units]: ra,dec in deg (or d, rad, arcsec, arcmin) or px/pix/pixels"
+            "</DESCRIPTION></PARAM>\n"
             '<PARAM name="size" datatype="char" arraysize="*" value="">'
             "<DESCRIPTION>x[,y][units]: px, pix, pixels, arcsec, arcmin, deg, rad (default deg)</DESCRIPTION></PARAM>\n"
-            '<PARAM name="gzip" datatype="char" arraysize="*" value="false"><DESCRIPTION>true|false</DESCRIPTION></PARAM>\n'
+            '<PARAM name="gzip" datatype="char" arraysize="*" value="false">'
+            '<DESCRIPTION>true|false</DESCRIPTION></PARAM>\n'
             "</GROUP>\n</RESOURCE>\n")
     arrays = []
     for j, f in enumerate(DATALINK_FIELDS):

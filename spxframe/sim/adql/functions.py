@@ -1,12 +1,12 @@
-"""Expression evaluation and projection for ``adqleval`` (vectorised over numpy columns)."""
+"""Expression evaluation for the ADQL evaluator (vectorised over numpy columns)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from . import geom
-from .adql import AdqlError
-from .adqleval import Circle, Geo, Point, PolyVal, Rel, like_regex
+from .parser import AdqlError
+from .values import Circle, Geo, Point, PolyVal, Rel, like_regex
 
 _MATH1 = {
     "ABS": np.abs, "SQRT": np.sqrt, "SIN": lambda x: np.sin(x), "COS": np.cos, "TAN": np.tan,
@@ -26,13 +26,13 @@ def _num(v):
         try:
             return float(v)
         except ValueError:
-            raise AdqlError(f'invalid input syntax for type double precision: "{v}"')
+            raise AdqlError(f'invalid input syntax for type double precision: "{v}"') from None
     a = np.asarray(v)
     if a.dtype == object:
         try:
             return a.astype(np.float64)
         except (TypeError, ValueError):
-            raise AdqlError("operator does not exist: character varying and numeric")
+            raise AdqlError("operator does not exist: character varying and numeric") from None
     return a
 
 
@@ -91,6 +91,7 @@ def _cmp(op, a, b, n):
 
 
 def evaluate(ev, rel: Rel, e):
+    """Value of expression tree ``e`` over the rows of ``rel`` (a scalar, a numpy column or a geometry)."""
     k = e[0]
     n = rel.n
     if k == "lit":
@@ -101,32 +102,7 @@ def evaluate(ev, rel: Rel, e):
     if k == "neg":
         return -_num(evaluate(ev, rel, e[1]))
     if k == "bin":
-        a, b = evaluate(ev, rel, e[2]), evaluate(ev, rel, e[3])
-        op = e[1]
-        if op == "||":
-            a, b = _strs(a, n), _strs(b, n)
-            if a is None or b is None:
-                return None
-            try:
-                return np.add(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
-            except TypeError:
-                aa = np.broadcast_to(np.asarray(a, dtype=object), (n,))
-                bb = np.broadcast_to(np.asarray(b, dtype=object), (n,))
-                return np.array([None if x is None or y is None else x + y for x, y in zip(aa, bb)], dtype=object)
-        a, b = _num(a), _num(b)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if op == "+":
-                return a + b
-            if op == "-":
-                return a - b
-            if op == "*":
-                return a * b
-            if op == "/":
-                if np.asarray(a).dtype.kind in "iu" and np.asarray(b).dtype.kind in "iu":
-                    return np.floor_divide(a, b)
-                return np.true_divide(a, b)
-            if op == "%":
-                return np.mod(a, b)
+        return _binary(e[1], evaluate(ev, rel, e[2]), evaluate(ev, rel, e[3]), n)
     if k == "cmp":
         return _cmp(e[1], evaluate(ev, rel, e[2]), evaluate(ev, rel, e[3]), n)
     if k == "and":
@@ -139,38 +115,8 @@ def evaluate(ev, rel: Rel, e):
         x = evaluate(ev, rel, e[1])
         r = _cmp(">=", x, evaluate(ev, rel, e[2]), n) & _cmp("<=", x, evaluate(ev, rel, e[3]), n)
         return ~r if e[4] else r
-    if k == "in":
-        x = evaluate(ev, rel, e[1])
-        r = np.zeros(n, bool)
-        for item in e[2]:
-            r = r | _cmp("=", x, evaluate(ev, rel, item), n)
-        if not e[3]:
-            return r
-        isnull = np.broadcast_to(np.asarray(x is None if not isinstance(x, np.ndarray) else
-                                            ([v is None for v in x] if x.dtype == object else
-                                             (np.isnan(x) if x.dtype.kind == "f" else False))), (n,))
-        return ~r & ~isnull
-    if k == "isnull":
-        x = evaluate(ev, rel, e[1])
-        if x is None:
-            r = np.ones(n, bool)
-        else:
-            a = np.asarray(x)
-            if a.dtype == object:
-                r = np.array([v is None for v in np.broadcast_to(a, (n,))], bool)
-            elif a.dtype.kind == "f":
-                r = np.broadcast_to(np.isnan(a), (n,))
-            else:
-                r = np.zeros(n, bool)
-        return ~r if e[2] else r
-    if k == "like":
-        x, p = evaluate(ev, rel, e[1]), evaluate(ev, rel, e[2])
-        if not isinstance(p, str):
-            raise AdqlError("LIKE needs a string pattern")
-        rx = like_regex(p, e[4])
-        xs = np.broadcast_to(np.asarray(_strs(x, n), dtype=object), (n,))
-        r = np.fromiter((v is not None and rx.match(v) is not None for v in xs), bool, count=n)
-        return ~r if e[3] else r
+    if k in _PREDICATES:
+        return _PREDICATES[k](ev, rel, e)
     if k == "func":
         return _func(ev, rel, e[1], e[2])
     if k == "star":
@@ -178,7 +124,83 @@ def evaluate(ev, rel: Rel, e):
     raise AdqlError(f"cannot evaluate {k}")
 
 
-def _geo(ev, rel, e):
+def _binary(op: str, a, b, n: int):
+    """Arithmetic (+ - * / %, integer division for integers) and string concatenation (||)."""
+    if op == "||":
+        a, b = _strs(a, n), _strs(b, n)
+        if a is None or b is None:
+            return None
+        try:
+            return np.add(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
+        except TypeError:
+            aa = np.broadcast_to(np.asarray(a, dtype=object), (n,))
+            bb = np.broadcast_to(np.asarray(b, dtype=object), (n,))
+            return np.array([None if x is None or y is None else x + y for x, y in zip(aa, bb)], dtype=object)
+    a, b = _num(a), _num(b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if op == "+":
+            return a + b
+        if op == "-":
+            return a - b
+        if op == "*":
+            return a * b
+        if op == "/":
+            if np.asarray(a).dtype.kind in "iu" and np.asarray(b).dtype.kind in "iu":
+                return np.floor_divide(a, b)
+            return np.true_divide(a, b)
+        if op == "%":
+            return np.mod(a, b)
+    return None
+
+
+def _in(ev, rel: Rel, e):
+    """x [NOT] IN (list)."""
+    n = rel.n
+    x = evaluate(ev, rel, e[1])
+    r = np.zeros(n, bool)
+    for item in e[2]:
+        r = r | _cmp("=", x, evaluate(ev, rel, item), n)
+    if not e[3]:
+        return r
+    isnull = np.broadcast_to(np.asarray(x is None if not isinstance(x, np.ndarray) else
+                                        ([v is None for v in x] if x.dtype == object else
+                                         (np.isnan(x) if x.dtype.kind == "f" else False))), (n,))
+    return ~r & ~isnull
+
+
+def _isnull(ev, rel: Rel, e):
+    """x IS [NOT] NULL."""
+    n = rel.n
+    x = evaluate(ev, rel, e[1])
+    if x is None:
+        r = np.ones(n, bool)
+    else:
+        a = np.asarray(x)
+        if a.dtype == object:
+            r = np.array([v is None for v in np.broadcast_to(a, (n,))], bool)
+        elif a.dtype.kind == "f":
+            r = np.broadcast_to(np.isnan(a), (n,))
+        else:
+            r = np.zeros(n, bool)
+    return ~r if e[2] else r
+
+
+def _like(ev, rel: Rel, e):
+    """x [NOT] LIKE / ILIKE pattern."""
+    n = rel.n
+    x, p = evaluate(ev, rel, e[1]), evaluate(ev, rel, e[2])
+    if not isinstance(p, str):
+        raise AdqlError("LIKE needs a string pattern")
+    rx = like_regex(p, e[4])
+    xs = np.broadcast_to(np.asarray(_strs(x, n), dtype=object), (n,))
+    r = np.fromiter((v is not None and rx.match(v) is not None for v in xs), bool, count=n)
+    return ~r if e[3] else r
+
+
+_PREDICATES = {"in": _in, "isnull": _isnull, "like": _like}
+
+
+def geo_value(ev, rel, e):
     if e[0] == "col":
         t, idx, name = ev.column(rel, e[1], e[2])
         if name in t.geoms:
@@ -224,7 +246,8 @@ def _contains(ev, rel, a: Geo, b: Geo, n):
     raise AdqlError(f"CONTAINS({a.kind}, {b.kind}) is not supported by this service")
 
 
-def _intersects(ev, rel, a: Geo, b: Geo, n):
+def intersects(ev, rel, a: Geo, b: Geo, n):
+    """ADQL INTERSECTS(a, b) over n rows (a point in a region is CONTAINS; ``ev`` may be None)."""
     if isinstance(a, Point):
         return _contains(ev, rel, a, b, n)
     if isinstance(b, Point):
@@ -260,93 +283,120 @@ def _intersects(ev, rel, a: Geo, b: Geo, n):
 
 
 def _func(ev, rel, name, args):
-    n = rel.n
-    if name == "POINT":
-        a = _args_no_frame(ev, rel, args)
-        if len(a) != 2:
-            raise AdqlError("POINT needs a coordinate system and two coordinates")
-        return Point(_num(evaluate(ev, rel, a[0])), _num(evaluate(ev, rel, a[1])))
-    if name == "CIRCLE":
-        a = _args_no_frame(ev, rel, args)
-        if len(a) == 2:
-            c = _geo(ev, rel, a[0])
-            return Circle(c.ra, c.dec, _num(evaluate(ev, rel, a[1])))
-        if len(a) != 3:
-            raise AdqlError("CIRCLE needs a centre and a radius")
-        return Circle(*(_num(evaluate(ev, rel, x)) for x in a))
-    if name in ("POLYGON", "BOX"):
-        a = _args_no_frame(ev, rel, args)
-        vals = []
-        for x in a:
-            v = evaluate(ev, rel, x)
-            if isinstance(v, Point):
-                vals += [_num(v.ra), _num(v.dec)]
-            else:
-                vals.append(_num(v))
-        if name == "BOX":
-            if len(vals) != 4:
-                raise AdqlError("BOX needs a centre, a width and a height")
-            ra, dec, w, h = vals
-            cosd = np.cos(np.radians(dec))
-            vals = [ra - w / 2 / cosd, dec - h / 2, ra + w / 2 / cosd, dec - h / 2,
-                    ra + w / 2 / cosd, dec + h / 2, ra - w / 2 / cosd, dec + h / 2]
-        if len(vals) < 6 or len(vals) % 2:
-            raise AdqlError("POLYGON needs at least three vertices")
-        if all(np.ndim(v) == 0 for v in vals):
-            return PolyVal(geom.Polygons([np.asarray(vals, float).reshape(-1, 2)]))
-        arr = np.stack([np.broadcast_to(np.asarray(v, float), (n,)) for v in vals], axis=1)
-        return PolyVal(geom.Polygons(arr.reshape(n, -1, 2)), np.arange(n))
-    if name in ("CONTAINS", "INTERSECTS"):
-        if len(args) != 2:
-            raise AdqlError(f"{name} needs two geometries")
-        a, b = _geo(ev, rel, args[0]), _geo(ev, rel, args[1])
-        f = _contains if name == "CONTAINS" else _intersects
-        return np.broadcast_to(np.asarray(f(ev, rel, a, b, n)), (n,)).astype(np.int64)
-    if name == "DISTANCE":
-        if len(args) == 4:
-            v = [_num(evaluate(ev, rel, x)) for x in args]
-            return geom.angdist(*v)
-        a, b = _geo(ev, rel, args[0]), _geo(ev, rel, args[1])
-        if not (isinstance(a, Point) and isinstance(b, Point)):
-            raise AdqlError("DISTANCE needs two points")
-        return geom.angdist(_num(a.ra), _num(a.dec), _num(b.ra), _num(b.dec))
-    if name in ("COORD1", "COORD2"):
-        p = _geo(ev, rel, args[0])
-        if not isinstance(p, (Point, Circle)):
-            raise AdqlError(f"{name} needs a point")
-        return p.ra if name == "COORD1" else p.dec
+    """Value of function ``name`` (geometry constructors and predicates, math, strings, CAST)."""
+    if name in _GEO_FUNCS:
+        return _GEO_FUNCS[name](ev, rel, name, args)
     if name in _MATH1:
         with np.errstate(all="ignore"):
             return _MATH1[name](_num(evaluate(ev, rel, args[0])))
     if name in ("ATAN2", "POWER", "MOD", "ROUND", "TRUNCATE"):
-        v = [_num(evaluate(ev, rel, x)) for x in args]
-        if name == "ATAN2":
-            return np.arctan2(v[0], v[1])
-        if name == "POWER":
-            return np.power(np.asarray(v[0], float), v[1])
-        if name == "MOD":
-            return np.mod(v[0], v[1])
-        d = int(v[1]) if len(v) > 1 else 0
-        return np.round(v[0], d) if name == "ROUND" else np.trunc(np.asarray(v[0]) * 10 ** d) / 10 ** d
+        return _math2(name, [_num(evaluate(ev, rel, x)) for x in args])
     if name == "PI":
         return np.pi
     if name in ("LOWER", "UPPER", "TRIM"):
-        v = _strs(evaluate(ev, rel, args[0]), n)
+        v = _strs(evaluate(ev, rel, args[0]), rel.n)
         f = {"LOWER": str.lower, "UPPER": str.upper, "TRIM": str.strip}[name]
         if isinstance(v, str) or v is None:
             return None if v is None else f(v)
         return np.array([None if s is None else f(s) for s in v], dtype=object)
     if name.startswith("CAST_"):
-        typ = name[5:]
-        v = evaluate(ev, rel, args[0])
-        if typ in ("VARCHAR", "CHAR", "CHARACTER", "TEXT"):
-            return _strs(v, n)
-        x = _num(v)
-        if typ in ("INTEGER", "INT", "BIGINT", "SMALLINT"):
-            return np.trunc(x).astype(np.int64) if np.all(np.isfinite(x)) else np.trunc(x)
-        if typ in ("DOUBLE", "REAL", "FLOAT", "NUMERIC", "DECIMAL"):
-            return np.asarray(x, dtype=np.float64)
-        raise AdqlError(f"CAST to {typ.lower()} is not supported by this service")
+        return _cast(name[5:], evaluate(ev, rel, args[0]), rel.n)
     if name in AGGS:
         raise AdqlError(f"aggregate function {name.lower()} is only allowed in the select list")
     raise AdqlError(f"function {name.lower()} does not exist")
+
+
+def _math2(name: str, v: list):
+    """ATAN2, POWER, MOD, ROUND, TRUNCATE of evaluated numeric arguments ``v``."""
+    if name == "ATAN2":
+        return np.arctan2(v[0], v[1])
+    if name == "POWER":
+        return np.power(np.asarray(v[0], float), v[1])
+    if name == "MOD":
+        return np.mod(v[0], v[1])
+    d = int(v[1]) if len(v) > 1 else 0
+    return np.round(v[0], d) if name == "ROUND" else np.trunc(np.asarray(v[0]) * 10 ** d) / 10 ** d
+
+
+def _cast(typ: str, v, n: int):
+    """CAST(v AS typ)."""
+    if typ in ("VARCHAR", "CHAR", "CHARACTER", "TEXT"):
+        return _strs(v, n)
+    x = _num(v)
+    if typ in ("INTEGER", "INT", "BIGINT", "SMALLINT"):
+        return np.trunc(x).astype(np.int64) if np.all(np.isfinite(x)) else np.trunc(x)
+    if typ in ("DOUBLE", "REAL", "FLOAT", "NUMERIC", "DECIMAL"):
+        return np.asarray(x, dtype=np.float64)
+    raise AdqlError(f"CAST to {typ.lower()} is not supported by this service")
+
+
+def _point(ev, rel, name, args):
+    a = _args_no_frame(ev, rel, args)
+    if len(a) != 2:
+        raise AdqlError("POINT needs a coordinate system and two coordinates")
+    return Point(_num(evaluate(ev, rel, a[0])), _num(evaluate(ev, rel, a[1])))
+
+
+def _circle(ev, rel, name, args):
+    a = _args_no_frame(ev, rel, args)
+    if len(a) == 2:
+        c = geo_value(ev, rel, a[0])
+        return Circle(c.ra, c.dec, _num(evaluate(ev, rel, a[1])))
+    if len(a) != 3:
+        raise AdqlError("CIRCLE needs a centre and a radius")
+    return Circle(*(_num(evaluate(ev, rel, x)) for x in a))
+
+
+def _polygon(ev, rel, name, args):
+    """POLYGON(vertices or points) and BOX(centre, width, height)."""
+    n = rel.n
+    vals = []
+    for x in _args_no_frame(ev, rel, args):
+        v = evaluate(ev, rel, x)
+        if isinstance(v, Point):
+            vals += [_num(v.ra), _num(v.dec)]
+        else:
+            vals.append(_num(v))
+    if name == "BOX":
+        if len(vals) != 4:
+            raise AdqlError("BOX needs a centre, a width and a height")
+        ra, dec, w, h = vals
+        cosd = np.cos(np.radians(dec))
+        vals = [ra - w / 2 / cosd, dec - h / 2, ra + w / 2 / cosd, dec - h / 2,
+                ra + w / 2 / cosd, dec + h / 2, ra - w / 2 / cosd, dec + h / 2]
+    if len(vals) < 6 or len(vals) % 2:
+        raise AdqlError("POLYGON needs at least three vertices")
+    if all(np.ndim(v) == 0 for v in vals):
+        return PolyVal(geom.Polygons([np.asarray(vals, float).reshape(-1, 2)]))
+    arr = np.stack([np.broadcast_to(np.asarray(v, float), (n,)) for v in vals], axis=1)
+    return PolyVal(geom.Polygons(arr.reshape(n, -1, 2)), np.arange(n))
+
+
+def _predicate(ev, rel, name, args):
+    """CONTAINS / INTERSECTS as 0/1 integers."""
+    if len(args) != 2:
+        raise AdqlError(f"{name} needs two geometries")
+    a, b = geo_value(ev, rel, args[0]), geo_value(ev, rel, args[1])
+    f = _contains if name == "CONTAINS" else intersects
+    return np.broadcast_to(np.asarray(f(ev, rel, a, b, rel.n)), (rel.n,)).astype(np.int64)
+
+
+def _distance(ev, rel, name, args):
+    if len(args) == 4:
+        v = [_num(evaluate(ev, rel, x)) for x in args]
+        return geom.angdist(*v)
+    a, b = geo_value(ev, rel, args[0]), geo_value(ev, rel, args[1])
+    if not (isinstance(a, Point) and isinstance(b, Point)):
+        raise AdqlError("DISTANCE needs two points")
+    return geom.angdist(_num(a.ra), _num(a.dec), _num(b.ra), _num(b.dec))
+
+
+def _coord(ev, rel, name, args):
+    p = geo_value(ev, rel, args[0])
+    if not isinstance(p, (Point, Circle)):
+        raise AdqlError(f"{name} needs a point")
+    return p.ra if name == "COORD1" else p.dec
+
+
+_GEO_FUNCS = {"POINT": _point, "CIRCLE": _circle, "POLYGON": _polygon, "BOX": _polygon, "CONTAINS": _predicate,
+              "INTERSECTS": _predicate, "DISTANCE": _distance, "COORD1": _coord, "COORD2": _coord}

@@ -4,7 +4,7 @@ Everything here is a pure function of ``(seed, detector)`` (optics and calibrati
 detector) or of a frame's parameters. Units: pixels are **zero-based** unless a name says
 ``1-based``; angles in degrees; wavelengths in µm; surface brightness in MJy/sr.
 
-Only ``spxframe.schema`` constants are shared with the client.
+Only ``spxframe.spherex`` constants are shared with the client.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def tan_project(ra0, dec0, ra, dec) -> tuple[np.ndarray, np.ndarray]:
     return np.degrees(xi), np.degrees(eta)
 
 
-def pix2world(seed: int, det: int, crval: tuple, theta_deg, x0: np.ndarray, y0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pix2world(seed: int, det: int, crval: tuple, theta_deg, x0: np.ndarray,
+              y0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """TAN-SIP pixel → sky in plain numpy (zero-based pixels), identical to astropy ``all_pix2world``.
 
     ``crval`` = (ra, dec) and ``theta_deg`` may be arrays broadcasting against the pixels.

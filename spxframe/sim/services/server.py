@@ -144,7 +144,7 @@ def serve(seed: int = 1, faults: Faults | None = None, port: int = 0, universe=N
     if universe is not None and universe_kwargs:
         raise TypeError(f"serve(): universe given, so {sorted(universe_kwargs)} cannot be applied")
     if universe is None:
-        from .universe import Universe
+        from ..world.universe import Universe
         universe = Universe(seed=seed, **universe_kwargs)
     return Archive(universe, faults, port)
 

@@ -14,13 +14,21 @@ from functools import lru_cache
 import numpy as np
 from astropy.io import fits
 
-from spxframe.spherex import FLAG_BITS, FULL_FILE_BYTES, NPIX, PSF_OVERSAMP, PSF_SHAPE, PSF_ZONES_PER_SIDE
+from spxframe.spherex import (
+    BLOCK,
+    FLAG_BITS,
+    FULL_FILE_BYTES,
+    NPIX,
+    PLANE_HDUS,
+    PSF_OVERSAMP,
+    PSF_SHAPE,
+    PSF_ZONES_PER_SIDE,
+)
 
 from . import instrument as ins
 
-BLOCK = 2880
 HDR_BLOCKS: dict[str, int] = {"PRIMARY": 1, "IMAGE": 7, "FLAGS": 5, "VARIANCE": 4, "ZODI": 4, "PSF": 15, "WCS-WAVE": 1}
-PLANES: tuple[str, ...] = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
+PLANES: tuple[str, ...] = PLANE_HDUS
 PSF_DATA_BYTES = int(np.prod(PSF_SHAPE)) * 4
 #: flags counted by the IMAGE ``L2 N_<FLAG>`` cards (14: all but PHANTOM and REFERENCE)
 COUNTED_FLAGS: tuple[str, ...] = tuple(n for n in FLAG_BITS if n not in ("PHANTOM", "REFERENCE"))
@@ -31,9 +39,22 @@ def padded(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
+@lru_cache(maxsize=1 << 16, typed=True)
+def _card_image(key: str, value, comment: str) -> str:
+    return fits.Card(key, value, comment).image
+
+
+def card_image(key: str, value, comment: str) -> str:
+    """The 80-character card image (astropy's formatting; repeated cards come from a cache keyed by
+    type and value, except float zeros, whose sign the cache could not tell apart)."""
+    if isinstance(value, float) and value == 0.0:
+        return fits.Card(key, value, comment).image
+    return _card_image(key, value, comment)
+
+
 def card_block(cards: list[tuple[str, object, str]], nblocks: int) -> bytes:
     """Cards → header bytes of exactly ``nblocks`` blocks (blank cards before a final END)."""
-    body = "".join(fits.Card(k, v, c).image for k, v, c in cards)
+    body = "".join(card_image(k, v, c) for k, v, c in cards)
     ncard = len(body) // 80
     room = nblocks * 36 - 1
     if ncard > room:
@@ -73,7 +94,8 @@ def primary_header(meta: dict) -> bytes:
 
 def wave_cards(x0: int, y0: int) -> list[tuple[str, object, str]]:
     """The ``W`` alternate WCS (spec §3.3 recipe) for a box starting at zero-based (x0, y0)."""
-    cards: list[tuple[str, object, str]] = [("WCSAXESW", 2, ""), ("WCSNAMEW", "WAVELENGTH", "spectral lookup in WCS-WAVE")]
+    cards: list[tuple[str, object, str]] = [("WCSAXESW", 2, ""),
+                                            ("WCSNAMEW", "WAVELENGTH", "spectral lookup in WCS-WAVE")]
     for i, (ctype, cname, idx) in enumerate((("WAVE-TAB", "Wavelength", "X"), ("WAVE-TAB", "Bandwidth", "Y")), 1):
         cards += [(f"CTYPE{i}W", ctype, ""), (f"CNAME{i}W", cname, ""), (f"CUNIT{i}W", "um", ""),
                   (f"PS{i}_0W", "WCS-WAVE", "table extension"), (f"PV{i}_1W", 1, "EXTVER"),
@@ -102,7 +124,8 @@ def plane_header(name: str, meta: dict, x0: int = 0, y0: int = 0, nx: int = NPIX
             ("DATE-END", meta["date_end"], ""), ("DATE-AVG", meta["date_avg"], "mid-exposure (UTC)"),
             ("MJD-OBS", t0, "[d] exposure start, MJD (UTC)"), ("MJD-BEG", t0, "[d]"), ("MJD-END", t1, "[d]"),
             ("MJD-AVG", (t0 + t1) / 2.0, "[d] mid-exposure"), ("TIMESYS", "UTC", ""),
-            ("XPOSURE", meta["exptime"], "[s] exposure time"), ("PSF_FWHM", meta["psf_fwhm"], "[arcsec] median PSF FWHM"),
+            ("XPOSURE", meta["exptime"], "[s] exposure time"),
+            ("PSF_FWHM", meta["psf_fwhm"], "[arcsec] median PSF FWHM"),
             ("X_SC", meta["sc"][0], "[km] spacecraft position"), ("Y_SC", meta["sc"][1], "[km]"),
             ("Z_SC", meta["sc"][2], "[km]"), ("VX_SC", meta["sc"][3], "[km/s] spacecraft velocity"),
             ("VY_SC", meta["sc"][4], "[km/s]"), ("VZ_SC", meta["sc"][5], "[km/s]"),
@@ -134,7 +157,8 @@ def psf_header(det: int, version: str, legacy: bool) -> bytes:
         ("OVERSAMP", PSF_OVERSAMP, "PSF pixels per detector pixel"), ("PSFPIXSC", 0.615, "[arcsec] PSF pixel"),
         ("NZONES", n * n, "number of PSF zones"), ("NZONEX", n, ""), ("NZONEY", n, ""),
         ("PSFNORM", "SUM", "each plane sums to 1"), ("PSFCTR", 51, "1-based PSF pixel of the source position"),
-        ("FWHMMED", ins.median_fwhm(det), "[arcsec] median core FWHM"), ("COMMENT", "zone centres: 0-based parent pixels", ""),
+        ("FWHMMED", ins.median_fwhm(det), "[arcsec] median core FWHM"),
+        ("COMMENT", "zone centres: 0-based parent pixels", ""),
         ("COMMENT", "plane k = iy*11 + ix + 1 (x fastest)" if not legacy else "legacy zone labelling", "")]
     c = ins.zone_centers()
     for k in range(1, n * n + 1):

@@ -112,10 +112,12 @@ def main(argv=None) -> int:
         for n in sizes:
             cat = patch(u, n)
             for m in ([] if a.dask_only else methods):
-                rows.append({"sources": cat.height, "access": m, "dask": False, **run_one(archive, cat, m, False, a.cell_order)})
+                rows.append({"sources": cat.height, "access": m, "dask": False,
+                             **run_one(archive, cat, m, False, a.cell_order)})
                 print(rows[-1], flush=True)
             if a.dask or a.dask_only:
-                rows.append({"sources": cat.height, "access": "auto", "dask": True, **run_one(archive, cat, "auto", True, a.cell_order)})
+                rows.append({"sources": cat.height, "access": "auto", "dask": True,
+                             **run_one(archive, cat, "auto", True, a.cell_order)})
                 print(rows[-1], flush=True)
         for n in [int(x) for x in a.scaling.split(",") if x]:
             cat = patch(u, n)

@@ -84,8 +84,9 @@ def accuracy(u, sid, flux, err, wav, mjd) -> dict:
     pull = (f - true) / e
     med = float(np.median(pull)) if pull.size else float("nan")
     bright = true > 30 * e
-    return {"n": int(ok.sum()), "bias": float(np.median(f[bright] / true[bright] - 1)) if bright.any() else float("nan"),
-            "pull_median": med, "pull_width": float(1.4826 * np.median(np.abs(pull - med))) if pull.size else float("nan")}
+    bias = float(np.median(f[bright] / true[bright] - 1)) if bright.any() else float("nan")
+    width = float(1.4826 * np.median(np.abs(pull - med))) if pull.size else float("nan")
+    return {"n": int(ok.sum()), "bias": bias, "pull_median": med, "pull_width": width}
 
 
 def main(argv=None) -> int:
@@ -165,7 +166,8 @@ def _run(a, n: int, py: str, u, tmp: str) -> int:
     print(f"{'':22s}{'ms/file':>9s}{'rows':>7s}{'bias':>9s}{'pull med':>10s}{'pull width':>12s}")
     for name, t, acc, rows in (("spxframe.measure", t_spx, acc_spx, phot.height),
                                ("SPXQuery 0.4.1", t_q, acc_q, len(got))):
-        print(f"{name:22s}{1e3 * t / n:9.2f}{rows:7d}{acc['bias']:+9.3f}{acc['pull_median']:+10.2f}{acc['pull_width']:12.2f}")
+        print(f"{name:22s}{1e3 * t / n:9.2f}{rows:7d}{acc['bias']:+9.3f}{acc['pull_median']:+10.2f}"
+              f"{acc['pull_width']:12.2f}")
     print(f"\nspeed ratio SPXQuery / spxframe per file: {t_q / t_spx:.1f}x")
     print(f"SPXQuery returned no measurement for {n - len(got)} of {n} files")
     return 0

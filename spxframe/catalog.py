@@ -100,7 +100,8 @@ def _suggest(missing: str, columns: list[str]) -> str:
     lower = {c.lower(): c for c in columns}
     for cand in (missing, *_SYNONYMS.get(missing, ())):
         if cand in lower:
-            return f" (found {lower[cand]!r}: rename it to {missing!r}, e.g. df.rename({{{lower[cand]!r}: {missing!r}}}))"
+            found = lower[cand]
+            return f" (found {found!r}: rename it to {missing!r}, e.g. df.rename({{{found!r}: {missing!r}}}))"
     return ""
 
 

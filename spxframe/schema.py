@@ -37,7 +37,8 @@ class QcBit:
 
 QC_BITS: tuple[QcBit, ...] = (
     QcBit(0, "OFF_FILE", "the source position is outside this file's pixels; flux is NaN"),
-    QcBit(1, "APERTURE_EDGE", "the aperture crosses the file (cutout or detector) edge; missing pixels corrected by the PSF"),
+    QcBit(1, "APERTURE_EDGE",
+          "the aperture crosses the file (cutout or detector) edge; missing pixels corrected by the PSF"),
     QcBit(2, "MASKED_FRACTION", "more than max_masked_fraction of the PSF-weighted aperture is masked; flux NaN"),
     QcBit(3, "FEW_BACKGROUND", "too few unmasked background pixels; background taken from the ZODI plane only"),
     QcBit(4, "NAN_VARIANCE", "at least one aperture pixel had NaN variance and was masked"),
@@ -150,7 +151,8 @@ MANIFEST = Table(
         C("box_ny", I32, "pix", "planned box height (after clipping to the detector)"),
         C("clipped", BOOL, None, "the requested box was clipped at the detector edge"),
         C("psf_key", STR, None, "cache key of the PSF cube (detector + calibration version) for range reads"),
-        C("predicted_bytes", I64, "byte", "predicted transfer size of this row's request (shared requests counted once per request_id)"),
+        C("predicted_bytes", I64, "byte", "predicted transfer size of this row's request "
+                                              "(shared requests counted once per request_id)"),
         C("path", STR, None, "local file path once fetched"),
         C("status", STR, None, "planned | done | failed"),
         C("bytes", I64, "byte", "bytes transferred for the request"),
@@ -168,7 +170,8 @@ PHOTOMETRY = Table(
         C("detector", I8, None, "detector number 1-6"),
         C("band", STR, None, "D1..D6"),
         C("mjd", F64, "d", "mid-exposure time, MJD (UTC)"),
-        C("bjd_tdb", F64, "d", "barycentric mid-exposure time, BJD (TDB); from the spacecraft position X_SC/Y_SC/Z_SC when in the header, else from the Earth's position"),
+        C("bjd_tdb", F64, "d", "barycentric mid-exposure time, BJD (TDB); from the spacecraft position "
+                                "X_SC/Y_SC/Z_SC when in the header, else from the Earth's position"),
         C("wavelength", F64, "um", "central wavelength at the source's parent pixel (WCS-WAVE)"),
         C("bandwidth", F64, "um", "bandwidth at the source's parent pixel (WCS-WAVE)"),
         C("x", F64, "pix", "zero-based x of the source in the measured file"),

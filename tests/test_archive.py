@@ -35,7 +35,8 @@ def _truth_frames(universe, cat: pl.DataFrame) -> set[tuple[int, str, int]]:
     for oid, det, ora, odec in universe.observations.select("obs_id", "detector", "s_ra", "s_dec").iter_rows():
         # only sources within 3 deg of the frame centre (the detector is 3.5 deg wide; the sim's
         # truth_pixel can return spurious on-detector SIP solutions for sources tens of degrees away)
-        cosd = np.sin(dec) * np.sin(np.radians(odec)) + np.cos(dec) * np.cos(np.radians(odec)) * np.cos(ra - np.radians(ora))
+        cosd = (np.sin(dec) * np.sin(np.radians(odec))
+                + np.cos(dec) * np.cos(np.radians(odec)) * np.cos(ra - np.radians(ora)))
         near = cosd > np.cos(np.radians(3.0))
         if not near.any():
             continue

@@ -158,8 +158,8 @@ def test_interrupted_run_completes_with_identical_results(archive, universe, tmp
     ref = spxframe.lightcurves(cat, "200px", archive=archive, output_dir=tmp_path / "ref",
                                progress=False, plots=0, cell_order=10)
     out = tmp_path / "killed"
-    code = ("import spxframe, polars as pl; spxframe.lightcurves(pl.read_parquet(%r), '200px', archive=%r, "
-            "output_dir=%r, progress=False, plots=0, cell_order=10)" % (str(cat_path), archive.url, str(out)))
+    code = (f"import spxframe, polars as pl; spxframe.lightcurves(pl.read_parquet({str(cat_path)!r}), '200px', "
+            f"archive={archive.url!r}, output_dir={str(out)!r}, progress=False, plots=0, cell_order=10)")
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

@@ -39,7 +39,8 @@ def truth(universe, field_cat) -> dict:
     ra, dec = np.radians(field_cat["ra"].to_numpy()), np.radians(field_cat["dec"].to_numpy())
     out = {}
     for oid, det, ora, odec in universe.observations.select("obs_id", "detector", "s_ra", "s_dec").iter_rows():
-        cosd = np.sin(dec) * np.sin(np.radians(odec)) + np.cos(dec) * np.cos(np.radians(odec)) * np.cos(ra - np.radians(ora))
+        cosd = (np.sin(dec) * np.sin(np.radians(odec))
+                + np.cos(dec) * np.cos(np.radians(odec)) * np.cos(ra - np.radians(ora)))
         near = cosd > np.cos(np.radians(3.0))
         if near.any():
             x, y = universe.truth_pixel(ids[near], oid, det)
@@ -115,7 +116,8 @@ def test_image_access_fixes_the_method_of_listed_images(field_cat, field_obs, ar
     assert (got["n"] == 1).all()
     j = got.join(flip, on=["obs_id", "detector"], suffix="_want")
     assert j.height == 3 and (j["access"] == j["access_want"]).all()
-    rest = got.join(flip, on=["obs_id", "detector"], how="anti").join(per_img, on=["obs_id", "detector"], suffix="_free")
+    rest = got.join(flip, on=["obs_id", "detector"], how="anti") \
+        .join(per_img, on=["obs_id", "detector"], suffix="_free")
     assert (rest["access"] == rest["access_free"]).all()
     assert fixed.sort("source_id", "obs_id", "detector").select("source_id", "obs_id", "detector").equals(
         free.sort("source_id", "obs_id", "detector").select("source_id", "obs_id", "detector"))
@@ -140,7 +142,8 @@ def test_forced_methods(field_cat, field_obs, archive):
         m = plan(field_cat, obs, matches=matches, access=access, archive=archive).manifest
         expect = {access, "cutout"} if access == "range" else {access}
         assert set(m["access"]) <= expect
-    r = plan(field_cat, obs, matches=matches, access="range", archive=archive).manifest.filter(pl.col("access") == "range")
+    r = plan(field_cat, obs, matches=matches, access="range", archive=archive).manifest \
+        .filter(pl.col("access") == "range")
     assert r["url"].str.starts_with(archive.cloud_url + "/qr2/level2/").all()
     for row in r.head(20).iter_rows(named=True):  # ranges hold the box rows of every plane
         rng = json.loads(row["ranges"])
@@ -180,7 +183,8 @@ def test_cutout_urls_accepted_by_ibe(field_cat, field_obs, archive):
 
 def test_cutout_center_option(field_cat, field_obs):
     obs, matches = field_obs
-    m = plan(field_cat, obs, matches=matches, cutout_center="1020,1020px", cutout_size="100px", access="cutout").manifest
+    m = plan(field_cat, obs, matches=matches, cutout_center="1020,1020px", cutout_size="100px",
+             access="cutout").manifest
     planned = m.filter(pl.col("status") == "planned")
     assert (planned["box_x0"] == 971).all() and (planned["box_nx"] == 100).all()
 

@@ -120,7 +120,7 @@ def test_center_rad_and_str():
     assert str(parse_cutout_center("10.5,-3")) == "10.5,-3"
     assert str(parse_cutout_center("1020,1020px")) == "1020,1020px"
     with pytest.raises(AttributeError):
-        parse_cutout_center("1,2px").ra
+        _ = parse_cutout_center("1,2px").ra
 
 
 @pytest.mark.parametrize("text, words", [

@@ -345,7 +345,8 @@ def observations(
     ``"auto"``: regions holding >= ``region_threshold`` sources are queried by region (each frame
     comes back once instead of once per source), the others are uploaded;
     ``edge_margin_px``: keep sources up to this far (px) outside a footprint polygon (0: trust the
-    archive's polygon test, the CONTRACTS.md query shape); ``max_sources_per_query`` upload chunk size; ``maxrec`` rows per query before splitting;
+    archive's polygon test, the CONTRACTS.md query shape); ``max_sources_per_query`` upload chunk
+    size; ``maxrec`` rows per query before splitting;
     ``region_size_deg`` sky-region size (deg); ``timeout`` seconds per HTTP request; ``retries``
     per query; ``backoff`` first retry delay (s); ``mode`` ``"auto"`` (sync, switching to async
     UWS jobs after a sync timeout), ``"sync"`` or ``"async"``; ``workers`` concurrent TAP queries.
@@ -389,8 +390,8 @@ def observations(
             raise
         log.warning("TAP upload query failed (%s); falling back to sky-region queries", exc)
         up_parts, dense = [], np.ones(len(ra), bool)
-    _parallel(workers, [lambda m=dense & (lab == region): _run_region(tap, ra[m], dec[m], bands, time, cols, region_parts,
-                                                                  region_size_deg)
+    _parallel(workers, [lambda m=dense & (lab == region): _run_region(tap, ra[m], dec[m], bands, time, cols,
+                                                                      region_parts, region_size_deg)
                         for region in np.unique(lab[dense])])
     ids = cat["source_id"]  # the catalog's dtype, kept
     up_parts = [p for p in up_parts if p.height]

@@ -87,7 +87,8 @@ def _pairs(cat: pl.DataFrame, obs: pl.DataFrame, fp: Footprints, matches, margin
     if matches is not None:
         key = obs.select("obs_id", "detector").with_row_index("_fi")
         id_dtype = cat.schema["source_id"]
-        m = (matches.select(pl.col("source_id").cast(id_dtype, strict=False), "obs_id", pl.col("detector").cast(pl.Int8))
+        m = (matches.select(pl.col("source_id").cast(id_dtype, strict=False), "obs_id",
+                            pl.col("detector").cast(pl.Int8))
              .join(cat.select("source_id").with_row_index("_si"), on="source_id")
              .join(key, on=["obs_id", "detector"]).unique(["_si", "_fi"]))
         si, fi = m["_si"].to_numpy().astype(np.int64), m["_fi"].to_numpy().astype(np.int64)

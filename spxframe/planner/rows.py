@@ -125,7 +125,8 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
         pl.Series("_cb", cutout_bytes(x1 - x0, y1 - y0)),
         (pl.col("_ckey") != "").alias("_cloud"), pl.col("psf_key").alias("_psf"))
     bad = base.filter(~pl.col("_ok")).with_columns(
-        pl.lit("cutout").alias("access"), pl.lit("failed").alias("status"), pl.lit(0, pl.Int64).alias("predicted_bytes"),
+        pl.lit("cutout").alias("access"), pl.lit("failed").alias("status"),
+        pl.lit(0, pl.Int64).alias("predicted_bytes"),
         pl.lit("cutout box does not overlap the detector (cutout_center off this image)").alias("error"))
     good = base.filter(pl.col("_ok"))
     choice = _choose(good, access, cost, forced)
@@ -177,7 +178,8 @@ def _shared(df: pl.DataFrame, fp: Footprints) -> pl.DataFrame:
         (_image_prefix() + pl.lit(":cutout:shared")).alias("request_id"),
         *_box_cols(pl.col("bx0"), pl.col("by0"), pl.col("bx1") - pl.col("bx0"), pl.col("by1") - pl.col("by0")),
         pl.Series("clipped", clip),
-        pl.Series("predicted_bytes", cutout_bytes((df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy())),
+        pl.Series("predicted_bytes",
+                  cutout_bytes((df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy())),
         pl.lit("").alias("ranges"), pl.lit("planned").alias("status"))
 
 

@@ -1,6 +1,7 @@
 """Good-data selection and the per-source spectral model fitted to all of a source's visits.
 
-``prepare(phot)`` keeps the rows that are data (the run's good-data mask, :func:`spxframe.schema.good_mask`) and sorts them by source;
+``prepare(phot)`` keeps the rows that are data (the run's good-data mask,
+:func:`spxframe.schema.good_mask`) and sorts them by source;
 ``fit(prep, scale, mode)`` fits every source's spectral model (:mod:`spxframe.science.kernels`)
 with the formal errors multiplied by a per-row error scale and returns the per-source χ² and the
 per-row model and leverage.

@@ -51,6 +51,10 @@ def _lightcurves_parser(sub) -> None:
     lc.add_argument("--bands", default=None, metavar="D1,D2",
                     help="comma-separated detectors, e.g. D1,D2 (default: all six)")
     lc.add_argument("--time", default=None, metavar="MJD0,MJD1", help="MJD range 'start,end' (UTC) (default: all)")
+    lc.add_argument("--releases", default=None, metavar="QR2,QR3",
+                    help="archive releases to read, e.g. qr2 (default: every release this version reads)")
+    lc.add_argument("--refresh", action="store_true",
+                    help="query the archive again even if OUT holds a recent observations table")
     lc.add_argument("--archive", default=None, metavar="URL",
                     help="archive base URL (default: IRSA; e.g. the URL `spxframe sim serve` prints)")
     lc.add_argument("--access", default="auto", choices=["auto", "cutout", "range", "full"],
@@ -131,8 +135,10 @@ def _lightcurves(a: argparse.Namespace) -> int:
     time = _split("--time", a.time, float)
     if time is not None and len(time) != 2:
         raise ValueError(f"--time {a.time!r}: expected 'start,end' in MJD")
+    releases = _split("--releases", a.releases)
     phot = spxframe.lightcurves(a.catalog, size, cutout_center=a.cutout_center, bands=_split("--bands", a.bands),
                                 time=tuple(time) if time else None, access=a.access, output_dir=a.out,
+                                releases=[r.lower() for r in releases] if releases else None, refresh=a.refresh,
                                 cache_dir=a.cache_dir, archive=a.archive, progress=not a.no_progress,
                                 aperture_radius=a.aperture_radius, max_concurrency=a.max_concurrency, plots=a.plots)
     n_ok = phot.filter(phot["flux"].is_not_nan()).height if phot.height else 0

@@ -39,14 +39,15 @@ QC_BITS: tuple[QcBit, ...] = (
     QcBit(0, "OFF_FILE", "the source position is outside this file's pixels; flux is NaN"),
     QcBit(1, "APERTURE_EDGE",
           "the aperture crosses the file (cutout or detector) edge; missing pixels corrected by the PSF"),
-    QcBit(2, "MASKED_FRACTION", "more than max_masked_fraction of the PSF-weighted aperture is masked; flux NaN"),
+    QcBit(2, "MASKED_FRACTION", "less than 1 - max_masked_fraction of the PSF-weighted aperture is usable "
+          "(masked, off the file, or a saturated core); flux NaN"),
     QcBit(3, "FEW_BACKGROUND", "too few unmasked background pixels; background taken from the ZODI plane only"),
     QcBit(4, "NAN_VARIANCE", "at least one aperture pixel had NaN variance and was masked"),
     QcBit(5, "LEGACY_PSF_HEADER", "PSF zone cards in the legacy (VERSION 6.4-6.5.5, no +psffix1) order; corrected"),
     QcBit(6, "NONPOSITIVE_FLUX", "flux <= 0: the measurement is kept, mag_ab is NaN"),
     QcBit(7, "CUTOUT_CLIPPED", "the cutout was clipped at the detector edge (smaller than requested)"),
     QcBit(8, "FETCH_FAILED", "the file could not be fetched; flux is NaN (see manifest error)"),
-    QcBit(9, "SATURATED", "an aperture pixel carries OVERFLOW (bit 1)"),
+    QcBit(9, "SATURATED", "an aperture pixel carries OVERFLOW (bit 1) or BLOOM (bit 26)"),
     QcBit(10, "NO_PSF", "no usable PSF zone; aperture correction is NaN and flux NaN"),
     QcBit(11, "READ_ERROR", "the file could not be read or is not a SPHEREx L2 file; flux is NaN"),
 )

@@ -24,7 +24,8 @@ photutils = pytest.importorskip("photutils.aperture")
 
 def _gauss_plane(n: int = 101, sigma: float = 4.0, dx: float = 0.0) -> np.ndarray:
     y, x = np.mgrid[0:n, 0:n] - (n - 1) / 2
-    return np.exp(-((x - dx) ** 2 + y ** 2) / (2 * sigma ** 2)) + 0.02 * np.exp(-(x ** 2 + y ** 2) / (2 * (3 * sigma) ** 2))
+    return (np.exp(-((x - dx) ** 2 + y ** 2) / (2 * sigma ** 2))
+            + 0.02 * np.exp(-(x ** 2 + y ** 2) / (2 * (3 * sigma) ** 2)))
 
 
 def test_circle_rect_area_vs_quadrature():

@@ -22,12 +22,18 @@ QC = schema.QC
 BOX = 400  #: side of the test cutouts, px
 
 
+def _qr2_universe(**kw):
+    """The simulated universe (seed 1) with its QR2 release only: these files and figures assume a
+    QR2-only sky (with QR3 the QR2 pixels move to the pre-R7 gains)."""
+    from spxframe.sim import Universe
+
+    return Universe(seed=1, releases=("qr2",), **kw)
+
+
 @pytest.fixture(scope="module")
 def universe():
     """The simulated universe (seed 1); module-local so the tests do not need a running server."""
-    from spxframe.sim import Universe
-
-    return Universe(seed=1)
+    return _qr2_universe()
 
 
 def _stub(src: str, cache: str, name: str) -> str:
@@ -193,9 +199,7 @@ def test_bjd_against_astropy(measured):
 
 
 def test_legacy_psf_header_same_flux(universe, tmp_path):
-    from spxframe.sim import Universe
-
-    ul = Universe(seed=1, legacy_psf_headers=True)
+    ul = _qr2_universe(legacy_psf_headers=True)
     o = _field_obs(universe, "wide_generic", 1)[0]
     paths = []
     for name, uu in (("fixed", universe), ("legacy", ul)):

@@ -195,6 +195,8 @@ def parse_epsf(h, data: bytes, *, where: str = "EPSF: ", oversamp=None) -> EpsfL
     """The :class:`EpsfLibrary` of an EPSF BINTABLE from its header ``h`` (our
     :class:`~spxframe.fits.cards.Header`) and its data bytes (the table body; a heap is not
     needed). ``oversamp`` (int or (x, y)) overrides the header's oversampling keywords."""
+    if hasattr(h, "index"):
+        h.index()  # some 40 look-ups follow: a keyword index is cheaper than scanning for each
     dt, names, shapes = _table_dtype(h, where)
     nrow = int(h.get("NAXIS2", 0) or 0)
     if dt.itemsize != int(h.get("NAXIS1", 0) or 0):
@@ -208,13 +210,16 @@ def parse_epsf(h, data: bytes, *, where: str = "EPSF: ", oversamp=None) -> EpsfL
     ordering = _get(h, "ordering", KEYWORD_ALIASES, keys)
     if ordering is not None and "xfast" not in re.sub(r"[^a-z]", "", str(ordering).lower()):
         raise FileFormatError(f"{where}ORDERING = {ordering!r}: only x-fast arrays are read")
-    raw = np.asarray(got["epsf"], np.float64).reshape(nrow, -1)
+    raw = np.array(got["epsf"], np.float64).reshape(nrow, -1)  # a native-endian copy of its own
     py, px = _array_shape(names, shapes, cols["epsf"], raw.shape[1], where)
     bx, by = _lattice(np.asarray(got["xcenter"], float).ravel(), np.asarray(got["ycenter"], float).ravel(),
                       got["binx"], got["biny"], where)
     nzy, nzx = int(by.max()) + 1, int(bx.max()) + 1
-    arrays = np.zeros((nzy, nzx, py, px))
-    arrays[by, bx] = raw.reshape(nrow, py, px)
+    if nrow == nzy * nzx and np.array_equal(by * nzx + bx, np.arange(nrow)):  # rows x-fast, as written
+        arrays = raw.reshape(nzy, nzx, py, px)
+    else:
+        arrays = np.zeros((nzy, nzx, py, px))
+        arrays[by, bx] = raw.reshape(nrow, py, px)
     sums = arrays.sum(axis=(2, 3))
     valid = np.isfinite(sums) & (sums > 0)
     if not valid.any():

@@ -89,11 +89,29 @@ def header_flag_bits(header) -> tuple[dict[str, int], str]:
     return out, "+".join(sorted(styles))
 
 
+_MAP_CACHE: dict[bytes, dict[str, int]] = {}
+
+
+def _bit_cards(raw: bytes) -> bytes:
+    """The bit cards of a header's raw bytes (MSKN..., MP_..., HIERARCH MP_...), joined."""
+    cards = (raw[i:i + 80] for i in range(0, len(raw) - len(raw) % 80, 80))
+    return b"".join(c for c in cards if c[:4] == b"MSKN" or c[:3] == b"MP_"
+                    or (c[:8] == b"HIERARCH" and b"MP_" in c[8:20]))
+
+
 def flag_bits(header) -> dict[str, int]:
     """name -> bit of a file: from its header's bit cards in either style, else the table of
-    spec §4.1 (:data:`DEFAULT_FLAG_BITS`)."""
+    spec §4.1 (:data:`DEFAULT_FLAG_BITS`). For our :class:`Header` the map is parsed once per
+    distinct set of bit cards in this process (a FLAGS header holds ~180 cards; ~20 are bit cards);
+    the returned dict is shared: do not modify it."""
+    key = _bit_cards(bytes(header.raw)) if isinstance(header, Header) else None
+    if key is not None and key in _MAP_CACHE:
+        return _MAP_CACHE[key]
     bits, _ = header_flag_bits(header)
-    return bits or dict(DEFAULT_FLAG_BITS)
+    bits = bits or dict(DEFAULT_FLAG_BITS)
+    if key is not None:
+        _MAP_CACHE[key] = bits
+    return bits
 
 
 def _resolve(item, bit_map: Mapping[str, int]) -> int:

@@ -6,6 +6,11 @@ planes are read only when first needed for a key; the parent celestial WCS (TAN-
 ``spxframe.fits.wcs``) is built once per (OBSID, DETECTOR, VERSION) and shared by all cutouts of that
 parent through the A-system offsets ``x0 = 1 - CRPIX1A``, ``y0 = 1 - CRPIX2A``.
 
+Both formats (spec §3.9): QR2 (pipeline 6.x: plain FLAGS, ``MP_`` bit cards, the PSF cube) and
+R7/QR3 (RICE_1 tile-compressed FLAGS, ``MSKN`` bit cards, the EPSF table, HDU offsets that vary
+from file to file: every header is parsed). :func:`file_format` tells them apart by the file's
+own content; the ePSF library is read with :func:`epsf_library`.
+
 Coordinates: ``x, y`` zero-based pixels; "parent" pixels = file pixels + (x0, y0).
 """
 
@@ -22,9 +27,12 @@ import numpy as np
 
 from spxframe import spherex
 from spxframe.errors import FileFormatError
+from spxframe.fits import flagbits
 from spxframe.fits.cards import Header  # noqa: F401  (re-exported)
+from spxframe.fits.epsf import EpsfLibrary, history_source, is_epsf_hdu, read_epsf, read_epsf_file
 from spxframe.fits.hdu import HDU, by_name, scan
 from spxframe.fits.psf import PsfPlanes, PsfZones, is_legacy_version, parse_psf_zones  # noqa: F401  (re-exported)
+from spxframe.fits.tiles import is_tiled
 from spxframe.fits.wcs import parent_wcs, pixel_area_arcsec2, table_bilinear  # noqa: F401  (re-exported)
 
 _TFORM = {"D": ">f8", "E": ">f4", "J": ">i4", "K": ">i8", "I": ">i2", "B": ">u1"}
@@ -85,10 +93,28 @@ class MefInfo:
     psf_header: Header | None = None
     psffile: str | None = None  #: path of the external PSF cube (range reads), see :func:`psf_path`
     wave_key: bytes = b""
+    format: str = "qr2"  #: ``"qr2"`` (pipeline 6.x, PSF cube) or ``"r7"`` (QR3: EPSF table), see :func:`file_format`
+    flag_bits: dict[str, int] = field(default_factory=dict)  #: the FLAGS bit map (either card style)
+    epsf_hdu: HDU | None = None  #: the EPSF table (R7 files)
+    epsf_key: str = ""  #: the ePSF library's identity: detector + HISTORY label + header id
+    epsffile: str | None = None  #: path of an external ePSF library (EPSFFILE card), see :func:`open_info`
 
 
-def psf_path(path: str, psffile: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """Where the PSF cube of a range-read cutout lies; ``psffile`` is its PSFFILE card.
+def file_format(named: dict[str, HDU], version: str, epsf: HDU | None = None) -> str:
+    """``"r7"`` for a pipeline R7 (QR3) file — an EPSF table (``epsf``, or one among ``named``), a
+    tile-compressed FLAGS or VERSION 7.x — else ``"qr2"``. Decided by the file's own format, never
+    by its time."""
+    if epsf is None:
+        epsf = next((h for h in named.values() if is_epsf_hdu(h)), None)
+    if epsf is not None or is_tiled(named["FLAGS"].header):
+        return "r7"
+    m = re.match(r"\s*(\d+)\.", version or "")
+    return "r7" if m and int(m.group(1)) >= 7 else "qr2"
+
+
+def psf_path(path: str, psffile: str, cache_dir: str | os.PathLike | None = None, *, card: str = "PSFFILE") -> str:
+    """Where the PSF cube of a range-read cutout lies; ``psffile`` is its PSFFILE card (or, with
+    ``card='EPSFFILE'``, where the ePSF library of an R7 file without its EPSF table lies).
 
     fetch writes ``PSFFILE = 'psf/<psf_key>.fits'`` (relative to the cache root) into files it
     stores at ``<cache root>/data/D<d>/<name>.fits``. The rule, first match wins:
@@ -107,7 +133,7 @@ def psf_path(path: str, psffile: str, cache_dir: str | os.PathLike | None = None
         name = os.path.basename(pf)
         key = name[:-5] if name.endswith(".fits") else ""
         if not spherex.PSF_KEY_RE.match(key) or ".." in key:
-            raise FileFormatError(f"{path}: PSFFILE = {pf!r} names no PSF cache key")
+            raise FileFormatError(f"{path}: {card} = {pf!r} names no PSF cache key")
         tried = [os.path.join(os.fspath(cache_dir), "psf", key + ".fits")]
     elif os.path.isabs(pf):
         tried = [pf]
@@ -121,7 +147,7 @@ def psf_path(path: str, psffile: str, cache_dir: str | os.PathLike | None = None
     for p in tried:
         if os.path.isfile(p):
             return os.path.normpath(p)
-    raise FileFormatError(f"{path}: the PSF cube of PSFFILE = {pf!r} is not at {' nor '.join(tried)}"
+    raise FileFormatError(f"{path}: the PSF of {card} = {pf!r} is not at {' nor '.join(tried)}"
                           + ("" if cache_dir is not None else " (pass cache_dir= the fetch cache)"))
 
 
@@ -154,6 +180,17 @@ def open_info(path: str, fd: int, *, cache_dir: str | os.PathLike | None = None)
     obsid = im.get("OBSID")
     info = MefInfo(path, str(prim.get("OBSID", "") if obsid is None else obsid).strip(), det, version, (ny, nx),
                    x0, y0, float(mjd), sc, im, named)
+    ep = named.get("EPSF") or next((h for h in hdus if h.name not in spherex.HDU_NAMES and is_epsf_hdu(h)), None)
+    info.format = file_format(named, version, ep)
+    info.flag_bits = flagbits.flag_bits(named["FLAGS"].header)
+    if ep is not None:
+        info.epsf_hdu = ep
+        info.epsf_key = f"D{det}|{history_source(ep.header.raw) or ''}|{_header_id(ep.header.raw)}"
+    elif info.format == "r7" and (prim.get("EPSFFILE") or im.get("EPSFFILE")):
+        # an R7 file stored without its EPSF table (a range-read cutout): the library lies in a
+        # file of its own (the epsf product or any file holding the table), found as PSFFILE is
+        info.epsffile = psf_path(path, str(prim.get("EPSFFILE") or im.get("EPSFFILE")), cache_dir, card="EPSFFILE")
+        info.epsf_key = "file:" + info.epsffile
     ph = named.get("PSF")
     if ph is not None:
         info.psf_header = ph.header
@@ -200,6 +237,16 @@ def psf_cube(info: MefInfo, fd: int):
         os.close(pfd)
     hd = cubes[0] if cubes else None
     return None if hd is None else PsfPlanes(hd.shape, hd.dtype, info.psffile, hd.data_offset)
+
+
+def epsf_library(info: MefInfo, fd: int) -> EpsfLibrary:
+    """The file's ePSF library: its EPSF table, or the EPSFFILE library; raises
+    :class:`FileFormatError` if there is none or it is unreadable."""
+    if info.epsf_hdu is not None:
+        return read_epsf(fd, info.epsf_hdu)
+    if info.epsffile:
+        return read_epsf_file(info.epsffile)
+    raise FileFormatError(f"{info.path}: no EPSF table")
 
 
 def load_psf_planes(cube, info: MefInfo, fd: int, planes) -> None:

@@ -239,10 +239,14 @@ def decode_fast(img: TiledImage, tiles: range, bufs: list[bytes]) -> np.ndarray:
     out = np.empty((rows, img.shape[1]), dt)
     blocksize = int(img.params.get("BLOCKSIZE", 32))
     bytepix = int(img.params.get("BYTEPIX", dt.itemsize))
+    codecs: dict[int, object] = {}  # one codec per tile size (edge tiles are smaller)
     for t, b in zip(tiles, bufs):
         th, tw = _tile_dims(img, t)
         iy, ix = divmod(t, img.tiles_x)
-        a = _Rice1(blocksize=blocksize, bytepix=bytepix, tilesize=th * tw).decode(np.frombuffer(b, np.uint8))
+        codec = codecs.get(th * tw)
+        if codec is None:
+            codec = codecs[th * tw] = _Rice1(blocksize=blocksize, bytepix=bytepix, tilesize=th * tw)
+        a = codec.decode(np.frombuffer(b, np.uint8))
         y, x = iy * img.tile[0] - ty0 * img.tile[0], ix * img.tile[1]
         out[y:y + th, x:x + tw] = a.reshape(th, tw)
     return out

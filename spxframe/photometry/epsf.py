@@ -33,7 +33,7 @@ import math
 import numpy as np
 from numba import njit
 
-from spxframe.photometry.kernels import circle_rect_area
+from spxframe.photometry.aperture import circle_rect_area, overlap_weights
 
 PAD = 8  #: zero elements added on each side of an ePSF array before the spline prefilter
 ST_PSF_UNUSABLE = 8  #: status bit: PSF-weighted usable fraction below min_usable (flux must be NaN)
@@ -46,22 +46,28 @@ _Z = math.sqrt(3.0) - 2.0  #: pole of the cubic B-spline prefilter
 # ------------------------------------------------------------------------------------------
 
 
-def _prefilter_axis(c: np.ndarray, axis: int) -> np.ndarray:
-    """Interpolating cubic B-spline coefficients along ``axis`` (in place on a float64 copy)."""
-    c = np.moveaxis(c, axis, -1)
-    n = c.shape[-1]
+@njit(cache=True, nogil=True)
+def _prefilter_rows(c: np.ndarray) -> None:
+    """Interpolating cubic B-spline coefficients along the last axis of a (m, n) array, in place."""
+    m, n = c.shape
     z = _Z
-    c *= (1.0 - z) * (1.0 - 1.0 / z)
+    gain = (1.0 - z) * (1.0 - 1.0 / z)
     zn1 = z ** (n - 1)
-    k = np.arange(1, n - 1)
-    c0 = c[..., 0] + zn1 * c[..., n - 1] + (c[..., 1:n - 1] * z ** k + zn1 * c[..., n - 2:0:-1] * z ** k).sum(-1)
-    c[..., 0] = c0 / (1.0 - zn1 * zn1)
-    for i in range(1, n):
-        c[..., i] += z * c[..., i - 1]
-    c[..., n - 1] = (z * c[..., n - 2] + c[..., n - 1]) * z / (z * z - 1.0)
-    for i in range(n - 2, -1, -1):
-        c[..., i] = z * (c[..., i + 1] - c[..., i])
-    return np.moveaxis(c, -1, axis)
+    for r in range(m):
+        row = c[r]
+        for i in range(n):
+            row[i] *= gain
+        c0 = row[0] + zn1 * row[n - 1]
+        zk = z
+        for k in range(1, n - 1):
+            c0 += (row[k] + zn1 * row[n - 1 - k]) * zk
+            zk *= z
+        row[0] = c0 / (1.0 - zn1 * zn1)
+        for i in range(1, n):
+            row[i] += z * row[i - 1]
+        row[n - 1] = (z * row[n - 2] + row[n - 1]) * z / (z * z - 1.0)
+        for i in range(n - 2, -1, -1):
+            row[i] = z * (row[i + 1] - row[i])
 
 
 def spline_coefficients(arrays: np.ndarray) -> np.ndarray:
@@ -70,9 +76,13 @@ def spline_coefficients(arrays: np.ndarray) -> np.ndarray:
     a = np.asarray(arrays, np.float64)
     one = a.ndim == 2
     a = a[None] if one else a
-    c = np.pad(a, ((0, 0), (PAD, PAD), (PAD, PAD))).copy()
-    c = _prefilter_axis(_prefilter_axis(c, 1), 2)
-    return np.ascontiguousarray(c[0] if one else c)
+    m, py, px = a.shape
+    t = np.zeros((m, px + 2 * PAD, py + 2 * PAD))  # transposed: the y pass runs along rows first
+    t[:, PAD:PAD + px, PAD:PAD + py] = a.transpose(0, 2, 1)
+    _prefilter_rows(t.reshape(-1, py + 2 * PAD))
+    c = np.ascontiguousarray(t.transpose(0, 2, 1))
+    _prefilter_rows(c.reshape(-1, px + 2 * PAD))
+    return c[0] if one else c
 
 
 # ------------------------------------------------------------------------------------------
@@ -252,7 +262,6 @@ def aperture_correction_reference(epsf: np.ndarray, ovx: int, ovy: int, cx: floa
                                   centre: tuple[float, float] | None = None) -> tuple[float, float, int]:
     """(correction, usable fraction, status) of one stamp, the obvious way: the aperture's whole
     bounding box as its own grid, exact overlap weights, reference fractions, then sums."""
-    from spxframe.photometry.kernels import overlap_weights
 
     x_lo, y_lo = math.floor(cx - r + 0.5), math.floor(cy - r + 0.5)
     w_box = math.floor(cx + r + 0.5) - x_lo + 1

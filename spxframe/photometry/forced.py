@@ -8,12 +8,18 @@ call (:func:`spxframe.photometry.kernels.measure_stamps`) for all stamps of all 
   the sky by s = median(I) / median(ZODI) over good non-SOURCE pixels (SOURCE pixels are used only
   when fewer than 20 remain), then b = 3-sigma-clipped (median/MAD, 5 iterations) mean of
   I - s·ZODI, error std/sqrt(n). Each aperture pixel's sky is s·ZODI_i + b.
-- flux: exact circle overlap weights w, unmasked indicator m, PSF fraction P of the zone PSF
-  integrated onto the pixels at the source's sub-pixel position:
-  F = Σ w m (I - sky) / Σ w m P;  σ² = (Σ w² m V + (σ_b Σ w m)²) / (Σ w m P)².
+- flux: exact circle overlap weights w, usable indicator m (not bad by the file's own FLAGS bit
+  map, finite, not within SATURATED_CORE_RADIUS of OVERFLOW), PSF fraction P per pixel at the
+  source's sub-pixel position — QR2: the nearest zone's plane of the PSF cube integrated onto
+  the pixels; QR3 (R7): OVSMPX x OVSMPY x the nearest zone's ePSF sampled at the pixel centre
+  (cubic B-spline, never integrated again):
+  F = Σ w m (I - sky) / Σ w m P;  σ² = (Σ w² m V + (σ_b Σ w m)²) / (Σ w m P)²;
+  NaN (MASKED_FRACTION) when Σ w m P / Σ w P < 1 - max_masked_fraction.
 - units: µJy = MJy/sr · pixel (×) Ω[arcsec²] · 23.5044, Ω from the local WCS Jacobian.
 
-``source_id`` is returned as text (schema.PHOTOMETRY); the pipeline restores the catalog dtype.
+Each file is read by its own format (``spxframe.fits.l2file.file_format``): FLAGS plain or RICE_1
+tile-compressed, bit cards MP_ or MSKN, PSF cube or EPSF table.
+``source_id`` keeps the catalog's dtype.
 ``bjd_tdb`` is a full Julian date (TDB) at the solar-system barycentre.
 """
 
@@ -31,10 +37,13 @@ import polars as pl
 
 from spxframe import schema, spherex
 from spxframe.errors import FileFormatError, InputError
+from spxframe.fits import flagbits
 from spxframe.fits import l2file as mef
 from spxframe.fits import wcs as _wcs
 from spxframe.fits.hdu import read_rows
+from spxframe.fits.tiles import is_tiled, read_tiled_rows, tiled_image
 from spxframe.photometry import kernels as K
+from spxframe.photometry.epsf import EpsfModel
 
 log = logging.getLogger("spxframe")
 C_KM_S = 299792.458
@@ -42,12 +51,24 @@ _WCS_CACHE: dict[tuple, Any] = {}
 _PSF_CACHE: dict[str, mef.PsfPlanes | None] = {}
 _ZONE_CACHE: dict[tuple, mef.PsfZones] = {}
 _WAVE_CACHE: dict[bytes, mef.WaveTable] = {}
+_EPSF_CACHE: dict[str, EpsfModel] = {}  #: ePSF libraries by detector + library (one read per process)
+_MASK_CACHE: dict[tuple, tuple[int, int, int]] = {}
+#: FLAGS bits that set the SATURATED quality bit when an aperture pixel carries one
+SATURATION_FLAGS: tuple[str, ...] = ("OVERFLOW", "BLOOM")
+#: Saturated cores. QR3 (R7) flags a saturated core BLOOM over its whole extent (hard-bad by
+#: default); QR2 marks only the few OVERFLOW pixels at its peak. So that a bright star is treated
+#: alike on both sides of the release boundary, aperture pixels within this many px (pixel centres)
+#: of an OVERFLOW pixel are unusable in either release (the background is left alone); the
+#: usable-area rule (``max_masked_fraction``) then makes such a measurement NaN. The R7 BLOOM
+#: extent is not documented (spec §8): 3 px covers the default 2 px aperture.
+SATURATED_CORE_RADIUS: float = 3.0
 
 
 def _catalog(catalog) -> tuple[pl.DataFrame, pl.DataType]:
     """(catalog with text ids and float columns, the catalog's own source_id dtype)."""
     if not isinstance(catalog, pl.DataFrame):
-        catalog = pl.from_pandas(catalog) if hasattr(catalog, "to_numpy") and hasattr(catalog, "iloc") else pl.DataFrame(catalog)
+        is_pandas = hasattr(catalog, "to_numpy") and hasattr(catalog, "iloc")
+        catalog = pl.from_pandas(catalog) if is_pandas else pl.DataFrame(catalog)
     for c in ("source_id", "ra", "dec"):
         if c not in catalog.columns:
             raise InputError(f"catalog has no column {c!r}")
@@ -122,9 +143,13 @@ class _Stack:
     def __init__(self, half: int, kernel_kw: dict, chunk: int = 20000) -> None:
         self.half, self.kw, self.chunk = half, kernel_kw, chunk
         self.img, self.var, self.flg, self.zod, self.cx, self.cy, self.pidx = ([] for _ in range(7))
+        self.cidx, self.bad, self.core = [], [], []
         self.rows: list[dict] = []
         self.planes: list[np.ndarray] = []
         self.plane_ids: dict[tuple[str, int], int] = {}
+        self.coefs: list[np.ndarray] = []
+        self.epars: list[tuple[float, float, float, float]] = []
+        self.coef_ids: dict[tuple[str, int], int] = {}
         self.n_done = 0
         self.results: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
@@ -135,11 +160,22 @@ class _Stack:
             self.planes.append(np.ascontiguousarray(cube[int(plane)], dtype=np.float64))
         return self.plane_ids[k]
 
-    def add(self, stamps, k: int, cx: float, cy: float, pi: int) -> int:
-        """Queue stamp k of a file's stamps; returns its global index."""
+    def coef_index(self, key: str, model: EpsfModel, zone: int) -> int:
+        """Index of ePSF zone ``zone`` of library ``key`` among the stack's spline coefficients."""
+        k = (key, int(zone))
+        if k not in self.coef_ids:
+            self.coef_ids[k] = len(self.coefs)
+            self.coefs.append(model.coefs[int(zone)])  # prepared by the caller
+            self.epars.append((*model.centre, float(model.ovx), float(model.ovy)))
+        return self.coef_ids[k]
+
+    def add(self, stamps, k: int, cx: float, cy: float, pi: int, ci: int, masks: tuple[int, ...]) -> int:
+        """Queue stamp k of a file's stamps (cube plane ``pi`` or ePSF ``ci``, -1 for none;
+        ``masks`` = (bad, core) FLAGS masks of its file); returns its global index."""
         g = self.n_done + len(self.cx)
         self.img.append(stamps[0][k]), self.var.append(stamps[1][k]), self.flg.append(stamps[2][k])
         self.zod.append(stamps[3][k]), self.cx.append(cx), self.cy.append(cy), self.pidx.append(pi)
+        self.cidx.append(ci), self.bad.append(masks[0]), self.core.append(masks[1])
         if len(self.cx) >= self.chunk:
             self.flush()
         return g
@@ -147,21 +183,29 @@ class _Stack:
     def flush(self) -> None:
         if not self.cx:
             return
-        pidx = np.array(self.pidx, np.int64)
+        pidx, cidx = np.array(self.pidx, np.int64), np.array(self.cidx, np.int64)
         if self.planes:
             planes = np.stack(self.planes)
         else:
             planes = np.zeros((1, 11, 11))
             planes[0, 5, 5] = 1.0
-        nopsf = pidx < 0
-        pidx[nopsf] = 0
+        nopsf = (pidx < 0) & (cidx < 0)
+        pidx[pidx < 0] = 0
+        coefs, epars = np.zeros((1, 1, 1)), np.zeros((1, 4))
+        if self.coefs:  # libraries of different array sizes: zero-pad at the far edges
+            h, w = max(c.shape[0] for c in self.coefs), max(c.shape[1] for c in self.coefs)
+            coefs = np.stack([np.pad(c, ((0, h - c.shape[0]), (0, w - c.shape[1]))) for c in self.coefs])
+            epars = np.array(self.epars, np.float64)
         out, fo, status = K.measure_stamps(np.stack(self.img), np.stack(self.var), np.stack(self.flg),
                                            np.stack(self.zod), planes, pidx, np.array(self.cx),
-                                           np.array(self.cy), **self.kw)
+                                           np.array(self.cy), bad_mask=np.array(self.bad, np.int64),
+                                           core_mask=np.array(self.core, np.int64), coefs=coefs, epars=epars,
+                                           coef_index=cidx, **self.kw)
         out[nopsf, :] = np.nan
         self.results.append((out, fo, status))
         self.n_done += len(self.cx)
-        for lst in (self.img, self.var, self.flg, self.zod, self.cx, self.cy, self.pidx):
+        for lst in (self.img, self.var, self.flg, self.zod, self.cx, self.cy, self.pidx, self.cidx, self.bad,
+                    self.core):
             lst.clear()
 
 
@@ -176,7 +220,11 @@ def _cut(fd: int, info: mef.MefInfo, x: np.ndarray, y: np.ndarray, half: int):
     cols = ix[:, None] + np.arange(-half if inside else 0, s - half if inside else s)[None]
     out = []
     for name, fill in (("IMAGE", np.nan), ("VARIANCE", np.nan), ("FLAGS", 0), ("ZODI", np.nan)):
-        blk = read_rows(fd, info.hdus[name], r0, r1, convert=False)  # stored type: convert the stamps only
+        hdu = info.hdus[name]
+        if b"BINTABLE" in hdu.header.raw[:80] and is_tiled(hdu.header):  # R7 FLAGS: RICE_1 tiles (or plain)
+            blk = read_tiled_rows(fd, tiled_image(hdu), r0, r1)
+        else:
+            blk = read_rows(fd, hdu, r0, r1, convert=False)  # stored type: convert the stamps only
         if not inside:  # pad by `half` columns and the missing rows (cols index the padded block)
             pad = np.full((r1 - r0, nx + 2 * half), fill, dtype=blk.dtype)
             a, b = max(r0, 0) - r0, max(r0, 0) - r0 + blk.shape[0]
@@ -189,7 +237,7 @@ def _cut(fd: int, info: mef.MefInfo, x: np.ndarray, y: np.ndarray, half: int):
 def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os.PathLike | None = None,
             aperture_radius: float = 2.0,
             annulus: tuple[float, float] = (5.0, 9.0), background: str = "annulus",
-            bad_bits: Iterable[int] | None = None, max_masked_fraction: float = 0.5,
+            bad_bits: Iterable[int | str] | str | None = None, max_masked_fraction: float = 0.5,
             progress: bool = False) -> pl.DataFrame:
     """Forced photometry of every catalog source on every given SPHEREx L2 file it falls on.
 
@@ -197,23 +245,39 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
     only the listed sources per path). catalog: source_id, ra, dec (deg), optional pmra, pmdec
     (mas/yr), ref_epoch (Julian yr). aperture_radius, annulus (r_in, r_out): pixels.
     background: 'annulus' (ZODI scaled to the annulus sky + clipped residual) or 'zodi' (the
-    ZODI plane as is). bad_bits: FLAGS bits that mask a pixel (default spherex.HARD_BAD_BITS; SOURCE
-    and FULLSAMPLE are refused). Returns one schema.PHOTOMETRY row per (source, file) with the
+    ZODI plane as is). bad_bits: FLAGS bits that mask a pixel, as bit numbers and/or names
+    (``"GHOST"``; names resolve through each file's own bit cards, either card style); default the
+    spec §4.2 consensus plus every R7 bit (CROSSTALK, GHOST*, STREAK, BLOOM, SNOWBALL, HALO*:
+    ``spxframe.fits.flagbits.HARD_BAD_NAMES``; QR2 files never set the R7 bits); SOURCE and
+    FULLSAMPLE are refused. Saturated cores are unusable inside the aperture in both releases
+    (BLOOM in QR3; within :data:`SATURATED_CORE_RADIUS` of OVERFLOW in either). A measurement whose usable PSF-weighted
+    aperture area is below ``1 - max_masked_fraction`` (default: half) has NaN flux and the
+    MASKED_FRACTION quality bit (with SATURATED when a saturated core caused it), never a sum of
+    the few usable pixels. Returns one schema.PHOTOMETRY row per (source, file) with the
     source on the file's pixels (manifest pairs always get a row; qc says why flux may be NaN).
+
+    Both file formats are read, each by its own format (never by its time): QR2 (pipeline 6.x,
+    the PSF cube integrated over pixels) and QR3 (pipeline R7: RICE_1-compressed FLAGS, MSKN bit
+    cards, the EPSF table — the flux fraction in a pixel is OVSMPX x OVSMPY x the ePSF sampled at
+    the pixel's centre, :mod:`spxframe.photometry.epsf`).
 
     cache_dir: the fetch cache the files came from (a path or a CacheDir); range-read cutouts
     hold their PSF cube's name in the PSFFILE card and the cube is read from
     ``cache_dir/psf/<psf_key>.fits``. Without it, PSFFILE is resolved relative to the file's
     folder, then relative to the cache root of fetch's layout (two folders above ``data/D<d>/``);
     a file whose cube is not found gets a READ_ERROR row (the rule:
-    :func:`spxframe.fits.l2file.psf_path`).
+    :func:`spxframe.fits.l2file.psf_path`). An R7 (QR3) file stored without its EPSF table names
+    its ePSF library the same way in an ``EPSFFILE`` card (PRIMARY or IMAGE header): the
+    ``epsf`` calibration product, or any file that holds the table.
     """
     r_in, r_out = (float(a) for a in annulus)
     if not 0 < aperture_radius <= r_in < r_out:
         raise InputError(f"need 0 < aperture_radius <= r_in < r_out, got {aperture_radius}, {annulus}")
     if background not in ("annulus", "zodi"):
         raise InputError(f"background must be 'annulus' or 'zodi', got {background!r}")
-    bad_mask = spherex.bits_to_mask(spherex.HARD_BAD_BITS if bad_bits is None else set(bad_bits))
+    if bad_bits is not None and not isinstance(bad_bits, str):
+        bad_bits = list(bad_bits)
+    flagbits.bad_bits(bad_bits)  # unknown names, bits out of range, SOURCE/FULLSAMPLE: refused up front
     cat, id_dtype = _catalog(catalog)
     ids = cat["source_id"].to_numpy()
     cat = {c: cat[c].to_numpy() for c in ("ra", "dec", "pmra", "pmdec", "ref_epoch")}
@@ -222,7 +286,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
     half = int(math.ceil(max(r_out, 5.5))) + 1
     zodi_only = background == "zodi"
     st = _Stack(half, dict(r_ap=aperture_radius, r_in=(r_out + 1e9 if zodi_only else r_in),
-                           r_out=(r_out + 2e9 if zodi_only else r_out), bad_mask=bad_mask))
+                           r_out=(r_out + 2e9 if zodi_only else r_out), core_radius=SATURATED_CORE_RADIUS))
     cra, cdec = np.radians(cat["ra"]), np.radians(cat["dec"])
     cvec = np.stack([np.cos(cdec) * np.cos(cra), np.cos(cdec) * np.sin(cra), np.sin(cdec)], axis=1)
     for n_done, path in enumerate(paths):
@@ -231,7 +295,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
         want = None if wanted is None else np.array([pos_of[s] for s in wanted[path] if s in pos_of], np.int64)
         try:
             _one_file(path, cat, ids, cvec, want, st, r_ap=aperture_radius, r_in=r_in, r_out=r_out,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, bad_bits=bad_bits)
         except (OSError, ValueError, KeyError, FileFormatError) as exc:
             log.warning("measure: cannot read %s: %s", path, exc)
             m = re.match(r"^(.+?)D(\d)(?:_|\.)", os.path.basename(path))
@@ -246,8 +310,56 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
     return out.with_columns(pl.col("source_id").cast(id_dtype))  # the catalog's dtype
 
 
+def _masks(info: mef.MefInfo, bad_bits) -> tuple[int, int, int]:
+    """(bad mask, saturated-core mask, SATURATED mask) of a file, through its own FLAGS bit map."""
+    key = (tuple(sorted(info.flag_bits.items())), None if bad_bits is None else str(bad_bits))
+    got = _MASK_CACHE.get(key)
+    if got is None:
+        bits = {**flagbits.DEFAULT_FLAG_BITS, **info.flag_bits}
+        sat = 0
+        for name in SATURATION_FLAGS:
+            sat |= 1 << bits[name]
+        got = _MASK_CACHE[key] = (flagbits.bad_mask(bad_bits, info.flag_bits), 1 << bits["OVERFLOW"], sat)
+    return got
+
+
+def _psf_models(info: mef.MefInfo, fd: int, xp: np.ndarray, yp: np.ndarray, st: _Stack):
+    """Per source (parent pixels xp, yp): (cube plane index in ``st``, ePSF index in ``st``; -1 for
+    none) and the qc bits they imply. R7 files use their EPSF table (one library read per process
+    per detector and library), QR2 files the nearest zone's plane of the PSF cube."""
+    n = len(xp)
+    pidx, cidx = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    qc = np.zeros(n, np.int64)
+    if info.epsf_key:  # R7: the EPSF table (or the EPSFFILE library)
+        model = _EPSF_CACHE.get(info.epsf_key)
+        if model is None:
+            model = _EPSF_CACHE[info.epsf_key] = EpsfModel(mef.epsf_library(info, fd))
+        zones = model.zone_of(xp, yp)
+        model.prepare(zones)
+        cidx[:] = [st.coef_index(info.epsf_key, model, z) for z in zones]
+        return pidx, cidx, qc
+    if info.psf_header is not None:
+        zk = (info.psf_key, info.version)
+        zones = _ZONE_CACHE.get(zk)
+        if zones is None:
+            zones = _ZONE_CACHE[zk] = mef.parse_psf_zones(info.psf_header, info.version)
+        if info.psf_key not in _PSF_CACHE:
+            _PSF_CACHE[info.psf_key] = mef.psf_cube(info, fd)
+        cube = _PSF_CACHE[info.psf_key]
+        if zones.legacy:
+            qc |= schema.QC["LEGACY_PSF_HEADER"]
+        if cube is not None and len(zones.xctr):
+            planes = zones.zone_plane(xp, yp)
+            mef.load_psf_planes(cube, info, fd, planes)
+            for k in range(n):
+                if 0 <= planes[k] < cube.shape[0]:
+                    pidx[k] = st.plane_index(info.psf_key, cube, planes[k])
+    qc[pidx < 0] |= schema.QC["NO_PSF"]
+    return pidx, cidx, qc
+
+
 def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.ndarray, want: np.ndarray | None,
-              st: _Stack, *, r_ap: float, r_in: float, r_out: float, cache_dir=None) -> None:
+              st: _Stack, *, r_ap: float, r_in: float, r_out: float, cache_dir=None, bad_bits=None) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         info = mef.open_info(path, fd, cache_dir=cache_dir)
@@ -287,34 +399,18 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
                 tab = _WAVE_CACHE[info.wave_key] = mef.parse_wave_table(fd, info.hdus["WCS-WAVE"])
             wave, bw = tab(xp + 1.0, yp + 1.0)
         area = wcs.pixel_area(xp, yp)
-        qc0 = 0
-        cube, planes = None, None
-        if info.psf_header is not None:
-            zk = (info.psf_key, info.version)
-            zones = _ZONE_CACHE.get(zk)
-            if zones is None:
-                zones = _ZONE_CACHE[zk] = mef.parse_psf_zones(info.psf_header, info.version)
-            if info.psf_key not in _PSF_CACHE:
-                _PSF_CACHE[info.psf_key] = mef.psf_cube(info, fd)
-            cube = _PSF_CACHE[info.psf_key]
-            if zones.legacy:
-                qc0 |= schema.QC["LEGACY_PSF_HEADER"]
-            if cube is not None and len(zones.xctr):
-                planes = zones.zone_plane(xp, yp)
-                mef.load_psf_planes(cube, info, fd, planes)
+        masks = _masks(info, bad_bits)
+        pidx, cidx, qcs = _psf_models(info, fd, xp, yp, st)
         stamps, cx, cy = _cut(fd, info, x, y, st.half)
     finally:
         os.close(fd)
     for k in range(len(x)):
-        if planes is not None and 0 <= planes[k] < cube.shape[0]:
-            pi, q = st.plane_index(info.psf_key, cube, planes[k]), qc0
-        else:
-            pi, q = -1, qc0 | schema.QC["NO_PSF"]
+        q = int(qcs[k])
         if (x[k] - r_ap < -0.5) or (x[k] + r_ap > nx - 0.5) or (y[k] - r_ap < -0.5) or (y[k] + r_ap > ny - 0.5):
             q |= schema.QC["APERTURE_EDGE"]
         st.rows.append(dict(base, source_id=ids[want[k]], x=x[k], y=y[k], ra=ra[k], dec=dec[k], sc=sc,
-                            wavelength=wave[k], bandwidth=bw[k], pixel_area=area[k], qc=q,
-                            _k=st.add(stamps, k, cx[k], cy[k], pi)))
+                            wavelength=wave[k], bandwidth=bw[k], pixel_area=area[k], qc=q, _sat=masks[2],
+                            _k=st.add(stamps, k, cx[k], cy[k], int(pidx[k]), int(cidx[k]), masks)))
 
 
 def _finish(st: _Stack, *, r_ap, max_masked, zodi_only) -> pl.DataFrame:
@@ -327,6 +423,7 @@ def _finish(st: _Stack, *, r_ap, max_masked, zodi_only) -> pl.DataFrame:
     for row in st.rows:
         k = row.pop("_k", None)
         off = row.pop("_off", False)
+        sat = row.pop("_sat", 0)
         qc = int(row.get("qc", 0))
         rec = dict(row, aperture_radius=r_ap)
         if k is not None:
@@ -337,7 +434,7 @@ def _finish(st: _Stack, *, r_ap, max_masked, zodi_only) -> pl.DataFrame:
                 qc |= schema.QC["FEW_BACKGROUND"]
             if status[k] & K.ST_NAN_VAR:
                 qc |= schema.QC["NAN_VARIANCE"]
-            if fo[k] & (1 << spherex.FLAG_BITS["OVERFLOW"]):
+            if fo[k] & sat:  # OVERFLOW or BLOOM in the aperture
                 qc |= schema.QC["SATURATED"]
             if np.isfinite(o[K.O_MASKED]) and o[K.O_MASKED] > max_masked:
                 qc |= schema.QC["MASKED_FRACTION"]

@@ -8,6 +8,11 @@ Images are surface brightness (any unit, e.g. MJy/sr); sums are in image-unit x 
 Slow, obvious reference versions live in ``tests/reference.py``; the tests hold the two
 against each other and against photutils ``method='exact'``.
 
+The PSF fraction P of each pixel comes from the QR2 cube plane integrated over the pixel
+(:func:`psf_pixel_fractions`) or, for R7 files, from the ePSF sampled at the pixel centre
+(:func:`spxframe.photometry.epsf.epsf_fractions`); the overlap geometry lives in
+:mod:`spxframe.photometry.aperture`.
+
 Per-stamp outputs of :func:`measure_stamps` (columns of ``out``, index constants ``O_*``)::
 
     O_FLUX   total flux = sum(w m (I - s Z - b)) / sum(w m P)   (image unit x pixel)
@@ -34,94 +39,18 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from spxframe.photometry.aperture import (  # noqa: F401  (re-exported)
+    _quadrant_area,
+    aperture_sums,
+    circle_rect_area,
+    overlap_weights,
+)
+from spxframe.photometry.epsf import epsf_fractions
+
 O_FLUX, O_ERR, O_BKG, O_BKGERR, O_SCALE, O_PSFIN, O_PSFALL, O_MASKED, O_NBKG, O_SUMW, O_RAW = range(11)
 N_OUT = 11
 ST_FEW_BKG, ST_NAN_VAR, ST_SOURCE_BKG = 1, 2, 4
 SOURCE_MASK = 1 << 21  #: FLAGS bit 21 (SOURCE): never rejected, avoided in the background
-
-
-@njit(cache=True, nogil=True)
-def _quadrant_area(x: float, y: float, r: float) -> float:
-    """Signed area of {X^2+Y^2<=r^2} within the rectangle between (0, 0) and (x, y)."""
-    sx = 1.0 if x >= 0 else -1.0
-    sy = 1.0 if y >= 0 else -1.0
-    ax = min(abs(x), r)
-    ay = min(abs(y), r)
-    if ax * ax + ay * ay <= r * r:
-        return sx * sy * ax * ay
-    xc = math.sqrt(max(r * r - ay * ay, 0.0))  # where the circle's height equals ay
-
-    def g(t):
-        return 0.5 * (t * math.sqrt(max(r * r - t * t, 0.0)) + r * r * math.asin(min(t / r, 1.0)))
-
-    return sx * sy * (ay * xc + g(ax) - g(xc))
-
-
-@njit(cache=True, nogil=True)
-def circle_rect_area(x0: float, x1: float, y0: float, y1: float, r: float) -> float:
-    """Exact area of the intersection of the circle of radius r at the origin with [x0,x1]x[y0,y1]."""
-    if r <= 0.0:
-        return 0.0
-    return (_quadrant_area(x1, y1, r) - _quadrant_area(x0, y1, r)
-            - _quadrant_area(x1, y0, r) + _quadrant_area(x0, y0, r))
-
-
-@njit(cache=True, nogil=True)
-def overlap_weights(cx: float, cy: float, r: float, ny: int, nx: int) -> np.ndarray:
-    """Exact fraction of each unit pixel of an (ny, nx) grid inside the circle (cx, cy, r)."""
-    w = np.zeros((ny, nx))
-    if r <= 0.0:
-        return w
-    iy0 = max(int(math.floor(cy - r + 0.5)), 0)
-    iy1 = min(int(math.floor(cy + r + 0.5)), ny - 1)
-    ix0 = max(int(math.floor(cx - r + 0.5)), 0)
-    ix1 = min(int(math.floor(cx + r + 0.5)), nx - 1)
-    r2 = r * r
-    for iy in range(iy0, iy1 + 1):
-        dy0, dy1 = iy - 0.5 - cy, iy + 0.5 - cy
-        ny2 = 0.0 if dy0 <= 0.0 <= dy1 else min(dy0 * dy0, dy1 * dy1)  # nearest |dy|^2
-        fy2 = max(dy0 * dy0, dy1 * dy1)
-        for ix in range(ix0, ix1 + 1):
-            dx0, dx1 = ix - 0.5 - cx, ix + 0.5 - cx
-            fx2 = max(dx0 * dx0, dx1 * dx1)
-            if fx2 + fy2 <= r2:  # whole pixel inside
-                w[iy, ix] = 1.0
-                continue
-            nx2 = 0.0 if dx0 <= 0.0 <= dx1 else min(dx0 * dx0, dx1 * dx1)
-            if nx2 + ny2 >= r2:  # whole pixel outside
-                continue
-            a = circle_rect_area(dx0, dx1, dy0, dy1, r)
-            w[iy, ix] = min(max(a, 0.0), 1.0)  # rounding can leave +-1e-15 at tangent pixels
-    return w
-
-
-@njit(cache=True, nogil=True)
-def aperture_sums(images: np.ndarray, variances: np.ndarray, masks: np.ndarray, cx: np.ndarray,
-                  cy: np.ndarray, r_in: float, r_out: float) -> np.ndarray:
-    """Exact-overlap sums over a stack of stamps; annulus when r_in > 0, circle when r_in == 0.
-
-    images, variances: (n, ny, nx) float; masks: (n, ny, nx) bool, True = excluded; cx, cy: (n,).
-    Returns (n, 3): sum(w I), sum(w^2 V), sum(w) over unmasked pixels (as photutils 'exact' with
-    a mask, except that the variance uses w^2).
-    """
-    n, ny, nx = images.shape
-    out = np.zeros((n, 3))
-    for k in range(n):
-        wo = overlap_weights(cx[k], cy[k], r_out, ny, nx)
-        if r_in > 0:
-            wo -= overlap_weights(cx[k], cy[k], r_in, ny, nx)
-        s = 0.0
-        v = 0.0
-        a = 0.0
-        for iy in range(ny):
-            for ix in range(nx):
-                w = wo[iy, ix]
-                if w != 0.0 and not masks[k, iy, ix]:
-                    s += w * images[k, iy, ix]
-                    v += w * w * variances[k, iy, ix]
-                    a += w
-        out[k, 0], out[k, 1], out[k, 2] = s, v, a
-    return out
 
 
 @njit(cache=True, nogil=True)
@@ -221,56 +150,99 @@ def _clipped_stats(vals: np.ndarray, nsigma: float, maxiter: int):
 
 
 @njit(cache=True, nogil=True)
-def _measure_one(img, var, flg, zod, psf, psf_tot, cx, cy, r_ap, r_in, r_out, bad_mask, nsigma, maxiter,
-                 min_bkg, oversamp, out, flags_or, status, k):
+def _good_bkg(img, var, flg, zod, iy, ix, bad_mask):
+    return (math.isfinite(img[iy, ix]) and math.isfinite(var[iy, ix]) and math.isfinite(zod[iy, ix])
+            and (flg[iy, ix] & bad_mask) == 0)
+
+
+@njit(cache=True, nogil=True)
+def _background(img, var, flg, zod, cx, cy, r_in, r_out, bad_mask, nsigma, maxiter, min_bkg):
+    """(scale s, b, sigma_b, n kept, status bits) from the annulus: pixel centres in
+    r_in <= d < r_out; good = finite, not bad; SOURCE pixels avoided unless fewer than min_bkg remain."""
     ny, nx = img.shape
-    # ---- background: pixel centres in r_in <= d < r_out; good = finite, not bad; avoid SOURCE
     nb = 0
     nb_nosrc = 0
     for iy in range(ny):
         for ix in range(nx):
             d2 = (ix - cx) ** 2 + (iy - cy) ** 2
-            if r_in * r_in <= d2 < r_out * r_out:
-                if (math.isfinite(img[iy, ix]) and math.isfinite(var[iy, ix]) and math.isfinite(zod[iy, ix])
-                        and (flg[iy, ix] & bad_mask) == 0):
-                    nb += 1
-                    if (flg[iy, ix] & SOURCE_MASK) == 0:
-                        nb_nosrc += 1
+            if r_in * r_in <= d2 < r_out * r_out and _good_bkg(img, var, flg, zod, iy, ix, bad_mask):
+                nb += 1
+                if (flg[iy, ix] & SOURCE_MASK) == 0:
+                    nb_nosrc += 1
     use_src = nb_nosrc < min_bkg
     nsel = nb if use_src else nb_nosrc
-    st = 0
-    if use_src:
-        st |= ST_SOURCE_BKG
-    scale, b, berr, nkept = 1.0, 0.0, 0.0, 0
+    st = ST_SOURCE_BKG if use_src else 0
     if nsel < min_bkg:
-        st |= ST_FEW_BKG
-    else:
-        iv = np.empty(nsel)
-        zv = np.empty(nsel)
-        m = 0
-        for iy in range(ny):
-            for ix in range(nx):
-                d2 = (ix - cx) ** 2 + (iy - cy) ** 2
-                if r_in * r_in <= d2 < r_out * r_out:
-                    if (math.isfinite(img[iy, ix]) and math.isfinite(var[iy, ix]) and math.isfinite(zod[iy, ix])
-                            and (flg[iy, ix] & bad_mask) == 0
-                            and (use_src or (flg[iy, ix] & SOURCE_MASK) == 0)):
-                        iv[m] = img[iy, ix]
-                        zv[m] = zod[iy, ix]
-                        m += 1
-        mz = np.median(zv)
-        scale = np.median(iv) / mz if mz > 0 else 1.0
-        b, berr, nkept = _clipped_stats(iv - scale * zv, nsigma, maxiter)
-        if not math.isfinite(berr):
-            berr = 0.0
-    # ---- aperture
+        return 1.0, 0.0, 0.0, 0, st | ST_FEW_BKG
+    iv = np.empty(nsel)
+    zv = np.empty(nsel)
+    m = 0
+    for iy in range(ny):
+        for ix in range(nx):
+            d2 = (ix - cx) ** 2 + (iy - cy) ** 2
+            if (r_in * r_in <= d2 < r_out * r_out and _good_bkg(img, var, flg, zod, iy, ix, bad_mask)
+                    and (use_src or (flg[iy, ix] & SOURCE_MASK) == 0)):
+                iv[m] = img[iy, ix]
+                zv[m] = zod[iy, ix]
+                m += 1
+    mz = np.median(zv)
+    scale = np.median(iv) / mz if mz > 0 else 1.0
+    b, berr, nkept = _clipped_stats(iv - scale * zv, nsigma, maxiter)
+    if not math.isfinite(berr):
+        berr = 0.0
+    return scale, b, berr, nkept, st
+
+
+@njit(cache=True, nogil=True)
+def _fractions(psf, psf_tot, oversamp, coef, epar, cx, cy, ny, nx):
+    """PSF fraction per pixel of an (ny, nx) box, source at (cx, cy): the QR2 cube plane integrated
+    over the pixels (``coef`` empty), or the R7 ePSF sampled at the pixel centres (``coef``: its
+    B-spline coefficients, ``epar`` = (centre x, centre y, OVSMPX, OVSMPY))."""
+    if coef.shape[0] > 1:
+        return epsf_fractions(coef, epar[0], epar[1], epar[2], epar[3], cx, cy, ny, nx)
+    return _psf_fracs(psf, psf_tot, cx, cy, ny, nx, oversamp)
+
+
+@njit(cache=True, nogil=True)
+def _near_core(flg, core_mask, cx, cy, r_ap, radius):
+    """(ny, nx) True within ``radius`` px (pixel centres) of a ``core_mask`` pixel that lies near the
+    aperture — a saturated core grown to its full extent; a (0, 0) array when there is none."""
+    ny, nx = flg.shape
+    if core_mask == 0:
+        return np.zeros((0, 0), np.bool_)
+    reach = r_ap + radius + 1.0
+    y0, y1 = max(int(math.floor(cy - reach)), 0), min(int(math.ceil(cy + reach)) + 1, ny)
+    x0, x1 = max(int(math.floor(cx - reach)), 0), min(int(math.ceil(cx + reach)) + 1, nx)
+    out = np.zeros((0, 0), np.bool_)
+    r = int(math.floor(radius))
+    for iy in range(y0, y1):
+        for ix in range(x0, x1):
+            if (flg[iy, ix] & core_mask) == 0:
+                continue
+            if out.shape[0] == 0:
+                out = np.zeros((ny, nx), np.bool_)
+            for jy in range(max(iy - r, 0), min(iy + r + 1, ny)):
+                for jx in range(max(ix - r, 0), min(ix + r + 1, nx)):
+                    if (jy - iy) ** 2 + (jx - ix) ** 2 <= radius * radius:
+                        out[jy, jx] = True
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _measure_one(img, var, flg, zod, psf, psf_tot, coef, epar, cx, cy, r_ap, r_in, r_out, bad_mask, core_mask,
+                 core_r, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status, k):
+    ny, nx = img.shape
+    scale, b, berr, nkept, st = _background(img, var, flg, zod, cx, cy, r_in, r_out, bad_mask, nsigma, maxiter,
+                                            min_bkg)
+    # ---- aperture; pixels within core_r of a core_mask pixel (a saturated core) are unusable here
     w = overlap_weights(cx, cy, r_ap, ny, nx)
+    near = _near_core(flg, core_mask, cx, cy, r_ap, core_r)
     # PSF fractions only on the aperture's bounding box (x_lo..x_lo+sx-1, y_lo..y_lo+sy-1)
     x_lo = max(int(math.floor(cx - r_ap + 0.5)), 0)
     y_lo = max(int(math.floor(cy - r_ap + 0.5)), 0)
     sx = min(int(math.floor(cx + r_ap + 0.5)), nx - 1) - x_lo + 1
     sy = min(int(math.floor(cy + r_ap + 0.5)), ny - 1) - y_lo + 1
-    p = _psf_fracs(psf, psf_tot, cx - x_lo, cy - y_lo, max(sy, 0), max(sx, 0), oversamp)
+    p = _fractions(psf, psf_tot, oversamp, coef, epar, cx - x_lo, cy - y_lo, max(sy, 0), max(sx, 0))
     sf = 0.0
     sv = 0.0
     swm = 0.0
@@ -293,6 +265,8 @@ def _measure_one(img, var, flg, zod, psf, psf_tot, cx, cy, r_ap, r_in, r_out, ba
                 continue
             if (flg[iy, ix] & bad_mask) != 0 or not math.isfinite(zod[iy, ix]):
                 continue
+            if near.shape[0] and near[iy, ix]:
+                continue
             sf += wi * (fi - scale * zod[iy, ix] - b)
             sv += wi * wi * var[iy, ix]
             swm += wi
@@ -313,34 +287,61 @@ def _measure_one(img, var, flg, zod, psf, psf_tot, cx, cy, r_ap, r_in, r_out, ba
 
 
 @njit(cache=True, nogil=True)
-def _measure_serial(images, variances, flags, zodis, psfs, psf_tots, psf_index, cx, cy, r_ap, r_in, r_out,
-                    bad_mask, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status):
+def _stamp(k, images, variances, flags, zodis, psfs, psf_tots, psf_index, coefs, epars, coef_index, cx, cy,
+           r_ap, r_in, r_out, bad_masks, core_masks, core_r, nsigma, maxiter, min_bkg, oversamp, out, flags_or,
+           status):
+    c = coef_index[k]
+    coef = coefs[c] if c >= 0 else coefs[0, :1, :1]  # a 1x1 array means: the cube plane
+    _measure_one(images[k], variances[k], flags[k], zodis[k], psfs[psf_index[k]], psf_tots[psf_index[k]],
+                 coef, epars[max(c, 0)], cx[k], cy[k], r_ap, r_in, r_out, bad_masks[k], core_masks[k],
+                 core_r, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status, k)
+
+
+@njit(cache=True, nogil=True)
+def _measure_serial(images, variances, flags, zodis, psfs, psf_tots, psf_index, coefs, epars, coef_index, cx, cy,
+                    r_ap, r_in, r_out, bad_masks, core_masks, core_r, nsigma, maxiter, min_bkg, oversamp, out, flags_or,
+                    status):
     for k in range(images.shape[0]):
-        _measure_one(images[k], variances[k], flags[k], zodis[k], psfs[psf_index[k]], psf_tots[psf_index[k]],
-                     cx[k], cy[k],
-                     r_ap, r_in, r_out, bad_mask, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status, k)
+        _stamp(k, images, variances, flags, zodis, psfs, psf_tots, psf_index, coefs, epars, coef_index, cx, cy,
+               r_ap, r_in, r_out, bad_masks, core_masks, core_r, nsigma, maxiter, min_bkg, oversamp, out, flags_or,
+           status)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _measure_parallel(images, variances, flags, zodis, psfs, psf_tots, psf_index, cx, cy, r_ap, r_in, r_out,
-                      bad_mask, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status):
+def _measure_parallel(images, variances, flags, zodis, psfs, psf_tots, psf_index, coefs, epars, coef_index, cx, cy,
+                      r_ap, r_in, r_out, bad_masks, core_masks, core_r, nsigma, maxiter, min_bkg, oversamp, out,
+                      flags_or, status):
     for k in prange(images.shape[0]):
-        _measure_one(images[k], variances[k], flags[k], zodis[k], psfs[psf_index[k]], psf_tots[psf_index[k]],
-                     cx[k], cy[k],
-                     r_ap, r_in, r_out, bad_mask, nsigma, maxiter, min_bkg, oversamp, out, flags_or, status, k)
+        _stamp(k, images, variances, flags, zodis, psfs, psf_tots, psf_index, coefs, epars, coef_index, cx, cy,
+               r_ap, r_in, r_out, bad_masks, core_masks, core_r, nsigma, maxiter, min_bkg, oversamp, out, flags_or,
+           status)
+
+
+def _per_stamp(v, n: int) -> np.ndarray:
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.int64), (n,)))
 
 
 def measure_stamps(images: np.ndarray, variances: np.ndarray, flags: np.ndarray, zodis: np.ndarray,
                    psfs: np.ndarray, psf_index: np.ndarray, cx: np.ndarray, cy: np.ndarray, *,
-                   r_ap: float, r_in: float, r_out: float, bad_mask: int, nsigma: float = 3.0,
+                   r_ap: float, r_in: float, r_out: float, bad_mask, core_mask=0, core_radius: float = 0.0,
+                   nsigma: float = 3.0,
                    maxiter: int = 5, min_bkg: int = 20, oversamp: int = 10,
+                   coefs: np.ndarray | None = None, epars: np.ndarray | None = None,
+                   coef_index: np.ndarray | None = None,
                    parallel_threshold: int = 20000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Forced photometry of a stack of n stamps (see the module docstring for the outputs).
 
     images, variances, zodis: (n, ny, nx) float (NaN = no data); flags: (n, ny, nx) int64;
     psfs: (m, py, px) oversampled PSF planes; psf_index: (n,) plane of each stamp; cx, cy: (n,)
-    source centres in stamp pixels; radii in pixels. Returns (out (n, N_OUT) float64,
-    flags_or (n,) int64 = FLAGS OR-ed over the aperture's on-file pixels, status (n,) int32).
+    source centres in stamp pixels; radii in pixels. ``bad_mask``: FLAGS bits that mask a pixel
+    everywhere (an int, or one per stamp); ``core_mask``: bits that mark a saturated core (int or
+    per stamp): aperture pixels within ``core_radius`` px of such a pixel are unusable (the
+    background is left alone).
+    R7 stamps use an ePSF instead of a cube plane: ``coefs`` (q, H, W) B-spline coefficients of
+    ePSF arrays (:func:`spxframe.photometry.epsf.spline_coefficients`), ``epars`` (q, 4) their
+    (centre x, centre y, OVSMPX, OVSMPY), ``coef_index`` (n,) the array of each stamp, -1 for the
+    cube plane. Returns (out (n, N_OUT) float64, flags_or (n,) int64 = FLAGS OR-ed over the
+    aperture's on-file pixels, status (n,) int32).
     Threads are used only when n >= parallel_threshold (waking them costs ~5 ms).
     """
     n = images.shape[0]
@@ -349,12 +350,15 @@ def measure_stamps(images: np.ndarray, variances: np.ndarray, flags: np.ndarray,
     status = np.zeros(n, np.int32)
     if n == 0:
         return out, flags_or, status
+    if coefs is None or coef_index is None:
+        coefs, epars, coef_index = np.zeros((1, 1, 1)), np.zeros((1, 4)), np.full(n, -1)
     args = (np.ascontiguousarray(images), np.ascontiguousarray(variances),
             np.ascontiguousarray(flags, dtype=np.int64), np.ascontiguousarray(zodis),
             np.ascontiguousarray(psfs, dtype=np.float64), psfs.sum(axis=(1, 2), dtype=np.float64),
-            np.ascontiguousarray(psf_index, dtype=np.int64),
+            np.ascontiguousarray(psf_index, dtype=np.int64), np.ascontiguousarray(coefs, dtype=np.float64),
+            np.ascontiguousarray(epars, dtype=np.float64), np.ascontiguousarray(coef_index, dtype=np.int64),
             np.ascontiguousarray(cx, dtype=np.float64), np.ascontiguousarray(cy, dtype=np.float64),
-            float(r_ap), float(r_in), float(r_out), np.int64(bad_mask), float(nsigma), int(maxiter),
-            int(min_bkg), int(oversamp), out, flags_or, status)
+            float(r_ap), float(r_in), float(r_out), _per_stamp(bad_mask, n), _per_stamp(core_mask, n),
+            float(core_radius), float(nsigma), int(maxiter), int(min_bkg), int(oversamp), out, flags_or, status)
     (_measure_parallel if n >= parallel_threshold else _measure_serial)(*args)
     return out, flags_or, status

@@ -45,6 +45,7 @@ from spxframe.archive import observations as query_observations
 from spxframe.catalog import normalize_catalog
 from spxframe.errors import InputError
 from spxframe.fetcher import CacheDir
+from spxframe.fits import flagbits
 from spxframe.planner import plan as make_plan
 from spxframe.planner.manifest import summarize
 from spxframe.progress import bar as progress_bar
@@ -131,8 +132,9 @@ def _validate(cutout_size, cutout_center, access, bands, time, collection, relea
     bands, time, _ = check_query_options(bands, time, collection, releases)  # the archive's own validation
     measure_options: dict[str, Any] = {"aperture_radius": float(aperture_radius)}
     if bad_bits is not None:
-        _grammar("bad_bits", spherex.bits_to_mask, bad_bits)
-        measure_options["bad_bits"] = sorted(int(b) for b in bad_bits)
+        items = bad_bits.replace(";", ",").split(",") if isinstance(bad_bits, str) else list(bad_bits)
+        _grammar("bad_bits", flagbits.bad_bits, items)  # numbers or names (e.g. "HOT", "GHOST")
+        measure_options["bad_bits"] = sorted({str(b).strip().upper() for b in items if str(b).strip()})
     if not is_url(output_dir) and os.path.isfile(os.path.expanduser(str(output_dir))):
         raise InputError(f"output_dir={str(output_dir)!r} is a file; expected a folder (or an fsspec URL)")
     if cache_dir is None:

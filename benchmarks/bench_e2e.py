@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     sizes = [30] if a.quick else [int(x) for x in a.sources.split(",") if x]
     methods = ["auto", "range"] if a.quick else a.access.split(",")
     rows = []
-    with sim.serve(seed=1, sources_per_field=a.sources_per_field, cache_strips=256) as archive:
+    with sim.serve(seed=1, sources_per_field=a.sources_per_field, cache_strips=256,
+                   releases=("qr2",)) as archive:
         u = archive.universe
         for n in sizes:
             cat = patch(u, n)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     from spxframe.fetcher.engine import fetch
     from spxframe.sim.world.frame import NSTRIP
 
-    u = sim.Universe(seed=1, cache_strips=(n_files + 2) * NSTRIP)
+    u = sim.Universe(seed=1, cache_strips=(n_files + 2) * NSTRIP, releases=("qr2",))
     with sim.serve(universe=u) as arc:
         man = build(arc, n_files, per_file, args.size)
         n = man["cutout"].height

@@ -41,7 +41,7 @@ def main() -> None:
 
     sizes = [1000, 10000] if args.quick else [1000, 10000, 30000]
     t0 = time.perf_counter()
-    with sim.serve(seed=1) as archive:
+    with sim.serve(seed=1, releases=("qr2",)) as archive:
         print(f"sim archive up in {time.perf_counter() - t0:.1f} s at {archive.url}")
         for n in sizes:
             cat = catalog(archive.universe, n)

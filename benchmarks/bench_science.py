@@ -30,7 +30,7 @@ def table(n: int, seed: int = 0) -> pl.DataFrame:
     from spxframe import sim
     from spxframe.sim.world import instrument as ins
 
-    u = sim.Universe(seed=1, sources_per_field=30_000)
+    u = sim.Universe(seed=1, sources_per_field=30_000, releases=("qr2",))
     f = [x for x in u.fields if x["name"] == "wide_generic"][0]
     src = u.sources.filter(pl.col("field") == "wide_generic")
     d2 = ((src["ra"] - f["ra"]) * np.cos(np.radians(f["dec"]))) ** 2 + (src["dec"] - f["dec"]) ** 2

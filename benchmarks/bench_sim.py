@@ -63,7 +63,7 @@ def services(args) -> int:
     from spxframe import sim
 
     t0 = time.perf_counter()
-    universe = sim.Universe(seed=args.seed)
+    universe = sim.Universe(seed=args.seed, releases=("qr2",))
     t_universe = time.perf_counter() - t0
     rows = []
     with sim.serve(universe=universe) as arc:
@@ -164,7 +164,7 @@ def files(seed: int, reps: int) -> dict:
     from spxframe import sim
 
     out: dict = {"t": {}, "md5": {}}
-    with sim.serve(seed=seed) as arc:
+    with sim.serve(seed=seed, releases=("qr2",)) as arc:
         obs = arc.universe.observations
         keys, ra, dec = obs["cloud_key"].to_list(), obs["s_ra"].to_list(), obs["s_dec"].to_list()
         fresh = iter(range(3, len(keys), 37))  # every measurement on frames not touched before
@@ -216,7 +216,7 @@ def e2e(seed: int, n: int) -> dict:
     from spxframe import sim
 
     out: dict = {"t": {}, "md5": {}}
-    with sim.serve(seed=seed) as arc, tempfile.TemporaryDirectory() as tmp:
+    with sim.serve(seed=seed, releases=("qr2",)) as arc, tempfile.TemporaryDirectory() as tmp:
         cat = arc.universe.catalog().head(n)
         t0, c0 = time.perf_counter(), time.process_time()
         phot = spxframe.lightcurves(cat, "60px", archive=arc, output_dir=tmp, progress=False)

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
     from spxframe import sim
 
-    u = sim.Universe(seed=1)
+    u = sim.Universe(seed=1, releases=("qr2",))
     tmp = tempfile.mkdtemp(prefix="spx_vs_spxq_")
     try:
         return _run(a, n, py, u, tmp)

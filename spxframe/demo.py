@@ -98,7 +98,7 @@ def run_demo(*, output_dir: str = "spxframe_out", n_sources: int = 300, seed: in
 
     t0 = time.perf_counter()
     before = _previous_keys(output_dir)
-    with sim.serve(seed=seed, cache_strips=512) as archive:
+    with sim.serve(seed=seed, cache_strips=512, releases=("qr2",)) as archive:
         print(f"simulated IRSA archive at {archive.url}  (cloud copy at {archive.cloud_url})")
         cat = demo_catalog(archive.universe, n_sources)
         print(f"catalog: {cat.height} simulated sources, classes "

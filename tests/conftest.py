@@ -10,7 +10,7 @@ def universe():
     from spxframe import sim
 
     # a large strip cache: the end-to-end tests revisit the same simulated images from many cells
-    return sim.Universe(seed=1, cache_strips=768)
+    return sim.Universe(seed=1, cache_strips=768, releases=("qr2",))
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ PLANES = spherex.PLANE_HDUS
 def universe():
     from spxframe.sim import Universe
 
-    return Universe(seed=1)
+    return Universe(seed=1, releases=("qr2",))
 
 
 @pytest.fixture(scope="module")

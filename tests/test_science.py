@@ -27,7 +27,7 @@ UNDERSTATE = {1: 3.0, 2: 1.5, 3: 2.0, 4: 1.0, 5: 4.0, 6: 2.5}
 
 @pytest.fixture(scope="module")
 def sky():
-    return sim.Universe(seed=1)
+    return sim.Universe(seed=1, releases=("qr2",))
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +229,7 @@ def test_end_to_end_through_lightcurves_with_understated_variance(tmp_path):
     the science products recover the factor and keep constant sources constant."""
     import spxframe
 
-    try:
-        u = sim.Universe(seed=1, variance_understate=2.0)
-    except TypeError:
-        pytest.skip("this simulated archive has no variance_understate knob yet")
+    u = sim.Universe(seed=1, variance_understate=2.0, releases=("qr2",))
     cat = u.catalog().join(u.sources.select("source_id", "field"), on="source_id").filter(
         pl.col("field") == "wide_generic")
     ra0, dec0 = float(cat["ra"].median()), float(cat["dec"].median())

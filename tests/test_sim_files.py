@@ -21,7 +21,7 @@ BLOCK = 2880
 
 @pytest.fixture(scope="module")
 def uni() -> Universe:
-    return Universe(seed=1)
+    return Universe(seed=1, releases=("qr2",))
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_truth_api(uni):
 
 
 def test_legacy_psf_headers(uni, key, hdul):
-    leg = Universe(seed=1, legacy_psf_headers=True)
+    leg = Universe(seed=1, releases=("qr2",), legacy_psf_headers=True)
     raw = leg.read(key, 0, FULL_FILE_BYTES)
     hl = fits.open(io.BytesIO(raw))
     assert hl[0].header["VERSION"] == "6.5.4" and hdul[0].header["VERSION"] == "6.5.4+psffix1"
@@ -271,7 +271,7 @@ def test_legacy_psf_headers(uni, key, hdul):
 
 
 def test_deterministic_and_seeded(uni, key):
-    again, other = Universe(seed=1), Universe(seed=2)
+    again, other = Universe(seed=1, releases=("qr2",)), Universe(seed=2, releases=("qr2",))
     a, b = 23040 + 8160 * 600, 23040 + 8160 * 603
     assert again.read(key, a, b) == uni.read(key, a, b)
     assert again.cutout(key, "1000,1000px", "20px") == uni.cutout(key, "1000,1000px", "20px")
@@ -285,7 +285,7 @@ def test_deterministic_and_seeded(uni, key):
 def test_knobs_and_pickle(uni):
     import pickle
 
-    small = Universe(seed=1, deep_visits=40, wide_visits_per_pass=8, cloud_lag_fraction=0.3)
+    small = Universe(seed=1, releases=("qr2",), deep_visits=40, wide_visits_per_pass=8, cloud_lag_fraction=0.3)
     o = small.observations
     assert 35 <= o.filter(pl.col("obs_collection") == "spherex_qr2_deep")["obs_id"].n_unique() <= 40
     assert 0.2 < 1 - o["cloud_available"].mean() < 0.4 and uni.observations["cloud_available"].all()
@@ -296,7 +296,7 @@ def test_knobs_and_pickle(uni):
 def test_variance_understate_knob(uni):
     """``variance_understate``: VARIANCE understates the true scatter by the factor of its detector,
     IMAGE is unchanged, and the default writes the same files."""
-    under = Universe(seed=1, variance_understate={2: 2.0})
+    under = Universe(seed=1, releases=("qr2",), variance_understate={2: 2.0})
     o = uni.observations
     keys = {d: o.filter(pl.col("detector") == d)["cloud_key"][3] for d in (1, 2)}
     bad = sum(1 << FLAG_BITS[b] for b in ("TRANSIENT", "OVERFLOW", "NONFUNC", "HOT", "COLD", "OUTLIER"))
@@ -307,10 +307,10 @@ def test_variance_understate_knob(uni):
         assert abs(pull.std() / want - 1) < 0.03, (det, pull.std())
         assert np.array_equal(c["IMAGE"], ref["IMAGE"]) and np.array_equal(c["FLAGS"], ref["FLAGS"])
     a, b = 23040 + 8160 * 600, 23040 + 8160 * 603
-    assert Universe(seed=1, variance_understate=1.0).read(keys[2], 0, b) == uni.read(keys[2], 0, b)
+    assert Universe(seed=1, releases=("qr2",), variance_understate=1.0).read(keys[2], 0, b) == uni.read(keys[2], 0, b)
     assert under.read(keys[1], a, b) == uni.read(keys[1], a, b)
     with pytest.raises(ValueError):
-        Universe(seed=1, variance_understate={7: 2.0})
+        Universe(seed=1, releases=("qr2",), variance_understate={7: 2.0})
     from spxframe import sim
 
     assert sim.serve(seed=1, variance_understate=3.0).universe.variance_understate == dict.fromkeys(range(1, 7), 3.0)

@@ -4,6 +4,7 @@ calibration products (spec §3.9, §3.10, §4)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -12,10 +13,13 @@ import warnings
 import numpy as np
 import polars as pl
 import pytest
+import pyvo
+import requests
 from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from spxframe import sim
 from spxframe.sim import Universe
 from spxframe.sim.r7 import calib, epsf, gains, mef, qr3flags, rice
 from spxframe.sim.r7.bits import R7_BIT, R7_FLAG_BITS, R7_NEW_BITS, bits_from_mskn
@@ -414,3 +418,182 @@ def test_cal_paths_and_listing():
     flx = [json.loads(s) for s in calib.listing(1, "qr3", "l3_flux_corrections").splitlines()]
     assert len(flx) == 6 and flx[0]["size"] == calib.product(1, "qr3", "l3_flux_corrections", 1).size
     assert calib.listing(1, "qr2", "l3_flux_corrections") == ""
+
+
+# ----------------------------------------------------------------------------- the two-release archive
+
+QR3_FROM = 61241.0
+
+
+@pytest.fixture(scope="module")
+def qr2only() -> Universe:
+    return Universe(seed=1, releases=("qr2",))
+
+
+def test_qr3_rows_only_from_the_release_boundary(uni, qr2only):
+    o, o2 = uni.observations, qr2only.observations
+    q3 = o.filter(pl.col("release") == "qr3")
+    q2 = o.filter(pl.col("release") == "qr2")
+    assert set(q3["obs_collection"].unique()) == {"spherex_qr3", "spherex_qr3_deep"}
+    assert set(q2["obs_collection"].unique()) == {"spherex_qr2", "spherex_qr2_deep"}
+    assert q3["t_min"].min() >= QR3_FROM and q2["t_max"].max() < QR3_FROM
+    # no new QR2 row: the QR2 rows are the QR2-only sky's, in the same order, before every QR3 row
+    assert q2.height == o2.height and o.head(o2.height).drop("contentlength").equals(o2.drop("contentlength"))
+    assert q3["obs_index"].min() > q2["obs_index"].max()
+    # each wide field: one pass starting within MJD 61241-61250; the deep field weekly to ~61300
+    for name in ("wide_generic", "wide_ra0", "wide_pole"):
+        t = q3.filter(pl.col("field") == name)["t_min"]
+        assert t.len() > 0 and QR3_FROM <= t.min() and t.max() < 61250.0
+    deep = q3.filter(pl.col("obs_collection") == "spherex_qr3_deep")["t_min"].to_numpy()
+    weeks = np.unique(np.floor((deep - QR3_FROM) / 7.0))
+    assert len(weeks) >= 8 and 61290.0 < deep.max() < 61305.0
+    assert q3["version"].str.starts_with("7.0.").all() and q3["obs_id"].n_unique() * 6 >= q3.height
+    assert q3["uri"].str.contains(r"^ibe/data/spherex/qr3/level2/\d{4}W\d{2}_\d[A-D]/l2b-v27-2026-223/[1-6]/"
+                                  r"level2_\S+D[1-6]_spx_l2b-v27-2026-223\.fits$").all()
+    assert o["obs_publisher_did"].n_unique() == o.height and o["planeid"].n_unique() == o.height
+
+
+def test_truth_flux_is_one_truth(uni, qr2only):
+    ids = uni.sources["source_id"].to_numpy()[::50]
+    t = np.array([60810.0, 60900.0, 61050.0, 61245.0, 61300.0])[:, None]
+    a, b = uni.truth_flux(ids[None], 2.1, t), qr2only.truth_flux(ids[None], 2.1, t)
+    np.testing.assert_array_equal(a, b)
+    assert np.all(np.isfinite(a))
+
+
+def test_qr2_pixels_are_on_the_pre_r7_gains(uni, qr2only):
+    """With QR3 in the sky, QR2 IMAGE x f and VARIANCE x f^2 are the R7-gain (QR2-only sky) pixels;
+    ZODI, FLAGS and the headers are unchanged; with releases=("qr2",) the planes are the truth's."""
+    key = uni.observations.filter((pl.col("detector") == 1) & (pl.col("release") == "qr2"))["cloud_key"][3]
+    lo, hi = QR2_LAYOUT["IMAGE"][0], QR2_LAYOUT["ZODI"][2]
+    a, b = uni.read(key, lo, hi), qr2only.read(key, lo, hi)
+    for n in ("IMAGE", "FLAGS", "VARIANCE", "ZODI"):
+        h0, d0, d1 = (x - lo for x in QR2_LAYOUT[n])
+        assert a[h0:d0] == b[h0:d0], n  # headers unchanged
+        pa = np.frombuffer(a[d0:d1], ">i4" if n == "FLAGS" else ">f4")[:NPIX * NPIX].reshape(NPIX, NPIX)
+        pb = np.frombuffer(b[d0:d1], ">i4" if n == "FLAGS" else ">f4")[:NPIX * NPIX].reshape(NPIX, NPIX)
+        if n in ("FLAGS", "ZODI"):
+            np.testing.assert_array_equal(pa, pb)
+            continue
+        f = gains.gain_map(1, 1).astype(np.float64)
+        good = (f > 0.5) & np.isfinite(pb)
+        expect = pb[good] / (f[good] if n == "IMAGE" else f[good] ** 2)
+        np.testing.assert_allclose(pa[good], expect, rtol=2e-7, atol=1e-30)
+        ratio = np.nanmedian(pb[good] / pa[good])
+        assert (0.96 < ratio < 0.98) if n == "IMAGE" else (0.92 < ratio < 0.96)  # D1: f ~ 0.97
+
+
+@pytest.fixture(scope="module")
+def arc(uni):
+    with sim.serve(universe=uni) as a:
+        yield a
+
+
+@pytest.fixture(scope="module")
+def qr3key(uni):
+    o = uni.observations.filter((pl.col("release") == "qr3") & (pl.col("detector") == 2))
+    return next(k for k in o["cloud_key"] if uni.frame_sources(k).height > 200)
+
+
+def test_r7_file_over_http(uni, arc, qr3key):
+    url = f"{arc.url}/ibe/data/spherex/{qr3key}"
+    head = requests.head(url)
+    raw = requests.get(url).content
+    assert head.status_code == 200 and int(head.headers["Content-Length"]) == len(raw) == uni.file_size(qr3key)
+    part = requests.get(url, headers={"Range": "bytes=5000000-5099999"})
+    assert part.status_code == 206 and part.content == raw[5_000_000:5_100_000]
+    cloud = requests.get(f"{arc.cloud_url}/{qr3key}", headers={"Range": f"bytes={len(raw) - 4000}-"})
+    assert cloud.status_code == 206 and cloud.content == raw[-4000:]
+    with fits.open(io.BytesIO(raw)) as hl:
+        assert [h.name for h in hl] == ["PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "EPSF", "WCS-WAVE"]
+        assert hl[0].header["VERSION"].startswith("7.0.") and isinstance(hl["FLAGS"], fits.CompImageHDU)
+        assert bits_from_mskn(hl["FLAGS"].header) == R7_FLAG_BITS
+        assert hl["WCS-WAVE"].data["VALUES"].shape == (1, 9, 9, 2) and "NEFF_MEAN" in hl["EPSF"].columns.names
+        flags = hl["FLAGS"].data
+        img = hl["IMAGE"].data
+        for name, b in R7_NEW_BITS.items():
+            assert hl["IMAGE"].header[f"L2 N_{name}"] == int(np.count_nonzero(flags & (1 << b)))
+    # the new bits are exactly the patches drawn for the frame, their light is in IMAGE
+    p = uni._r7.patches(uni.row(qr3key))
+    drawn, light = p.paint(0, NPIX)
+    new = sum(1 << b for b in R7_NEW_BITS.values())
+    np.testing.assert_array_equal(flags & new, drawn)
+    assert np.count_nonzero(drawn & (R7_BIT["GHOST"] | R7_BIT["CROSSTALK"] | R7_BIT["STREAK"])) > 0
+    comp = uni.components(qr3key, 600, 700)
+    np.testing.assert_array_equal(comp["IMAGE"], img[600:700])
+    assert comp["FLAGS"].tolist() == flags[600:700].tolist()
+    assert uni.md5(qr3key) == hashlib.md5(raw).hexdigest()
+
+
+def test_r7_cutout_over_http(uni, arc, qr3key):
+    src = uni.frame_sources(qr3key).filter((pl.col("x") > 100) & (pl.col("x") < 1900) & (pl.col("y") > 100)
+                                           & (pl.col("y") < 1900)).row(0, named=True)
+    url = f"{arc.url}/ibe/data/spherex/{qr3key}"
+    r = requests.get(url, params={"center": f"{src['x']:.2f},{src['y']:.2f}px", "size": "31px"})
+    assert r.status_code == 200
+    x0, y0, nx, ny = uni.cutout_box(qr3key, f"{src['x']:.2f},{src['y']:.2f}px", "31px")
+    with fits.open(io.BytesIO(requests.get(url).content)) as full, fits.open(io.BytesIO(r.content)) as cut:
+        assert isinstance(cut["FLAGS"], fits.CompImageHDU) and cut[0].header["VERSION"].startswith("7.0.")
+        for n in ("IMAGE", "FLAGS", "VARIANCE", "ZODI"):
+            np.testing.assert_array_equal(cut[n].data, full[n].data[y0:y0 + ny, x0:x0 + nx])
+        assert cut["EPSF"].data.tobytes() == full["EPSF"].data.tobytes()  # the EPSF table whole
+        w = WCS(cut["IMAGE"].header).celestial
+        assert np.allclose(w.all_pix2world(0, 0, 0), WCS(full["IMAGE"].header).celestial.all_pix2world(x0, y0, 0))
+    plain = Universe(seed=1, qr3_cutout_flags_compressed=False).cutout(qr3key, "1000,1000px", "20px")
+    with fits.open(io.BytesIO(plain)) as hl:
+        assert not isinstance(hl["FLAGS"], fits.CompImageHDU) and hl["FLAGS"].data.shape == (20, 20)
+
+
+def test_qr3_in_tap_and_cal_products_served(uni, arc):
+    tap = pyvo.dal.TAPService(arc.tap_url)
+    t = tap.search("SELECT obs_collection, t_min FROM spherex.obscore "
+                   "WHERE obs_collection IN ('spherex_qr3', 'spherex_qr3_deep')").to_table()
+    o3 = uni.observations.filter(pl.col("release") == "qr3")
+    assert len(t) == o3.height and float(np.min(t["t_min"])) >= QR3_FROM
+    t = tap.search("SELECT obs_collection FROM spherex.obscore WHERE t_min < 61241").to_table()
+    assert set(t["obs_collection"]) == {"spherex_qr2", "spherex_qr2_deep"}
+    t = tap.search("SELECT a.uri, a.contentlength FROM spherex.artifact a JOIN spherex.plane p ON "
+                   "a.planeid = p.planeid WHERE p.provenance_version LIKE '7.0.%'").to_table()
+    assert len(t) == o3.height and all(str(u).startswith("ibe/data/spherex/qr3/") for u in t["uri"])
+    t = tap.search("SELECT collection, uri, contentlength FROM caom.artifact").to_table()
+    assert {"spherex_qr2_cal", "spherex_qr3_cal"} == set(t["collection"])
+    cal = dict(zip((str(u) for u in t["uri"]), (int(n) for n in t["contentlength"])))
+    path = calib.path("qr3", "l3_flux_corrections", calib.latest("qr3", "l3_flux_corrections", 1), 1)
+    assert cal["ibe/data/spherex/" + path] == calib.product(1, "qr3", "l3_flux_corrections", 1).size
+    r = requests.get(f"{arc.url}/ibe/data/spherex/{path}")
+    assert r.status_code == 200 and len(r.content) == cal["ibe/data/spherex/" + path]
+    with fits.open(io.BytesIO(r.content)) as hl:
+        np.testing.assert_array_equal(hl["FLUX_CORRECTION"].data[::101], gains.gain_map(1, 1)[::101])
+    assert requests.get(f"{arc.cloud_url}/{path}", headers={"Range": "bytes=0-2879"}).content == r.content[:2880]
+    lines = [json.loads(s) for s in requests.get(f"{arc.url}/ibe/dir/list/spherex/qr3/epsf").text.splitlines()]
+    assert len(lines) == 7 and {d["name"].split("/")[1] for d in lines} == {"1", "2", "3", "4", "5", "6"}
+    assert requests.get(f"{arc.url}/ibe/dir/list/spherex/qr2/l3_flux_corrections").status_code == 404
+    psf = calib.path("qr2", "average_psf", "cal-psf-v5-2026-082", 4)
+    assert requests.head(f"{arc.url}/ibe/data/spherex/{psf}").status_code == 200
+
+
+def test_sia_lags_behind_tap_for_the_newest_qr3_data(uni):
+    o3 = uni.observations.filter(pl.col("release") == "qr3").sort("t_min")
+    newest = o3.tail(1)
+    ra, dec = float(newest["s_ra"][0]), float(newest["s_dec"][0])
+    q = f"SELECT obs_publisher_did FROM spherex.obscore WHERE CONTAINS(POINT('ICRS',{ra},{dec}), s_region)=1"
+    with sim.serve(universe=uni, faults=sim.Faults(sia_qr3_lag_days=3.0)) as a:
+        tap_ids = set(pyvo.dal.TAPService(a.tap_url).search(q).to_table()["obs_publisher_did"])
+        sia = pyvo.dal.SIA2Service(a.sia_url).search(pos=(ra, dec, 0.001)).to_table()
+    sia_ids = set(sia["obs_publisher_did"])
+    assert newest["obs_publisher_did"][0] in tap_ids - sia_ids and sia_ids < tap_ids
+    t_max = float(newest["t_min"][0])
+    hidden = {d for d, t in zip(o3["obs_publisher_did"], o3["t_min"]) if t > t_max - 3.0}
+    assert not (sia_ids & hidden) and (tap_ids - sia_ids) <= hidden  # only the newest QR3 frames lag
+
+
+def test_qr3_knobs_and_datalink(uni, arc, qr3key):
+    short = Universe(seed=1, epsf_spelling="short", epsf_tdim=False).cutout(qr3key, "1000,1000px", "15px")
+    with fits.open(io.BytesIO(short)) as hl:
+        names = hl["EPSF"].columns.names
+        assert "XCTR" in names and "NEFF" in names and "XCENTER" not in names and "OVERSAMP" in hl["EPSF"].header
+        assert "TDIM" not in " ".join(hl["EPSF"].header.keys())
+    did = uni.observations.filter(pl.col("cloud_key") == qr3key)["obs_publisher_did"][0]
+    assert did.startswith("ivo://irsa.ipac/spherex_qr3")
+    body = requests.get(arc.datalink_url, params={"ID": did}).text
+    assert f"{arc.url}/ibe/data/spherex/{qr3key}" in body

@@ -2,10 +2,12 @@
 
 ``Universe`` is the truth (observations table, virtual files, cutouts); ``serve`` runs the
 IRSA-like HTTP services on 127.0.0.1 (TAP, SIA2, DataLink, IBE files/cutouts, cloud copy);
-``Faults`` injects failures; ``main`` is ``spxframe sim serve``. Three rooms, imported one way
-(services -> world, services -> adql): ``world`` (sky, instrument, survey, frames, headers,
-cutouts, ``Universe``), ``services`` (HTTP) and ``adql`` (the TAP query engine). The sim shares
-only ``spxframe.spherex`` constants with the client.
+``Faults`` injects failures; ``main`` is ``spxframe sim serve``. Four rooms: ``world`` (sky,
+instrument, survey, frames, headers, cutouts, ``Universe``), ``r7`` (pipeline R7 files of QR3, the
+pre-R7 gains, the calibration products), ``services`` (HTTP) and ``adql`` (the TAP query engine);
+modules import one way (no cycles). ``Universe(releases=("qr2", "qr3"))`` is the default sky,
+``releases=("qr2",)`` the QR2-only one. The sim shares only ``spxframe.spherex`` constants with the
+client.
 """
 
 from __future__ import annotations

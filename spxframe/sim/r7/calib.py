@@ -209,6 +209,9 @@ def product_size(seed: int, release: str, family: str, det: int, token: str, eps
     """Bytes of a product file, without computing its pixels or its ePSF library."""
     if family == "epsf":
         return BLOCK + ep.epsf_hdu_size(det, token, epsf_spelling)
+    if family == "average_psf":  # the cube's bytes are a known size: do not compute it
+        version, legacy = AVERAGE_PSF_HEADERS[token]
+        return BLOCK + len(qr2h.psf_header(det, version, legacy)) + padded(qr2h.PSF_DATA_BYTES)
     return product(seed, release, family, det, token).size
 
 

@@ -60,8 +60,9 @@ def keyword(card: str) -> str:
     return card[:8].strip().upper()
 
 
+@lru_cache(maxsize=1 << 16, typed=True)
 def image(key: str, value, comment: str = "") -> str:
-    """One card image (astropy's formatting)."""
+    """One card image (astropy's formatting; memoised: headers of a frame's cutouts repeat them)."""
     return fits.Card(key, value, comment).image
 
 

@@ -22,6 +22,8 @@ class Faults:
       Retry-After (IRSA ≈ 4); None = unlimited.
     - ``retry_after_s``: the Retry-After value sent with 503s.
     - ``sia_lag_days``: SIA omits frames newer than (newest t_min − lag) (TAP shows them).
+    - ``sia_qr3_lag_days``: SIA omits QR3 frames newer than (newest QR3 t_min − lag): the newest
+      weekly QR3 data reach TAP before SIA.
     - ``endpoints``: endpoint groups that error/latency/bandwidth/truncation apply to
       (None = all; 'other' is never faulted unless named).
     - ``seed``: the random draws are a deterministic sequence per seed.
@@ -36,6 +38,7 @@ class Faults:
     max_cutout_concurrency: int | None = None
     retry_after_s: float = 1.0
     sia_lag_days: float = 0.0
+    sia_qr3_lag_days: float = 0.0
     endpoints: tuple | set | frozenset | list | None = None
     seed: int = 0
 

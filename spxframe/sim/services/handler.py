@@ -21,6 +21,7 @@ from .tapweb import route_tap
 CHUNK = 1 << 20
 BUCKET = "nasa-irsa-spherex"
 IBE_PREFIX = "/ibe/data/spherex/"
+LIST_PREFIX = "/ibe/dir/list/spherex/"
 LAST_MODIFIED = "Mon, 01 Dec 2025 00:00:00 GMT"
 
 
@@ -43,6 +44,8 @@ def endpoint_of(path: str, query: dict) -> str:
         return "datalink"
     if path.startswith(IBE_PREFIX):
         return "ibe_cutout" if ("center" in query or "size" in query) else "ibe_file"
+    if path.startswith(LIST_PREFIX):
+        return "ibe_list"
     if path == "/" + BUCKET or path.startswith("/" + BUCKET + "/"):
         return "cloud"
     return "other"
@@ -184,7 +187,7 @@ class Handler(BaseHTTPRequestHandler):
                 return route_tap(arc, method, "/TAP/availability", p, files)
             lag = arc.faults.sia_lag_days
             newest = arc.t_min_max - lag if lag > 0 else None
-            return vo.sia_query(arc.tables["spherex.obscore"], arc.sia_extra, p, newest)
+            return vo.sia_query(arc.tables["spherex.obscore"], arc.sia_extra, p, newest, arc.sia_hidden())
         if ep == "datalink":
             if not path.rstrip("/").endswith("/links/spherex"):
                 return 404, {"Content-Type": "text/plain"}, b"no such DataLink service\n"
@@ -195,6 +198,8 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"Content-Type": VOT_CT + ";content=datalink"}, body
         if ep in ("ibe_file", "ibe_cutout"):
             return self._ibe(method, path[len(IBE_PREFIX):], p, ep)
+        if ep == "ibe_list":
+            return _dir_list(arc, path[len(LIST_PREFIX):])
         if ep == "cloud":
             return self._cloud(method, path, p)
         if path in ("/", ""):
@@ -220,6 +225,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _ibe(self, method, key, p, ep):
         arc = self.server.archive
+        if ep == "ibe_file" and key in arc.cal_keys:
+            return self._file(method, key, "application/fits")
         if key not in arc.key_index:
             if ep == "ibe_file" and (key == "" or key.endswith("/")):
                 listing = _listing(arc, key)
@@ -246,6 +253,10 @@ class Handler(BaseHTTPRequestHandler):
         if key == "" or "LIST-TYPE" in p:
             return self._list(p)
         i = arc.key_index.get(key)
+        if key in arc.cal_keys:
+            return self._file(method, key, "binary/octet-stream",
+                              {"ETag": f'"{hashlib.md5(key.encode()).hexdigest()}"',
+                               "Access-Control-Allow-Origin": "*", "x-amz-request-id": "SIM"})
         if i is None or not arc.cloud_avail[i]:
             body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NoSuchKey</Code>'
                     f"<Message>The specified key does not exist.</Message><Key>{escape(key)}</Key></Error>\n").encode()
@@ -260,7 +271,8 @@ class Handler(BaseHTTPRequestHandler):
         delim = (p.get("DELIMITER") or [""])[0]
         maxkeys = int((p.get("MAX-KEYS") or ["1000"])[0])
         start_after = (p.get("CONTINUATION-TOKEN") or p.get("START-AFTER") or [""])[0]
-        keys = sorted(k for k, i in arc.key_index.items() if arc.cloud_avail[i] and k.startswith(prefix))
+        keys = sorted([k for k, i in arc.key_index.items() if arc.cloud_avail[i] and k.startswith(prefix)]
+                      + [k for k in arc.cal_keys if k.startswith(prefix)])
         contents, prefixes = [], []
         seen = set()
         for k in keys:
@@ -279,7 +291,7 @@ class Handler(BaseHTTPRequestHandler):
         last = max(contents[-1:] + prefixes[-1:]) if (contents or prefixes) else ""
         truncated = bool(keys) and last != "" and last < keys[-1] and len(contents) + len(prefixes) >= maxkeys
         items = "".join(f"<Contents><Key>{escape(k)}</Key><LastModified>2025-12-01T00:00:00.000Z</LastModified>"
-                        f"<Size>{arc.file_size(k)}</Size><StorageClass>STANDARD</StorageClass></Contents>"
+                        f"<Size>{arc.list_size(k)}</Size><StorageClass>STANDARD</StorageClass></Contents>"
                         for k in contents)
         cps = "".join(f"<CommonPrefixes><Prefix>{escape(c)}</Prefix></CommonPrefixes>" for c in prefixes)
         body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
@@ -355,6 +367,17 @@ def _listing(arc, prefix: str) -> bytes | None:
     items = "".join(f'<a href="{escape(c)}">{escape(c)}</a>\n' for c in sorted(children))
     return (f"<html><head><title>Index of /ibe/data/spherex/{escape(prefix)}</title></head><body>"
             f"<h1>Index of /ibe/data/spherex/{escape(prefix)}</h1><pre>\n{items}</pre></body></html>\n").encode()
+
+
+def _dir_list(arc, rest: str):
+    """``/ibe/dir/list/spherex/<release>/<family>``: the family's files as JSON lines."""
+    parts = [p for p in rest.split("/") if p]
+    if len(parts) != 2:
+        return 404, {"Content-Type": "text/plain"}, b"404 Not Found: list <release>/<family>\n"
+    body = arc.universe.cal_listing(*parts) if hasattr(arc.universe, "cal_listing") else ""
+    if not body:
+        return 404, {"Content-Type": "text/plain"}, f"404 Not Found: no {rest}\n".encode()
+    return 200, {"Content-Type": "application/x-ndjson"}, body.encode()
 
 
 def _ra(f) -> str:

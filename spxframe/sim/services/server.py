@@ -6,6 +6,8 @@ URL layout (same paths as https://irsa.ipac.caltech.edu, so clients only swap th
   ``/TAP/capabilities``, ``/TAP/tables``, ``/TAP/availability``
 - ``/SIA`` (SIA v2 query), ``/datalink/links/spherex?ID=<obs_publisher_did>``
 - ``/ibe/data/spherex/<cloud_key>`` full files (GET/HEAD/Range); ``?center=&size=[&gzip=]`` cutouts
+- ``/ibe/data/spherex/<release>/<family>/<token>/<det>/<file>`` calibration products;
+  ``/ibe/dir/list/spherex/<release>/<family>`` their listing (JSON lines)
 - ``/nasa-irsa-spherex/<cloud_key>`` the cloud copy (GET/HEAD/Range, ETag); ``/nasa-irsa-spherex?list-type=2``
 """
 
@@ -17,6 +19,8 @@ import time
 from http.server import ThreadingHTTPServer
 
 import numpy as np
+
+from spxframe.spherex import RELEASES
 
 from .faults import Faults
 from .handler import Handler
@@ -115,7 +119,7 @@ class Archive:
     def _prepare(self) -> None:
         obs = self.universe.observations
         self.obs = obs
-        self.tables = build_tables(obs, self.url)
+        self.tables = build_tables(obs, self.url, self._cal_rows())
         self.tap = TapService(self.tables, self.tap_url)
         self.sia_extra = sia_columns(self.tables["spherex.obscore"], obs, self.url)
         keys = obs["cloud_key"].to_list()
@@ -126,6 +130,16 @@ class Archive:
         self.sizes = obs["contentlength"].to_numpy() if "contentlength" in obs.columns else None
         self.checksums = obs["contentchecksum"].to_list() if "contentchecksum" in obs.columns else [""] * obs.height
         self.t_min_max = float(obs["t_min"].max()) if obs.height else 0.0
+        cal = getattr(self.universe, "cal_products", None)
+        self.cal_keys = frozenset(cal()) if cal is not None else frozenset()
+
+    def _cal_rows(self) -> list[tuple[str, str, int]]:
+        """(collection, uri, bytes) of the universe's calibration products (none for an older universe)."""
+        cal = getattr(self.universe, "cal_products", None)
+        if cal is None:
+            return []
+        return [(RELEASES[rel].cal_collection, "ibe/data/spherex/" + path, self.file_size(path))
+                for path, (rel, _, _, _) in sorted(cal().items())]
 
     def row(self, i: int) -> dict:
         return self.obs.row(i, named=True)
@@ -133,13 +147,28 @@ class Archive:
     def file_size(self, key: str) -> int:
         return int(self.universe.file_size(key))
 
+    def sia_hidden(self) -> np.ndarray | None:
+        """Rows SIA leaves out under ``faults.sia_qr3_lag_days``: QR3 frames newer than (newest QR3
+        t_min - lag). None when the knob is off."""
+        lag = float(self.faults.sia_qr3_lag_days)
+        if lag <= 0:
+            return None
+        qr3 = np.isin(self.obs["obs_collection"].to_numpy(), RELEASES["qr3"].collections)
+        t = self.obs["t_min"].to_numpy()
+        return qr3 & (t > t[qr3].max() - lag) if qr3.any() else None
+
+    def list_size(self, key: str) -> int:
+        """The size a bucket listing shows: exact, or a QR3 file's estimate until it is first sized."""
+        hint = getattr(self.universe, "size_hint", None)
+        return int(hint(key)) if hint is not None else self.file_size(key)
+
 
 def serve(seed: int = 1, faults: Faults | None = None, port: int = 0, universe=None,
           **universe_kwargs) -> Archive:
     """The simulated archive, as a context manager (or call ``.start()`` / ``.stop()``).
 
     ``universe``: an existing ``spxframe.sim.Universe``; otherwise one is built with
-    ``Universe(seed=seed, **universe_kwargs)``.
+    ``Universe(seed=seed, **universe_kwargs)`` (e.g. ``releases=("qr2",)`` for a QR2-only sky).
     """
     if universe is not None and universe_kwargs:
         raise TypeError(f"serve(): universe given, so {sorted(universe_kwargs)} cannot be applied")
@@ -154,6 +183,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="spxframe sim serve", description="Serve the simulated IRSA archive.")
     ap.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any free port)")
     ap.add_argument("--seed", type=int, default=1, help="universe seed")
+    ap.add_argument("--qr2-only", action="store_true", help="the QR2-only sky (no QR3 release)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--error-rate", type=float, default=0.0)
     ap.add_argument("--latency", type=float, default=0.0)
@@ -161,7 +191,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     faults = Faults(error_rate=args.error_rate, latency_s=args.latency,
                     max_cutout_concurrency=args.max_cutout_concurrency)
-    arc = serve(seed=args.seed, faults=faults, port=args.port)
+    arc = serve(seed=args.seed, faults=faults, port=args.port, releases=("qr2",) if args.qr2_only else ("qr2", "qr3"))
     arc.host = args.host
     arc.start()
     print(arc.url, flush=True)

@@ -69,8 +69,12 @@ def cloud_access_json(obs: pl.DataFrame) -> np.ndarray:
                      if a else "" for k, a in zip(keys, avail)], dtype=object)
 
 
-def build_tables(obs: pl.DataFrame, base_url: str) -> dict:
-    """Tables of the simulated TAP service (names lower-case, schema-qualified)."""
+def build_tables(obs: pl.DataFrame, base_url: str, cal: list[tuple[str, str, int]] | None = None) -> dict:
+    """Tables of the simulated TAP service (names lower-case, schema-qualified). ``cal``: the
+    calibration products as (collection, uri, bytes): rows of ``caom.observation``/``caom.plane``
+    (dataproducttype ``measurements``) and ``caom.artifact`` (uri, contentlength; joined on planeid =
+    obsid); ``spherex.artifact`` keeps one row per image plane."""
+    cal = cal or []
     n = obs.height
     polys = geom.Polygons(_poly_verts(obs))
     col = {c: _np(obs[c]) for c in obs.columns if c != "poly"}
@@ -116,19 +120,30 @@ def build_tables(obs: pl.DataFrame, base_url: str) -> dict:
         "contenttype": np.full(n, "application/fits", dtype=object),
         "producttype": np.full(n, "science", dtype=object),
     }, {"contentlength": META["contentlength"]}, {}, "files of SPHEREx planes")
+    nc = len(cal)
+    cal_plane = np.arange(nc, dtype=np.int64) + 9_100_001
+    caom_art = Table("caom.artifact", {
+        "planeid": cal_plane, "collection": np.array([c for c, _, _ in cal], dtype=object),
+        "uri": np.array([u for _, u, _ in cal], dtype=object),
+        "contentlength": np.array([b for _, _, b in cal], dtype=np.int64),
+        "contenttype": np.full(nc, "application/fits", dtype=object),
+        "producttype": np.full(nc, "calibration", dtype=object),
+    }, {"contentlength": META["contentlength"]}, {}, "files of the SPHEREx calibration collections")
     ob = obs.select("obsid", "obs_id", "obs_collection").unique(subset=["obsid"], keep="first", maintain_order=True)
     observation = Table("spherex.observation", {
         "obsid": _np(ob["obsid"]), "observationid": _np(ob["obs_id"]), "collection": _np(ob["obs_collection"]),
     }, {}, {}, "CAOM observations (exposures)")
-    colls = list(ob["obs_collection"].to_list()) + [c for c, _ in OTHER_COLLECTIONS]
-    obsids = list(_np(ob["obsid"])) + [9_000_001 + i for i in range(len(OTHER_COLLECTIONS))]
-    types = ["image"] * ob.height + [t for _, t in OTHER_COLLECTIONS]
+    cal_colls = {c for c, _, _ in cal}
+    other = [(c, t) for c, t in OTHER_COLLECTIONS if c not in cal_colls]
+    colls = list(ob["obs_collection"].to_list()) + [c for c, _, _ in cal] + [c for c, _ in other]
+    obsids = list(_np(ob["obsid"])) + list(cal_plane) + [9_000_001 + i for i in range(len(other))]
+    types = ["image"] * ob.height + ["measurements"] * nc + [t for _, t in other]
     caom_obs = Table("caom.observation", {"collection": np.array(colls, dtype=object),
                                           "obsid": np.array(obsids, dtype=np.int64)}, {}, {}, "CAOM observations")
     caom_plane = Table("caom.plane", {"collection": np.array(colls, dtype=object),
                                       "obsid": np.array(obsids, dtype=np.int64),
                                       "dataproducttype": np.array(types, dtype=object)}, {}, {}, "CAOM planes")
-    return {t.name: t for t in (obscore, plane, artifact, observation, caom_obs, caom_plane)}
+    return {t.name: t for t in (obscore, plane, artifact, observation, caom_obs, caom_plane, caom_art)}
 
 
 def sia_columns(obscore: Table, obs: pl.DataFrame, base_url: str) -> dict:

@@ -97,8 +97,10 @@ def _interval(s: str, name: str) -> tuple[float, float]:
     return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
-def sia_query(obscore, extra: dict, params: dict, newest_allowed: float | None) -> tuple[int, dict, bytes]:
-    """SIA2 query over the obscore table; ``extra``: per-row SIA column overrides."""
+def sia_query(obscore, extra: dict, params: dict, newest_allowed: float | None,
+              hidden: np.ndarray | None = None) -> tuple[int, dict, bytes]:
+    """SIA2 query over the obscore table; ``extra``: per-row SIA column overrides; ``hidden``:
+    rows SIA does not show yet (a lagging index)."""
     try:
         c = obscore.columns
         n = obscore.nrows
@@ -127,6 +129,8 @@ def sia_query(obscore, extra: dict, params: dict, newest_allowed: float | None) 
             mask &= (c["t_exptime"] >= lo) & (c["t_exptime"] <= hi)
         if newest_allowed is not None:
             mask &= c["t_min"] <= newest_allowed
+        if hidden is not None:
+            mask &= ~hidden
         maxrec = params.get("MAXREC", [None])[0]
         maxrec = None if maxrec in (None, "") else int(maxrec)
         fmt = (params.get("RESPONSEFORMAT", params.get("FORMAT", ["votable"]))[0] or "votable").lower()

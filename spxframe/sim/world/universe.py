@@ -1,12 +1,13 @@
 """``Universe``: the simulated SPHEREx sky, survey and virtual L2 files (CONTRACTS.md, sim).
 
-    u = Universe(seed=1)
-    u.observations                      # polars, one row per (obs_id, detector) file
+    u = Universe(seed=1)                # releases=("qr2", "qr3"); ("qr2",) for the QR2-only sky
+    u.observations                      # polars, one row per (obs_id, detector) file (``release`` column)
     u.sources                           # polars, truth table of the point sources
     u.truth_flux(source_id, wavelength_um, mjd) -> ndarray       # µJy, broadcast
     u.truth_pixel(source_id, obs_id, detector) -> (x, y)         # zero-based parent pixel, NaN if off
     u.catalog(n=None, field=None) -> DataFrame                  # source_id, ra, dec, pmra, pmdec, ref_epoch
-    u.file_size(key) -> int                                     # 71,634,240
+    u.file_size(key) -> int                                     # QR2 71,634,240; QR3 varies
+    u.cal_file(path), u.cal_listing(release, family)            # calibration products (QR3 sky)
     u.read(key, start=0, stop=None) -> bytes                    # bytes [start, stop) (stop exclusive)
     u.cutout(key, center, size, gzip=False) -> bytes            # IBE grammar; raises BadRequest
     u.cutout_box(key, center, size) -> (x0, y0, nx, ny)         # the box cutout() returns (zero-based)
@@ -16,7 +17,9 @@
 
 Files are computed on demand (deterministic from the seed): a cutout or a read of a few rows draws
 just that box; large reads go by 64-row strips (LRU-cached); nothing is stored on disk. ``key`` is
-the cloud key ``qr2/level2/...`` (the IBE ``uri`` is accepted too); unknown keys raise KeyError.
+the cloud key ``qr2/level2/...`` or ``qr3/level2/...`` (the IBE ``uri`` is accepted too); unknown keys
+raise KeyError. QR3 rows (after every QR2 row) are R7 files drawn by the same frames plus their
+flag patches (``spxframe.sim.r7.files``); with QR3 in the sky, QR2 pixels are on the pre-R7 gains.
 
 Photometric truth: a source of truth flux F (µJy at the WCS-WAVE wavelength of its pixel position
 and at mid-exposure MJD-AVG) adds F·P/(Ω·23.5044) MJy/sr, P = the zone PSF of the file's cube
@@ -38,6 +41,9 @@ import polars as pl
 
 from spxframe.spherex import EXPTIME_S, FULL_FILE_BYTES, NPIX, ROW_BYTES
 
+from ..r7 import calib
+from ..r7 import files as r7files
+from ..r7 import mef as r7mef
 from . import cutout as cut
 from . import headers as hd
 from . import instrument as ins
@@ -45,6 +51,8 @@ from .cutout import BadRequest
 from .frame import STRIP, Frame, frame_wcs
 from .sky import Sky, make_sources
 from .survey import SurveyConfig, observations_table, plan_visits
+
+RELEASES = ("qr2", "qr3")  #: the releases a universe can hold
 
 __all__ = ["Universe", "BadRequest", "SurveyConfig"]
 BOX_CACHE_PIXELS = 4 * STRIP * NPIX  #: boxes up to this size (4 strips' worth) are kept in a small LRU
@@ -126,17 +134,31 @@ class Universe:
     ``variance_understate`` (a factor, or ``{detector 1-6: factor}`` with 1.0 for detectors not
     listed): the VARIANCE plane written is the true noise variance / factor², so formal errors
     understate the true scatter by ``factor``; IMAGE is unchanged, and 1.0 gives the same files.
+
+    ``releases``: ``("qr2", "qr3")`` (default) or ``("qr2",)``. With QR3, frames from MJD 61241 on are
+    added after the QR2 ones (collections ``spherex_qr3``/``spherex_qr3_deep``, R7 files: see
+    ``spxframe.sim.r7``), the calibration products are served, and QR2 pixels are on the pre-R7
+    gains (IMAGE / f, VARIANCE / f²); with ``("qr2",)`` every QR2 file is as it always was.
+    ``truth_flux`` is the one truth (R7 gains) either way. QR3 knobs: ``epsf_spelling`` (``r7``,
+    ``short``, ``both``), ``epsf_tdim``, ``qr3_cutout_flags_compressed``.
     """
 
     def __init__(self, seed: int = 1, *, legacy_psf_headers: bool = False, cloud_lag_fraction: float = 0.0,
                  config: SurveyConfig | None = None, deep_visits: int | None = None,
                  wide_visits_per_pass: int | None = None, sources_per_field: int | None = None,
                  cutout_pixel_base: int = 0, cache_strips: int = 48,
-                 variance_understate: float | dict[int, float] = 1.0) -> None:
+                 variance_understate: float | dict[int, float] = 1.0, releases: tuple[str, ...] = RELEASES,
+                 epsf_spelling: str = "r7", epsf_tdim: bool = True, qr3_cutout_flags_compressed: bool = True) -> None:
         self._init_args = (seed, dict(legacy_psf_headers=legacy_psf_headers, cloud_lag_fraction=cloud_lag_fraction,
                                       config=config, deep_visits=deep_visits, wide_visits_per_pass=wide_visits_per_pass,
                                       sources_per_field=sources_per_field, cutout_pixel_base=cutout_pixel_base,
-                                      cache_strips=cache_strips, variance_understate=variance_understate))
+                                      cache_strips=cache_strips, variance_understate=variance_understate,
+                                      releases=releases, epsf_spelling=epsf_spelling, epsf_tdim=epsf_tdim,
+                                      qr3_cutout_flags_compressed=qr3_cutout_flags_compressed))
+        releases = (releases,) if isinstance(releases, str) else tuple(str(r).lower() for r in releases)
+        if "qr2" not in releases or not set(releases) <= set(RELEASES):
+            raise ValueError(f"releases: ('qr2',) or ('qr2', 'qr3'), got {releases!r}")
+        self.releases = tuple(r for r in RELEASES if r in releases)
         self.seed = int(seed)
         self.legacy_psf_headers = bool(legacy_psf_headers)
         self.cloud_lag_fraction = float(cloud_lag_fraction)
@@ -153,9 +175,15 @@ class Universe:
         self.fields: list[dict] = cfg.field_windows()  #: name, ra, dec, collection, radius, t_lo, t_hi
         self._sky = Sky(make_sources(self.seed, cfg.field_windows(), cfg.sources_per_field))
         self.sources: pl.DataFrame = self._sky.sources
-        self._visits = plan_visits(self.seed, cfg)
+        self._visits = plan_visits(self.seed, cfg, self.releases)
+        qr3 = "qr3" in self.releases
+        sizes = {d: r7mef.estimate_size(d) for d in range(1, 7)} if qr3 else None
         self.observations: pl.DataFrame = observations_table(self.seed, self._visits, cfg, self.cloud_lag_fraction,
-                                                             self.legacy_psf_headers)
+                                                             self.legacy_psf_headers, sizes)
+        self._qr3 = (self.observations["release"] == "qr3").to_numpy()
+        self._r7 = r7files.R7Files(self, epsf_spelling=epsf_spelling, epsf_tdim=epsf_tdim,
+                                   cutout_flags_compressed=qr3_cutout_flags_compressed) if qr3 else None
+        self._cal = r7files.cal_index(self.seed, self.releases)  #: calibration product path -> its identity
         keys = self.observations["cloud_key"].to_list()
         self._row_of = {k: i for i, k in enumerate(keys)}
         self._row_of.update({u: i for i, u in enumerate(self.observations["uri"].to_list())})
@@ -170,6 +198,9 @@ class Universe:
         self._metas = _LRU(1024)  #: headers, WCS and flag counts of a frame
         self._boxes = _LRU(32)  #: boxes drawn without their strips: the other planes' requests reuse them
         self._md5: dict[str, str] = {}
+        self._cals = _LRU(16)
+        self._epsf_spelling = epsf_spelling
+        self._gains = "qr3" in self.releases  #: QR2 pixels on the pre-R7 gains
 
     def __reduce__(self):  # pickles as its constructor arguments (caches hold locks)
         return (_rebuild, self._init_args)
@@ -215,10 +246,49 @@ class Universe:
             raise KeyError(f"no such file: {key!r}")
         return self._row_of[k]
 
+    def cal_key(self, key: str) -> str | None:
+        """The calibration product path of ``key`` (cloud key, IBE path or uri), None if not one."""
+        k = key.lstrip("/").removeprefix("nasa-irsa-spherex/")
+        if "ibe/data/spherex/" in k:
+            k = k[k.index("ibe/data/spherex/") + len("ibe/data/spherex/"):]
+        return k if k in self._cal else None
+
+    def cal_file(self, key: str):
+        """The calibration product (``spxframe.sim.r7.calib.CalFile``) at ``key``; KeyError if none."""
+        k = self.cal_key(key)
+        if k is None:
+            raise KeyError(f"no such calibration product: {key!r}")
+        rel, fam, tok, det = self._cal[k]
+        return self._cals.get(k, lambda: calib.product(self.seed, rel, fam, det, tok,
+                                                       epsf_spelling=self._epsf_spelling))
+
+    def cal_listing(self, release: str, family: str) -> str:
+        """``ibe/dir/list/spherex/<release>/<family>``: JSON lines (empty if not published)."""
+        if release not in self.releases:
+            return ""
+        return calib.listing(self.seed, release, family, self._epsf_spelling)
+
+    def cal_products(self) -> dict[str, tuple[str, str, str, int]]:
+        """Every calibration product path -> (release, family, token, detector)."""
+        return dict(self._cal)
+
     def file_size(self, key: str) -> int:
-        """Size of a full L2 file in bytes (71,634,240)."""
-        self.row(key)
-        return FULL_FILE_BYTES
+        """Size of a file in bytes: QR2 L2 files 71,634,240; QR3 files vary (compressed FLAGS)."""
+        k = self.cal_key(key)
+        if k is not None:
+            rel, fam, tok, det = self._cal[k]
+            return calib.product_size(self.seed, rel, fam, det, tok, self._epsf_spelling)
+        r = self.row(key)
+        return self._r7.size(r) if self._qr3[r] else FULL_FILE_BYTES
+
+    def size_hint(self, key: str) -> int:
+        """``file_size`` where it is known without work (QR2, calibration products, QR3 files already
+        sized), else the QR3 plan-time estimate of ``contentlength`` (for bucket listings)."""
+        if self.cal_key(key) is None:
+            r = self.row(key)
+            if self._qr3[r] and not self._r7.sized(r):
+                return int(self.observations["contentlength"][r])
+        return self.file_size(key)
 
     def _frame(self, r: int) -> Frame:
         return self._frames.get(r, lambda: Frame(self._meta(r), self._sky, self._candidates(r)))
@@ -259,10 +329,21 @@ class Universe:
             m["counts"] = fr.counts()
         return m
 
+    def _finish(self, r: int, planes: dict, r0: int, r1: int, c0: int, c1: int) -> dict:
+        """A box's planes as the file holds them: QR3 frames with their flag patches, QR2 frames on
+        the pre-R7 gains when the universe holds QR3 (unchanged otherwise)."""
+        if self._qr3[r]:
+            return r7files.paint(self._r7.patches(r), planes, r0, r1, c0, c1)
+        if self._gains:
+            return r7files.to_pre_r7(self.seed, int(self._obs[r]["detector"]), planes, r0, r1, c0, c1)
+        return planes
+
     def _strip(self, r: int, s: int) -> dict[str, np.ndarray]:
         def make():
             c = self._frame(r).strip(s)
-            return {k: c[k].astype(_dtype(k)) for k in hd.PLANES}
+            r0 = s * STRIP
+            return self._finish(r, {k: c[k].astype(_dtype(k)) for k in hd.PLANES}, r0, r0 + c["IMAGE"].shape[0], 0,
+                                NPIX)
         return self._strips.get((r, s), make)
 
     def _box(self, r: int, box: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
@@ -275,7 +356,7 @@ class Universe:
 
         def draw():
             c = self._frame(r).render(y0, y0 + ny, x0, x0 + nx)
-            return {k: c[k].astype(_dtype(k)) for k in hd.PLANES}
+            return self._finish(r, {k: c[k].astype(_dtype(k)) for k in hd.PLANES}, y0, y0 + ny, x0, x0 + nx)
         return self._boxes.get((r, box), draw) if nx * ny <= BOX_CACHE_PIXELS else draw()
 
     def _row_parts(self, r: int, name: str, r0: int, r1: int) -> list[np.ndarray]:
@@ -319,7 +400,11 @@ class Universe:
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
         """Bytes [start, stop) of the full file (stop exclusive, clipped to the size); deterministic."""
+        if self.cal_key(key) is not None:
+            return self.cal_file(key).read(max(int(start), 0), stop)
         r = self.row(key)
+        if self._qr3[r]:
+            return self._r7.read(r, max(int(start), 0), stop)
         start = max(int(start), 0)
         stop = FULL_FILE_BYTES if stop is None else min(int(stop), FULL_FILE_BYTES)
         out = []
@@ -331,8 +416,9 @@ class Universe:
 
     def iter_file(self, key: str, chunk: int = 8 * 1024 * 1024):
         """Yield the full file in chunks (for streaming responses)."""
-        for a in range(0, FULL_FILE_BYTES, chunk):
-            yield self.read(key, a, min(a + chunk, FULL_FILE_BYTES))
+        size = self.file_size(key)
+        for a in range(0, size, chunk):
+            yield self.read(key, a, min(a + chunk, size))
 
     def md5(self, key: str) -> str:
         """MD5 hex digest of the full file (computed once, cached)."""
@@ -353,17 +439,21 @@ class Universe:
         """IBE cutout bytes (see ``spxframe.sim.cutout`` for grammar and box); raises BadRequest."""
         r = self.row(key)
         box = self.cutout_box(key, center, size)
-        x0, y0, nx, ny = box
+        if self._qr3[r]:
+            return self._r7.cutout(r, box, gzip)
         planes = self._box(r, box)
         ph, pd = self._psf(r)
         return cut.assemble(self._full_meta(r), planes, box, ph, pd, hd.wave_hdu(int(self._obs[r]["detector"])), gzip)
 
     def components(self, key: str, r0: int = 0, r1: int = NPIX) -> dict[str, np.ndarray]:
-        """Rows [r0, r1) of every plane plus the noiseless ``sky`` and ``sources`` models (native endian)."""
-        fr = self._frame(self.row(key))
+        """Rows [r0, r1) of every plane plus the noiseless ``sky`` and ``sources`` models (native endian).
+        The planes are the file's (QR3 patches, pre-R7 gains); ``sky`` and ``sources`` the truth."""
+        r = self.row(key)
+        fr = self._frame(r)
         parts = [fr.strip(s) for s in range(r0 // STRIP, -(-r1 // STRIP))]
         off = r0 - (r0 // STRIP) * STRIP
-        return {k: np.concatenate([p[k] for p in parts])[off:off + r1 - r0] for k in parts[0]}
+        out = {k: np.concatenate([p[k] for p in parts])[off:off + r1 - r0] for k in parts[0]}
+        return {**out, **self._finish(r, {k: out[k] for k in hd.PLANES}, r0, r1, 0, NPIX)}
 
     def frame_sources(self, key: str) -> pl.DataFrame:
         """Sources rendered on a file: source_id, x, y (zero-based), wavelength (µm), flux (µJy), omega, zone plane."""

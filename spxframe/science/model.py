@@ -57,6 +57,8 @@ def prepare(phot: pl.DataFrame) -> Prepared:
     """Select good rows and lay them out by source for the kernels."""
     rows = good_rows(phot).sort("source_id", "mjd")
     cols = _group_cols(rows)
+    # a null detector or release is a group of its own (a join never matches nulls)
+    rows = rows.with_columns(pl.col(c).fill_null(-1 if rows.schema[c].is_integer() else "") for c in cols)
     groups = rows.select(cols).unique().sort(cols).with_row_index("group")
     rows = rows.join(groups, on=cols, how="left", maintain_order="left")
     counts = rows.group_by("source_id", maintain_order=True).len()

@@ -55,6 +55,8 @@ def _lightcurves_parser(sub) -> None:
                     help="archive releases to read, e.g. qr2 (default: every release this version reads)")
     lc.add_argument("--refresh", action="store_true",
                     help="query the archive again even if OUT holds a recent observations table")
+    lc.add_argument("--no-gain-correction", action="store_true",
+                    help="do not bring QR2 images onto the R7 gains (the l3_flux_corrections product)")
     lc.add_argument("--archive", default=None, metavar="URL",
                     help="archive base URL (default: IRSA; e.g. the URL `spxframe sim serve` prints)")
     lc.add_argument("--access", default="auto", choices=["auto", "cutout", "range", "full"],
@@ -139,6 +141,7 @@ def _lightcurves(a: argparse.Namespace) -> int:
     phot = spxframe.lightcurves(a.catalog, size, cutout_center=a.cutout_center, bands=_split("--bands", a.bands),
                                 time=tuple(time) if time else None, access=a.access, output_dir=a.out,
                                 releases=[r.lower() for r in releases] if releases else None, refresh=a.refresh,
+                                gain_correction=not a.no_gain_correction,
                                 cache_dir=a.cache_dir, archive=a.archive, progress=not a.no_progress,
                                 aperture_radius=a.aperture_radius, max_concurrency=a.max_concurrency, plots=a.plots)
     n_ok = phot.filter(phot["flux"].is_not_nan()).height if phot.height else 0

@@ -192,6 +192,10 @@ PHOTOMETRY = Table(
         C("flags", I64, None, "SPHEREx FLAGS bits OR-ed over the aperture"),
         C("qc", I32, None, "spxframe quality bits (see spxframe.schema.QC_BITS)"),
         C("file", STR, None, "path of the measured file"),
+        C("release", STR, None, "the archive release of the image (from its collection), e.g. qr2, qr3; "
+                                 "null from measure() on files"),
+        C("gain_factor", F64, None, "QR2 -> R7 gain factor applied at the source's pixel (1.0: none; R7 images)"),
+        C("wave_source", STR, None, "where wavelength came from: 'wcs-wave' (the file's WCS-WAVE lookup)"),
     ),
 )
 

@@ -27,6 +27,11 @@ PSF_SHAPE: tuple[int, int, int] = (121, 101, 101)  #: numpy shape of the PSF cub
 PSF_OVERSAMP: int = 10  #: PSF pixels per detector pixel
 PSF_ZONES_PER_SIDE: int = 11
 HDU_NAMES: tuple[str, ...] = ("PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE")
+#: the HDUs of a pipeline R7 (QR3) file, in file order (spec §3.9): the EPSF table replaces the PSF
+#: cube (a local cutout may hold it in an external library named by an ``EPSFFILE`` card instead)
+R7_HDU_NAMES: tuple[str, ...] = ("PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "EPSF", "WCS-WAVE")
+#: the HDUs a complete L2 file holds, per file format (``Release.format``)
+HDUS_BY_FORMAT: dict[str, tuple[str, ...]] = {"qr2": HDU_NAMES, "r7": R7_HDU_NAMES}
 PLANE_HDUS: tuple[str, ...] = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
 
 #: band -> (lambda_min µm, lambda_max µm, resolving power)   [DOC-P]
@@ -177,9 +182,8 @@ RELEASES: dict[str, Release] = {
                    "10.26131/IRSA662"),
 }
 #: the releases queried when the user names none: those whose file format the readers handle
-#: (QR3's R7 format joins when its reader is wired into measure(); until then ``releases=("qr3",)``
-#: is refused with a clear error rather than producing unreadable files)
-READABLE_FORMATS: frozenset[str] = frozenset({"qr2"})
+#: (a release of another format is refused with a clear error rather than producing unreadable files)
+READABLE_FORMATS: frozenset[str] = frozenset({"qr2", "r7"})
 DEFAULT_RELEASES: tuple[str, ...] = tuple(n for n, r in RELEASES.items() if r.format in READABLE_FORMATS)
 #: every collection of every release (calibration collections included)
 COLLECTIONS: tuple[str, ...] = tuple(c for r in RELEASES.values() for c in (*r.collections, r.cal_collection))
@@ -191,6 +195,44 @@ def release_of(collection: str) -> Release | None:
         if collection in r.collections or collection == r.cal_collection:
             return r
     return None
+
+
+def format_of(release: str | None) -> str:
+    """The file format of a release name (``"qr2"`` for an unknown or missing one: the only
+    format before releases were recorded)."""
+    r = RELEASES.get(str(release or "").lower())
+    return r.format if r is not None else "qr2"
+
+
+# --------------------------------------------------------------------------------------
+# R7 (QR3) byte figures for planning (spec §3.9): estimates, the real sizes vary per file
+# --------------------------------------------------------------------------------------
+
+#: compressed FLAGS bytes per full-width row (~1.8 kB with few SOURCE pixels, ~6 kB when half of
+#: them carry SOURCE); plan-time figures take the upper end, the fetch records what was moved
+R7_FLAGS_ROW_BYTES_EST: int = 6_000
+#: the EPSF table (441 zones x 33x33 float64 plus the zone columns; 451 zones on D3), bytes
+R7_EPSF_BYTES_EST: int = 3_900_000
+#: a whole R7 file: headers, IMAGE/VARIANCE/ZODI planes, the compressed FLAGS (heap ~12 MB), EPSF
+R7_FULL_FILE_BYTES_EST: int = 3 * PLANE_BYTES + 12_000_000 + R7_EPSF_BYTES_EST + 40 * BLOCK
+
+# --------------------------------------------------------------------------------------
+# Calibration products (spec §3.10): found through the directory listing, highest token wins
+# --------------------------------------------------------------------------------------
+
+#: the product that brings pre-R7 (QR2) pixels onto R7 gains: QR2 IMAGE x f, VARIANCE x f^2
+GAIN_FAMILY: str = "l3_flux_corrections"
+#: the release that publishes it (the newest release on R7 gains)
+GAIN_RELEASE: str = "qr3"
+#: its HDU name (not confirmed, spec §8); a file without it uses its first 2040x2040 image HDU
+GAIN_HDU: str = "FLUX_CORRECTION"
+#: factors outside this range are bad pixels (spec §3.10): the row median is used instead
+GAIN_VALID: tuple[float, float] = (0.5, 2.0)
+#: directory listing and file tree of the products, under the archive's base URL
+CAL_LIST_PATH: str = "ibe/dir/list/spherex"
+CAL_DATA_PATH: str = "ibe/data/spherex"
+#: a product token, e.g. ``cal-flxc-v1-2026-191`` (version, then year-day order the tokens)
+CAL_TOKEN_RE = re.compile(r"cal-[A-Za-z0-9]+-v(\d+)-(\d{4})-(\d{3})")
 
 # --------------------------------------------------------------------------------------
 # Spectral channels: ~17 per detector, one LVF resolution element wide (spec §2.4)

@@ -34,7 +34,7 @@ from spxframe.errors import FileFormatError, InputError
 from spxframe.fetcher import claims
 from spxframe.fetcher.owner import PART_SUFFIX, gone, part_writer, tmp_name
 from spxframe.fetcher.ranges import Box
-from spxframe.fits.hdu import REQUIRED_HDUS, quick_check, scan_fits
+from spxframe.fits.hdu import quick_check, scan_fits
 
 log = logging.getLogger("spxframe.fetch")
 
@@ -213,7 +213,7 @@ class CacheDir:
         self.mark_ok(path, request, md5)
 
     def write_verified(self, path: str, data: bytes, request: dict[str, Any], *,
-                       required: tuple[str, ...] = REQUIRED_HDUS) -> None:
+                       required: tuple[str, ...] | None = None) -> None:
         """Write a FITS file built in memory: temporary file, structural check, rename, sidecar."""
         tmp = tmp_name(path)
         try:
@@ -228,7 +228,7 @@ class CacheDir:
 
     # ---- verification -------------------------------------------------------------
 
-    def is_verified(self, path: str, *, required: tuple[str, ...] = REQUIRED_HDUS, md5: str | None = None,
+    def is_verified(self, path: str, *, required: tuple[str, ...] | None = None, md5: str | None = None,
                     request: dict[str, Any] | None = None, cheap: bool = False) -> bool:
         """Whether ``path`` is a complete, verified file. With a sidecar: size and first card
         (cheap). Without (e.g. killed between rename and sidecar): a full structural check (and
@@ -251,7 +251,7 @@ class CacheDir:
             pass
         return self._verify_scan(path, required, md5, request)
 
-    def _verify_scan(self, path: str, required: tuple[str, ...], md5: str | None,
+    def _verify_scan(self, path: str, required: tuple[str, ...] | None, md5: str | None,
                      request: dict[str, Any] | None) -> bool:
         try:
             scan_fits(path, required=required)

@@ -25,7 +25,7 @@ from spxframe.errors import FileFormatError
 from spxframe.fits.cards import BLOCK, Header, find_end
 
 BITPIX_DTYPE: dict[int, str] = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
-REQUIRED_HDUS: tuple[str, ...] = spherex.HDU_NAMES
+REQUIRED_HDUS: tuple[str, ...] = spherex.HDU_NAMES  #: a QR2 file's HDUs (``required_hdus`` for any format)
 
 
 class HDU:
@@ -164,10 +164,25 @@ def by_name(hdus: Iterable[HDU]) -> dict[str, HDU]:
     return out
 
 
-def scan_fits(path: str | os.PathLike, *, required: Iterable[str] = REQUIRED_HDUS) -> list[HDU]:
+def required_hdus(hdus: list[HDU]) -> tuple[str, ...]:
+    """The HDUs a complete L2 file of this file's format holds (``spherex.HDUS_BY_FORMAT``): R7
+    (QR3) when an EPSF HDU is present, FLAGS is tile-compressed (``ZIMAGE``) or an ``EPSFFILE``
+    card names an external ePSF library; QR2 otherwise. An R7 file with ``EPSFFILE`` needs no
+    EPSF HDU of its own."""
+    named = by_name(hdus)
+    flags = named.get("FLAGS")
+    ext = any(h.header.get("EPSFFILE") for h in hdus[:2])
+    if "EPSF" in named or ext or (flags is not None and flags.header.get("ZIMAGE", False)):
+        need = spherex.HDUS_BY_FORMAT["r7"]
+        return tuple(n for n in need if n != "EPSF") if ext and "EPSF" not in named else need
+    return spherex.HDUS_BY_FORMAT["qr2"]
+
+
+def scan_fits(path: str | os.PathLike, *, required: Iterable[str] | None = None) -> list[HDU]:
     """Walk a FITS file's HDUs by their headers (no data read) and check its block structure:
     size a multiple of 2880, every header has END, the last HDU ends exactly at the file end,
-    and every ``required`` EXTNAME is present. Raises :class:`FileFormatError`."""
+    and every ``required`` EXTNAME is present (None: those of the file's own format,
+    :func:`required_hdus`). Raises :class:`FileFormatError`."""
     size = os.path.getsize(path)
     if size == 0 or size % BLOCK:
         raise FileFormatError(f"{path}: size {size} is not a positive multiple of {BLOCK}")
@@ -177,7 +192,7 @@ def scan_fits(path: str | os.PathLike, *, required: Iterable[str] = REQUIRED_HDU
     finally:
         os.close(fd)
     names = [h.name for h in hdus]
-    missing = [r for r in required if r not in names]
+    missing = [r for r in (required_hdus(hdus) if required is None else required) if r not in names]
     if missing:
         raise FileFormatError(f"{path}: missing HDUs {missing} (found {names})")
     return hdus

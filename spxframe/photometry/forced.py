@@ -42,6 +42,7 @@ from spxframe.fits import l2file as mef
 from spxframe.fits import wcs as _wcs
 from spxframe.fits.hdu import read_rows
 from spxframe.fits.tiles import is_tiled, read_tiled_rows, tiled_image
+from spxframe.photometry import gains as _gains
 from spxframe.photometry import kernels as K
 from spxframe.photometry.epsf import EpsfModel
 
@@ -238,7 +239,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
             aperture_radius: float = 2.0,
             annulus: tuple[float, float] = (5.0, 9.0), background: str = "annulus",
             bad_bits: Iterable[int | str] | str | None = None, max_masked_fraction: float = 0.5,
-            progress: bool = False) -> pl.DataFrame:
+            calibration=None, progress: bool = False) -> pl.DataFrame:
     """Forced photometry of every catalog source on every given SPHEREx L2 file it falls on.
 
     files: paths, or a manifest with ``path`` (+ ``status``: only 'done' rows; + ``source_id``:
@@ -269,6 +270,11 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
     :func:`spxframe.fits.l2file.psf_path`). An R7 (QR3) file stored without its EPSF table names
     its ePSF library the same way in an ``EPSFFILE`` card (PRIMARY or IMAGE header): the
     ``epsf`` calibration product, or any file that holds the table.
+
+    calibration: the QR2 → R7 gain correction (``l3_flux_corrections``, spec §3.10) for QR2-format
+    files: None (none), a folder of product files (highest token per detector) or a mapping
+    detector → file; IMAGE × f, VARIANCE × f² at the pixels measured, never on R7 files. Rows
+    carry ``gain_factor`` (f at the source's pixel; 1.0 uncorrected) and ``wave_source``.
     """
     r_in, r_out = (float(a) for a in annulus)
     if not 0 < aperture_radius <= r_in < r_out:
@@ -279,6 +285,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
         bad_bits = list(bad_bits)
     flagbits.bad_bits(bad_bits)  # unknown names, bits out of range, SOURCE/FULLSAMPLE: refused up front
     cat, id_dtype = _catalog(catalog)
+    gain_files = _gains.resolve(calibration)
     ids = cat["source_id"].to_numpy()
     cat = {c: cat[c].to_numpy() for c in ("ra", "dec", "pmra", "pmdec", "ref_epoch")}
     pos_of = {s: i for i, s in enumerate(ids)}
@@ -295,7 +302,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
         want = None if wanted is None else np.array([pos_of[s] for s in wanted[path] if s in pos_of], np.int64)
         try:
             _one_file(path, cat, ids, cvec, want, st, r_ap=aperture_radius, r_in=r_in, r_out=r_out,
-                      cache_dir=cache_dir, bad_bits=bad_bits)
+                      cache_dir=cache_dir, bad_bits=bad_bits, gain_files=gain_files)
         except (OSError, ValueError, KeyError, FileFormatError) as exc:
             log.warning("measure: cannot read %s: %s", path, exc)
             m = re.match(r"^(.+?)D(\d)(?:_|\.)", os.path.basename(path))
@@ -359,7 +366,8 @@ def _psf_models(info: mef.MefInfo, fd: int, xp: np.ndarray, yp: np.ndarray, st: 
 
 
 def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.ndarray, want: np.ndarray | None,
-              st: _Stack, *, r_ap: float, r_in: float, r_out: float, cache_dir=None, bad_bits=None) -> None:
+              st: _Stack, *, r_ap: float, r_in: float, r_out: float, cache_dir=None, bad_bits=None,
+              gain_files: dict[int, str] | None = None) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         info = mef.open_info(path, fd, cache_dir=cache_dir)
@@ -402,6 +410,9 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
         masks = _masks(info, bad_bits)
         pidx, cidx, qcs = _psf_models(info, fd, xp, yp, st)
         stamps, cx, cy = _cut(fd, info, x, y, st.half)
+        gf = np.ones(len(x))
+        if info.format == "qr2" and gain_files and info.detector in gain_files:  # never on R7 files
+            gf = _gains.apply(_gains.load(gain_files[info.detector]), stamps, x, y, info.x0, info.y0, st.half)
     finally:
         os.close(fd)
     for k in range(len(x)):
@@ -410,6 +421,7 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
             q |= schema.QC["APERTURE_EDGE"]
         st.rows.append(dict(base, source_id=ids[want[k]], x=x[k], y=y[k], ra=ra[k], dec=dec[k], sc=sc,
                             wavelength=wave[k], bandwidth=bw[k], pixel_area=area[k], qc=q, _sat=masks[2],
+                            gain_factor=gf[k], wave_source="wcs-wave" if info.wave_key else None,
                             _k=st.add(stamps, k, cx[k], cy[k], int(pidx[k]), int(cidx[k]), masks)))
 
 

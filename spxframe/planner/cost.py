@@ -44,10 +44,22 @@ class CostModel:
         return np.asarray(nbytes) / self.disk_Bps + np.asarray(files) * self.file_s
 
 
-def cutout_bytes(nx, ny):
-    """Size in bytes of an uncompressed IBE cutout of nx × ny pixels (spec §3.8)."""
+def cutout_bytes(nx, ny, r7=False):
+    """Size in bytes of an IBE cutout of nx × ny pixels: QR2 (spec §3.8) four uncompressed planes
+    and the PSF cube; R7 (``r7`` True, per element) three planes, FLAGS compressed (an estimate,
+    :data:`spxframe.spherex.R7_FLAGS_ROW_BYTES_EST` per full row scaled to the width) and the
+    EPSF table (:data:`spxframe.spherex.R7_EPSF_BYTES_EST`)."""
     nx, ny = np.asarray(nx, np.int64), np.asarray(ny, np.int64)
-    return CUTOUT_HEADER_BYTES + 4 * (-(-4 * nx * ny // BLOCK)) * BLOCK + PSF_BYTES + BLOCK
+    plane = (-(-4 * nx * ny // BLOCK)) * BLOCK
+    qr2 = CUTOUT_HEADER_BYTES + 4 * plane + PSF_BYTES + BLOCK
+    flags = (-(-(ny * (16 + spherex.R7_FLAGS_ROW_BYTES_EST * nx // NPIX)) // BLOCK)) * BLOCK
+    r7b = CUTOUT_HEADER_BYTES + 3 * plane + flags + spherex.R7_EPSF_BYTES_EST + BLOCK
+    return np.where(np.asarray(r7, bool), r7b, qr2)
+
+
+def full_bytes(r7=False):
+    """Size in bytes of a whole L2 file: QR2 exact, R7 an estimate (its FLAGS heap varies)."""
+    return np.where(np.asarray(r7, bool), spherex.R7_FULL_FILE_BYTES_EST, spherex.FULL_FILE_BYTES)
 
 
 def box_of(cx, n):

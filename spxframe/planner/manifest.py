@@ -18,6 +18,12 @@ requests × request latency + cutouts × IBE server time (:class:`CostModel`):
   per ``psf_key``; the first range request of each psf_key carries its bytes in predicted_bytes.
 * ``full``: the IBE file URL, 71,634,240 bytes, box = the whole detector.
 
+R7 (QR3) images — a row's format comes from its release (``observations.release``,
+``spherex.RELEASES``) — are planned as IBE cutouts or whole files only (no byte-range reader of
+R7 files yet); their predicted bytes are estimates (``spherex.R7_FLAGS_ROW_BYTES_EST`` per
+compressed FLAGS row, ``R7_EPSF_BYTES_EST`` for the EPSF table, ``R7_FULL_FILE_BYTES_EST``), and
+fetch records in ``bytes`` what was actually moved.
+
 ``request_id`` groups rows served by one transfer; ``predicted_bytes`` is that transfer's size
 on every row of it (sum over unique request_id for totals).
 """

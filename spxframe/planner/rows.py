@@ -23,6 +23,7 @@ from spxframe.planner.cost import (
     CostModel,
     box_of,
     cutout_bytes,
+    full_bytes,
     range_requests,
 )
 from spxframe.sizes import CutoutCenter, CutoutSize
@@ -54,17 +55,19 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel, forced: np.ndarray |
              pl.col("x0").min().alias("bx0"), pl.col("x1").max().alias("bx1"),
              pl.col("y0").min().alias("by0"), pl.col("y1").max().alias("by1"),
              pl.col("_cov").sum().alias("rows"), pl.col("_new").sum().alias("spans"),
-             pl.first("_cloud"), pl.first("_psf")))
+             pl.first("_cloud"), pl.first("_psf"), pl.first("_r7")))
     n_key = g.filter("_cloud").group_by("_psf").agg(pl.len().alias("_nk"))
     g = g.join(n_key, on="_psf", how="left").with_columns(pl.col("_nk").fill_null(1))
     k = g["k"].to_numpy()
-    shared_bytes = cutout_bytes(g["bx1"].to_numpy() - g["bx0"].to_numpy(), g["by1"].to_numpy() - g["by0"].to_numpy())
+    r7 = g["_r7"].to_numpy()  # R7 (QR3) images: IBE cutouts or whole files (no byte-range reader yet)
+    shared_bytes = cutout_bytes(g["bx1"].to_numpy() - g["bx0"].to_numpy(), g["by1"].to_numpy() - g["by0"].to_numpy(),
+                                r7)
     range_bytes = HEADER_BYTES + BLOCK + 4 * g["rows"].to_numpy() * ROW + PSF_BYTES / g["_nk"].to_numpy()
     each = g["each_bytes"].to_numpy()
-    full = np.full(len(k), spherex.FULL_FILE_BYTES)
+    full = full_bytes(r7)
     c = np.stack([cost.seconds(each, k, k) + cost.local(each, k),
                   np.where(k > 1, cost.seconds(shared_bytes, 1, 1) + cost.local(shared_bytes, 1), np.inf),
-                  np.where(g["_cloud"].to_numpy(), cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy())
+                  np.where(g["_cloud"].to_numpy() & ~r7, cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy())
                            + cost.local(each - k * PSF_BYTES, k), np.inf),  # one box file per source, no PSF data
                   cost.seconds(full, 1) + cost.local(full, 1)], axis=1)
     if forced is not None and len(k):
@@ -77,12 +80,17 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel, forced: np.ndarray |
         c[:, 2:] = np.inf
     elif access == "full":
         c[:, :3] = np.inf
-    elif access == "range":  # images without a cloud copy fall back to the best cutout
-        cloud = g["_cloud"].to_numpy()
+    elif access == "range":  # images without a cloud copy (or R7 images) fall back to the best cutout
+        cloud = g["_cloud"].to_numpy() & ~r7
         c[cloud, 0:2] = np.inf
         c[:, 3] = np.inf
-        if (~cloud).any():
-            log.warning("%d image(s) have no cloud copy (empty cloud_key): planned as cutouts", int((~cloud).sum()))
+        if (~cloud & ~r7).any():
+            log.warning("%d image(s) have no cloud copy (empty cloud_key): planned as cutouts",
+                        int((~cloud & ~r7).sum()))
+        if r7.any():
+            log.warning("%d R7 (QR3) image(s): byte-range reads of R7 files are not implemented; planned as "
+                        "cutouts", int(r7.sum()))
+    c[r7, 2] = np.inf
     return g.with_columns(pl.Series("method", np.array(METHODS)[np.argmin(c, axis=1)]))
 
 
@@ -97,6 +105,7 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
         "obs_id": o["obs_id"], "detector": o["detector"], "band": o["band"],
         "ra": ra, "dec": dec, "x_parent": x, "y_parent": y, "_fi": fi,
         "_file": o["file_url"], "_ckey": o["cloud_key"].fill_null(""),
+        "_r7": np.array([spherex.format_of(r) == "r7" for r in o["release"].to_list()], bool),
     })
     base = base.with_columns((pl.lit("D") + pl.col("detector").cast(pl.Utf8) + pl.lit("_")
                               + pl.col("_file").str.extract(spherex.PROCESSING_VERSION_RE.pattern))
@@ -122,7 +131,7 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
         pl.Series("x0", x0), pl.Series("x1", x1), pl.Series("y0", y0), pl.Series("y1", y1),
         pl.Series("_cra", cra), pl.Series("_cdec", cdec), pl.Series("_ok", ok),
         pl.Series("clipped", (x1 - x0 != nx) | (y1 - y0 != ny)),
-        pl.Series("_cb", cutout_bytes(x1 - x0, y1 - y0)),
+        pl.Series("_cb", cutout_bytes(x1 - x0, y1 - y0, base["_r7"].to_numpy())),
         (pl.col("_ckey") != "").alias("_cloud"), pl.col("psf_key").alias("_psf"))
     bad = base.filter(~pl.col("_ok")).with_columns(
         pl.lit("cutout").alias("access"), pl.lit("failed").alias("status"),
@@ -179,7 +188,8 @@ def _shared(df: pl.DataFrame, fp: Footprints) -> pl.DataFrame:
         *_box_cols(pl.col("bx0"), pl.col("by0"), pl.col("bx1") - pl.col("bx0"), pl.col("by1") - pl.col("by0")),
         pl.Series("clipped", clip),
         pl.Series("predicted_bytes",
-                  cutout_bytes((df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy())),
+                  cutout_bytes((df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy(),
+                               df["_r7"].to_numpy())),
         pl.lit("").alias("ranges"), pl.lit("planned").alias("status"))
 
 
@@ -208,5 +218,5 @@ def _full(df: pl.DataFrame) -> pl.DataFrame:
         pl.lit("full").alias("access"), pl.col("_file").alias("url"),
         (_image_prefix() + pl.lit(":full")).alias("request_id"),
         *_box_cols(pl.lit(0), pl.lit(0), pl.lit(NPIX), pl.lit(NPIX)), pl.lit(False).alias("clipped"),
-        pl.lit(spherex.FULL_FILE_BYTES, pl.Int64).alias("predicted_bytes"), pl.lit("").alias("ranges"),
+        pl.Series("predicted_bytes", full_bytes(df["_r7"].to_numpy()), pl.Int64), pl.lit("").alias("ranges"),
         pl.lit("planned").alias("status"))

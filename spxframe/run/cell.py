@@ -83,6 +83,15 @@ def _measure_done(fetched: pl.DataFrame, task: CellTask) -> pl.DataFrame:
     return phot.unique(subset=["source_id", "obs_id", "detector"], keep="first", maintain_order=True)
 
 
+def _with_release(phot: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
+    """Each row's release from the observations table (a row's release comes from its collection)."""
+    if "release" not in observations.columns or not phot.height:
+        return phot
+    rel = observations.select("obs_id", pl.col("detector").cast(phot.schema["detector"]), "release") \
+        .unique(["obs_id", "detector"], keep="first")
+    return phot.drop("release").join(rel, on=["obs_id", "detector"], how="left").select(phot.columns)
+
+
 def run_cell(task: CellTask) -> dict:
     """Fetch and measure one sky cell; write its parts atomically; return its summary.
 
@@ -98,6 +107,7 @@ def run_cell(task: CellTask) -> dict:
     phot = _measure_done(fetched, task)
     phot = pl.concat([schema.conform(phot, schema.PHOTOMETRY, extra=False),
                       _missing_rows(fetched, task.observations, phot)], how="vertical_relaxed")
+    phot = _with_release(phot, task.observations)
     t2 = _time.perf_counter()
     p_phot, p_man, marker = part_paths(task.cell)
     store.write_parquet(p_phot, phot, schema.PHOTOMETRY)

@@ -45,6 +45,7 @@ from spxframe.archive import observations as query_observations
 from spxframe.catalog import normalize_catalog
 from spxframe.errors import InputError
 from spxframe.fetcher import CacheDir
+from spxframe.fetcher.calib import fetch_products
 from spxframe.fits import flagbits
 from spxframe.planner import plan as make_plan
 from spxframe.planner.manifest import summarize
@@ -155,7 +156,8 @@ def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: 
     """observations.parquet if the same catalog and query produced it less than
     :data:`OBSERVATIONS_MAX_AGE_S` ago (and ``refresh`` is False), else query the archive: the
     archive adds data weekly, so a rerun a day later sees the new images."""
-    key = _hash({"catalog": _catalog_hash(cat), **query})
+    # releases=None means this version's default releases: a version that reads more sees more
+    key = _hash({"catalog": _catalog_hash(cat), **query, "default_releases": list(spherex.DEFAULT_RELEASES)})
     state = store.read_json("parts/observations.json")
     fresh = state and _time.time() - float(state.get("queried_at", 0)) < OBSERVATIONS_MAX_AGE_S
     if not refresh and fresh and state.get("key") == key and store.exists("observations.parquet"):
@@ -207,6 +209,7 @@ def lightcurves(
     releases: str | list[str] | None = None,
     collection: str | None = None,
     refresh: bool = False,
+    gain_correction: bool = True,
     access: str = "auto",
     output_dir: str | os.PathLike = "spxframe_out",
     cache_dir: str | os.PathLike | None = None,
@@ -235,10 +238,14 @@ def lightcurves(
     bands : detectors to use, e.g. ``["D1", "D2"]``; default all six.
     time : (mjd_start, mjd_end) in MJD (UTC); default all.
     releases : archive releases to read, e.g. ``["qr2"]``; None reads every release this version
-        reads (:data:`spxframe.spherex.DEFAULT_RELEASES`). A row's release comes from its collection.
+        reads (:data:`spxframe.spherex.DEFAULT_RELEASES`: QR2 and QR3). A row's release comes from
+        its collection; photometry rows carry it in ``release``.
     collection : expert override: archive collections to query instead of ``releases`` (not both).
     refresh : query the archive again even when the output folder holds a recent observations
         table (it is reused for a day; the archive adds data weekly).
+    gain_correction : bring QR2 (pre-R7) images onto R7 gains with the ``l3_flux_corrections``
+        product (IMAGE x f, VARIANCE x f^2; fetched once per detector into ``cache_dir/cal``);
+        never applied to R7 images. Rows carry ``gain_factor`` (1.0 when not corrected).
     access : ``"auto"`` (cost model), ``"cutout"``, ``"range"`` (cloud byte ranges) or ``"full"``.
     output_dir : folder or fsspec URL for the outputs (see module docstring); a rerun resumes it.
     cache_dir : local folder for the fetched files (default: ``output_dir`` when it is a folder,
@@ -273,6 +280,9 @@ def lightcurves(
     the_plan = make_plan(cat, obs, cutout_size=opts.size, cutout_center=cutout_center, access=access,
                          archive=resolve_archive(archive))
     timings["plan"] = _time.perf_counter() - t0
+    t0 = _time.perf_counter()
+    calibration = _calibration(obs, the_plan.manifest, opts, archive, gain_correction)
+    timings["calibration"] = _time.perf_counter() - t0
     fetch_options = {"max_concurrency": max_concurrency, "storage_options": cloud_options}
     tasks, skipped, cells = _cell_tasks(cat, obs, the_plan.manifest, opts, cell_order=cell_order,
                                         fetch_options=fetch_options, output_options=output_options)
@@ -304,12 +314,32 @@ def lightcurves(
         catalog_rows=cat.height, cutout_size=None if opts.size is None else str(opts.size),
         cutout_center=cutout_center, bands=opts.query["bands"], time=opts.query["time"], collection=collection,
         releases=opts.query["releases"], releases_used=_releases_used(obs),
+        gain_correction=bool(gain_correction),
         access=access, archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
         cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=opts.cache.root),
         summaries=summaries, skipped=skipped, timings=timings, counts=counts,
-        plan=the_plan.summary.to_dicts(), error_scales=scales)
+        plan=the_plan.summary.to_dicts(), error_scales=scales, calibration=calibration)
     write_query_summary(opts.store, sizes, obs, cat)
     return phot
+
+
+def _calibration(obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptions, archive: Any,
+                 gain_correction: bool) -> list[dict]:
+    """The gain-correction products of the detectors with QR2-format (pre-R7 gains) rows, fetched
+    once per detector into the cache; sets ``opts.measure_options['calibration']`` (so a change
+    of product re-measures). Returns run.json's record of the products used."""
+    if not gain_correction or not manifest.height or "release" not in obs.columns:
+        return []
+    pre = [n for n, r in spherex.RELEASES.items() if r.gains != "r7"]
+    imgs = obs.filter(pl.col("release").is_in(pre)).join(manifest.select("obs_id", "detector").unique(),
+                                                          on=["obs_id", "detector"], how="semi")
+    dets = sorted(set(imgs.get_column("detector").to_list()))
+    if not dets:
+        return []
+    got = fetch_products(dets, base_url=resolve_archive(archive).url, cache=opts.cache)
+    if got.paths:
+        opts.measure_options["calibration"] = {str(d): p for d, p in sorted(got.paths.items())}
+    return [got.record()]
 
 
 def _releases_used(obs: pl.DataFrame) -> dict[str, dict]:

@@ -155,8 +155,10 @@ def versions() -> dict[str, str]:
 
 
 def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], skipped: list[dict],
-                   timings: dict, counts: dict, plan: list[dict], error_scales: list[dict] | None = None) -> None:
-    """run.json: versions, parameters, counts, timings per stage and bytes transferred."""
+                   timings: dict, counts: dict, plan: list[dict], error_scales: list[dict] | None = None,
+                   calibration: list[dict] | None = None) -> None:
+    """run.json: versions, parameters, counts, timings per stage, bytes transferred (calibration
+    products included) and the calibration products used (release, family, token per detector)."""
     allc = summaries + skipped
     run = {
         "versions": versions(),
@@ -167,7 +169,9 @@ def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], ski
             "failed_transfers": sum(s.get("failed_transfers", 0) for s in summaries),
             **counts,
         },
-        "bytes_transferred_this_run": sum(s.get("bytes", 0) for s in summaries),
+        "bytes_transferred_this_run": sum(s.get("bytes", 0) for s in summaries)
+        + sum(c.get("bytes", 0) for c in calibration or []),
+        "calibration": calibration or [],
         "timings_s": timings,
         "plan": plan,
         "error_scales": error_scales or [],

@@ -1,0 +1,177 @@
+"""Calibration products (spec §3.10): found through the archive's directory listing, fetched once
+per detector per run into the cache, bytes counted.
+
+Layout in the cache: ``cal/<release>/<family>/<file name as published>`` (the file name holds the
+detector and the product token). :func:`fetch_products` takes, per detector, the highest token
+(version, then year-day) that holds the detector, as the listing
+``<base>/ibe/dir/list/spherex/<release>/<family>`` shows it; the file comes from
+``<base>/ibe/data/spherex/<release>/<family>/<name>``. A file already in the cache (verified
+sidecar) is not fetched again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from spxframe import spherex
+from spxframe.errors import FileFormatError
+from spxframe.fetcher.cache import CacheDir
+from spxframe.fetcher.http import RetryPolicy, TransferError, default_session, stream_to_file
+from spxframe.fetcher.owner import tmp_name
+from spxframe.fits.hdu import scan_fits
+
+log = logging.getLogger("spxframe.fetch")
+
+#: the detector and token in a product file name, ``<family>_D<d>_spx_<token>.fits``
+_NAME_RE = re.compile(r"_D(\d)_spx_(cal-[A-Za-z0-9]+-v\d+-\d{4}-\d{3})\.fits$")
+TIMEOUT = (10.0, 120.0)  #: (connect, read) seconds
+LISTING_FILE = "listing.json"  #: the listing's answer, kept beside the product files
+LISTING_MAX_AGE_S = 86400.0  #: a kept listing younger than this is reused (products are reissued rarely)
+
+
+@dataclass
+class Products:
+    """What :func:`fetch_products` found: ``paths`` detector -> local file, ``tokens`` detector ->
+    token, ``bytes`` transferred this run, ``missing`` detectors the release publishes none for."""
+
+    release: str
+    family: str
+    paths: dict[int, str] = field(default_factory=dict)
+    tokens: dict[int, str] = field(default_factory=dict)
+    bytes: int = 0
+    missing: list[int] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """run.json's entry: release, family, token per detector, bytes fetched this run."""
+        return {"release": self.release, "family": self.family, "bytes": self.bytes, "missing": self.missing,
+                "tokens": {f"D{d}": t for d, t in sorted(self.tokens.items())}}
+
+
+def token_key(token: str) -> tuple[int, int, int]:
+    """Order of product tokens: version, then year, then day of year."""
+    m = spherex.CAL_TOKEN_RE.search(token)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else (-1, -1, -1)
+
+
+def latest_names(listing: str) -> dict[int, str]:
+    """detector -> the listed name with the highest token that holds it (JSON lines, ``name``)."""
+    best: dict[int, tuple[tuple[int, int, int], str]] = {}
+    for line in listing.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            name = str(json.loads(line)["name"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        m = _NAME_RE.search(name)
+        if not m:
+            continue
+        det, key = int(m.group(1)), token_key(m.group(2))
+        if det not in best or key > best[det][0]:
+            best[det] = (key, name)
+    return {d: n for d, (_, n) in best.items()}
+
+
+def _names(session: requests.Session, base_url: str, release: str, family: str, folder: str,
+           policy: RetryPolicy, max_age_s: float) -> dict[int, str]:
+    """detector -> newest listed name, from the kept listing when younger than ``max_age_s``, else
+    from the archive's listing (kept for the next run; like the fetched files, the cache is assumed
+    to serve one archive)."""
+    kept = os.path.join(folder, LISTING_FILE)
+    try:
+        with open(kept, encoding="utf-8") as f:
+            state = json.load(f)
+        if time.time() - float(state["time"]) < max_age_s:
+            return {int(d): str(n) for d, n in state["names"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    listing = _get_text(session, f"{base_url}/{spherex.CAL_LIST_PATH}/{release}/{family}", policy)
+    names = latest_names(listing or "")
+    CacheDir.atomic_write(kept, json.dumps({"base_url": base_url, "time": time.time(),
+                                            "names": {str(d): n for d, n in names.items()}}).encode())
+    return names
+
+
+def _get_text(session: requests.Session, url: str, policy: RetryPolicy) -> str | None:
+    """The body of ``url`` (None on 404), retried on transient failures."""
+    for attempt in range(policy.retries + 1):
+        try:
+            r = session.get(url, timeout=TIMEOUT)
+            if r.status_code == 404:
+                return None
+            if r.status_code < 400:
+                return r.text
+            if r.status_code < 500 and r.status_code != 429:
+                raise TransferError(f"HTTP {r.status_code} for {url}", transient=False, status=r.status_code)
+        except (requests.Timeout, requests.ConnectionError) as e:
+            if attempt == policy.retries:
+                raise TransferError(f"{type(e).__name__} for {url}", transient=True) from e
+        threading.Event().wait(policy.delay(attempt + 1))
+    raise TransferError(f"no answer from {url} after {policy.retries + 1} attempts", transient=True)
+
+
+def _fetch_one(session: requests.Session, url: str, path: str, cache: CacheDir, policy: RetryPolicy) -> int:
+    """Download ``url`` to ``path`` (verified FITS, sidecar); bytes transferred."""
+    tmp = tmp_name(path)
+    try:
+        for attempt in range(policy.retries + 1):
+            try:
+                d = stream_to_file(session, url, tmp, timeout=TIMEOUT, stop=threading.Event())
+                scan_fits(tmp, required=("PRIMARY",))
+                cache.place(tmp, path, {"url": url}, d.md5)
+                return d.nbytes
+            except (TransferError, FileFormatError) as e:
+                transient = isinstance(e, FileFormatError) or e.transient
+                if attempt == policy.retries or not transient:
+                    raise
+                threading.Event().wait(policy.delay(attempt + 1))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return 0
+
+
+def fetch_products(detectors, *, base_url: str, cache: CacheDir | str, family: str = spherex.GAIN_FAMILY,
+                   release: str = spherex.GAIN_RELEASE, session: requests.Session | None = None,
+                   retries: int = 4, max_age_s: float = LISTING_MAX_AGE_S) -> Products:
+    """The newest ``family`` product of ``release`` for each detector in ``detectors``, in the
+    cache (fetched when missing). ``base_url``: the archive's base (IRSA or a simulated archive).
+    The listing's answer (products found, or none) is kept beside the files for ``max_age_s``:
+    a rerun within it makes no request when the files are cached."""
+    cache = CacheDir.of(cache).prepare()
+    out = Products(release, family)
+    dets = sorted({int(d) for d in detectors})
+    if not dets:
+        return out
+    policy = RetryPolicy(retries=retries)
+    session = session or default_session("spxframe-calibration", 4)
+    folder = cache.path(f"cal/{release}/{family}")
+    os.makedirs(folder, exist_ok=True)
+    names = _names(session, base_url, release, family, folder, policy, max_age_s)
+    for det in dets:
+        name = names.get(det)
+        if name is None:
+            out.missing.append(det)
+            continue
+        path = os.path.join(folder, os.path.basename(name))
+        if not cache.is_verified(path, required=("PRIMARY",)):
+            out.bytes += _fetch_one(session, f"{base_url}/{spherex.CAL_DATA_PATH}/{release}/{family}/{name}",
+                                    path, cache, policy)
+        out.paths[det] = path
+        out.tokens[det] = _NAME_RE.search(name).group(2)
+    if out.missing and not names:  # e.g. an archive that holds QR2 only
+        log.info("the archive lists no %s/%s product: images are not gain-corrected", release, family)
+    elif out.missing:
+        log.warning("no %s/%s product for detector(s) %s: those images are not corrected", release, family,
+                    out.missing)
+    return out

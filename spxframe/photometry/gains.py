@@ -1,0 +1,107 @@
+"""The QR2 → R7 gain correction (spec §3.10): the ``l3_flux_corrections`` product's per-pixel
+factor f brings pre-R7 (QR2) pixels onto R7 gains: IMAGE × f, VARIANCE × f², ZODI left alone.
+Never applied to R7-format files.
+
+``calibration`` (as :func:`spxframe.measure` takes it): None (no correction), a folder holding
+product files (``<family>_D<d>_spx_<token>.fits``, searched recursively, highest token per
+detector — e.g. a run's ``cache_dir/cal``), or a mapping detector → file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+
+from spxframe import spherex
+from spxframe.errors import FileFormatError, InputError
+from spxframe.fits.hdu import by_name, read_array, scan
+
+_FILE_RE = re.compile(re.escape(spherex.GAIN_FAMILY) + r"_D(\d)_spx_(cal-[A-Za-z0-9]+-v\d+-\d{4}-\d{3})\.fits$")
+_MAPS: dict[tuple[str, float], np.ndarray] = {}  #: (path, mtime) -> the factor map (one read per process)
+_LOCK = threading.Lock()
+
+
+def _token_key(token: str) -> tuple[int, ...]:
+    m = spherex.CAL_TOKEN_RE.search(token)
+    return tuple(int(g) for g in m.groups()) if m else (-1,)
+
+
+def resolve(calibration) -> dict[int, str]:
+    """detector -> factor-map file from a folder or a mapping (see the module docstring)."""
+    if calibration is None:
+        return {}
+    if isinstance(calibration, Mapping):
+        out = {int(str(d).upper().lstrip("D")): os.fspath(p) for d, p in calibration.items()}
+        bad = [p for p in out.values() if not os.path.isfile(p)]
+        if bad:
+            raise InputError(f"calibration: no such file(s) {bad}")
+        return out
+    root = os.fspath(calibration)
+    if not os.path.isdir(root):
+        raise InputError(f"calibration={root!r}: expected a folder of {spherex.GAIN_FAMILY} files or a mapping "
+                         "detector -> file")
+    best: dict[int, tuple[tuple[int, ...], str]] = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            m = _FILE_RE.search(name)
+            if m:
+                det, key = int(m.group(1)), _token_key(m.group(2))
+                if det not in best or key > best[det][0]:
+                    best[det] = (key, os.path.join(folder, name))
+    return {d: p for d, (_, p) in best.items()}
+
+
+def _clean(f: np.ndarray) -> np.ndarray:
+    """Factors outside ``spherex.GAIN_VALID`` (or not finite) replaced by their row's median of
+    valid factors (1.0 for a row without any)."""
+    lo, hi = spherex.GAIN_VALID
+    bad = ~(np.isfinite(f) & (f >= lo) & (f <= hi))
+    if bad.any():
+        rows = np.nonzero(bad.any(axis=1))[0]
+        for r in rows:
+            ok = f[r][~bad[r]]
+            f[r, bad[r]] = np.median(ok) if ok.size else 1.0
+    return f
+
+
+def load(path: str) -> np.ndarray:
+    """The factor map of a product file (float32, native order), cached per process."""
+    key = (path, os.path.getmtime(path))
+    with _LOCK:
+        got = _MAPS.get(key)
+    if got is not None:
+        return got
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hdus = scan(fd, path=path)
+        h = by_name(hdus).get(spherex.GAIN_HDU)
+        if h is None:  # the HDU name is not confirmed: the first full-detector image
+            h = next((x for x in hdus if x.shape == (spherex.NPIX, spherex.NPIX)), None)
+        if h is None:
+            raise FileFormatError(f"{path}: no {spherex.GAIN_HDU} HDU nor any {spherex.NPIX}x{spherex.NPIX} image")
+        f = _clean(read_array(fd, h).astype(np.float32))
+    finally:
+        os.close(fd)
+    with _LOCK:
+        _MAPS[key] = f
+    return f
+
+
+def apply(f: np.ndarray, stamps: list[np.ndarray], x: np.ndarray, y: np.ndarray, x0: int, y0: int,
+          half: int) -> np.ndarray:
+    """Correct the IMAGE and VARIANCE stamps (``stamps[0]``, ``stamps[1]``, as cut around the
+    rounded file pixels ``x``, ``y`` with ``half``) in place: × f and × f² at each stamp pixel's
+    parent position (file pixel + ``x0``, ``y0``). Returns f at each source's own pixel."""
+    n = f.shape[0]
+    ix, iy = np.rint(x).astype(np.int64) + int(x0), np.rint(y).astype(np.int64) + int(y0)
+    off = np.arange(-half, half + 1)
+    rows = np.clip(iy[:, None] + off[None], 0, n - 1)
+    cols = np.clip(ix[:, None] + off[None], 0, f.shape[1] - 1)
+    g = f[rows[:, :, None], cols[:, None, :]].astype(np.float64)
+    stamps[0] *= g
+    stamps[1] *= g * g
+    return f[np.clip(iy, 0, n - 1), np.clip(ix, 0, f.shape[1] - 1)].astype(np.float64)

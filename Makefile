@@ -17,12 +17,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/spxframe demo
 
+# two pytest workers (pytest-xdist): the simulated archive and the client share the 2 cores better
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 # the inner loop while editing: everything but the end-to-end runs (under 2 minutes)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check spxframe tests benchmarks

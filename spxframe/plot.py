@@ -91,6 +91,26 @@ def _break_marks(axes: list) -> None:
             ax.plot([1, 1], [0, 1], **kw)
 
 
+def release_starts(df: pl.DataFrame) -> list[tuple[float, str]]:
+    """(first MJD, name) of each release after the first one present in ``df`` (its ``release``
+    column): where a light curve changes file format and calibration."""
+    if "release" not in df.columns or not df.height:
+        return []
+    first = df.filter(pl.col("release").is_not_null() & pl.col("mjd").is_finite()) \
+        .group_by("release").agg(pl.col("mjd").min()).sort("mjd")
+    return [(float(m), str(r).upper()) for r, m in first.iter_rows()][1:]
+
+
+def _mark_releases(axes, segs, starts: list[tuple[float, str]]) -> None:
+    for mjd, name in starts:
+        for ax, (t0, t1) in zip(axes, segs):
+            pad = max(2.0, 0.05 * (t1 - t0))
+            if t0 - pad <= mjd <= t1 + pad:
+                ax.axvline(mjd, color="0.35", ls="--", lw=0.9, zorder=0, label=f"{name} from here")
+                ax.text(mjd, 0.98, f" {name}", transform=ax.get_xaxis_transform(), va="top", fontsize=7,
+                        color="0.3")
+
+
 def _band_row(fig, axes, df: pl.DataFrame, band: str, segs) -> None:
     """One band's light curve over the time segments ``segs`` (one axis each), coloured by wavelength."""
     import matplotlib.colors as mcolors
@@ -108,6 +128,7 @@ def _band_row(fig, axes, df: pl.DataFrame, band: str, segs) -> None:
         ax.locator_params(axis="x", nbins=max(2, min(5, int((t1 - t0) / 5) + 2)))
         ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     _break_marks(axes)
+    _mark_releases(axes, segs, release_starts(df))
     axes[0].set_ylabel(f"{band} flux [µJy]")
     fig.colorbar(sc, ax=axes, label=f"{band} λ [µm]", pad=0.01, aspect=12)
 

@@ -209,6 +209,22 @@ def test_plot_is_per_band_with_a_broken_time_axis_and_explained_markers(phot):
     plt.close("all")
 
 
+def test_plot_marks_where_the_release_changes(phot):
+    """A light curve across QR2 and QR3 shows where the file format and calibration change."""
+    from spxframe.plot import plot_source, release_starts
+
+    two = phot.with_columns(pl.when(pl.col("mjd") > 61000).then(pl.lit("qr3")).otherwise(pl.lit("qr2"))
+                            .alias("release"))
+    assert release_starts(two.filter(pl.col("source_id") == 7)) == [(pytest.approx(61029.601), "QR3")]
+    fig = plot_source(two, 7)
+    marked = [ax for ax in fig.axes if any(ln.get_label() == "QR3 from here" for ln in ax.get_lines())]
+    assert len(marked) == 2  # the D1 and D4 rows
+    plain = plot_source(phot.with_columns(pl.lit("qr2").alias("release")), 7)
+    assert not [ax for ax in plain.axes if any(ln.get_label() == "QR3 from here" for ln in ax.get_lines())]
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
 # ------------------------------------------------------------------------------------------------
 # CSV export and the cache
 # ------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from spxframe import schema, spherex
+from spxframe.mpl import pyplot
 from spxframe.results import Q_BAD_FLAGS, Q_NO_FLUX, _as_frame, channels, quality, source_rows
 
 log = logging.getLogger("spxframe.plot")
@@ -32,16 +33,7 @@ UNUSABLE_STYLE = dict(marker="^", s=26, facecolors="none", edgecolors="tab:red",
 
 
 def _plt():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        try:
-            matplotlib.use("Agg", force=False)
-        except Exception:  # pragma: no cover - an interactive backend is already in use
-            pass
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def time_segments(t: np.ndarray, gap_days: float) -> list[tuple[float, float]]:

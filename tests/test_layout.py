@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "spxframe"
 MAX_FUNCTION_LINES = 100  # without the docstring
 MAX_MODULE_LINES = 500  # outside sim/
 #: stage → stages it may import (besides the shared base: spherex, schema, errors, fits, catalog, sizes, store)
-BASE = {"spherex", "schema", "errors", "fits", "catalog", "sizes", "store", "progress", "_version"}
+BASE = {"spherex", "schema", "errors", "fits", "catalog", "sizes", "store", "progress", "mpl", "_version"}
 MAY_IMPORT = {
     "fits": set(),
     "archive": set(),

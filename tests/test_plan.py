@@ -164,8 +164,11 @@ def test_cutout_urls_accepted_by_ibe(field_cat, field_obs, archive):
     own = plan(field_cat, obs, matches=matches, cutout_size="64,48px", access="cutout", archive=archive,
                cost=CostModel(cutout_server_s=0.0)).manifest  # per-source cutouts
     assert shared["request_id"].str.ends_with(":shared").any() and (~own["request_id"].str.ends_with(":shared")).any()
-    rows = pl.concat([m.unique("request_id").sort("clipped").head(3).vstack(m.filter(pl.col("clipped")).head(2))
-                      for m in (shared, own)])
+    rows = pl.concat([m.unique("request_id", maintain_order=True).sort("clipped").head(3)
+                      .vstack(m.filter(pl.col("clipped")).head(2))
+                      for m in (shared, own)]
+                     + [shared.filter(pl.col("box_nx") == 2040).unique("request_id", maintain_order=True)])  # across the detector
+    assert rows.filter(pl.col("box_nx") == 2040).height  # the field has one
     for r in rows.iter_rows(named=True):
         resp = requests.get(r["url"], timeout=60)
         assert resp.status_code == 200, (r["url"], resp.text[:200])

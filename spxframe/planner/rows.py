@@ -173,9 +173,10 @@ def _shared(df: pl.DataFrame, fp: Footprints) -> pl.DataFrame:
     req, clip = [], np.zeros(df.height, bool)
     for lo, hi in (("bx0", "bx1"), ("by0", "by1")):
         a, b = df[lo].to_numpy(), df[hi].to_numpy()
-        full = (a == 0) & (b == NPIX)
-        pa = np.where((a == 0) & ~full, EDGE_PAD, 0)
-        pb = np.where((b == NPIX) & ~full, EDGE_PAD, 0)
+        # a side at a detector edge (both edges: the whole side) is requested EDGE_PAD px beyond
+        # it, so our few-px-approximate centre never cuts real pixels off; the server clips
+        pa = np.where(a == 0, EDGE_PAD, 0)
+        pb = np.where(b == NPIX, EDGE_PAD, 0)
         n = b - a + pa + pb
         req.append((a - pa + (n - 1) / 2, n))  # box_of(centre, n) == a - pa
         clip |= (pa > 0) | (pb > 0)

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from spxframe import spherex
+from spxframe.mpl import pyplot
 from spxframe.science import model as md
 from spxframe.science import scales as sc
 
@@ -21,16 +22,7 @@ _BAND_COLOURS = dict(zip(spherex.BANDS, ("tab:blue", "tab:cyan", "tab:green", "t
 
 
 def _plt():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        try:
-            matplotlib.use("Agg", force=False)
-        except Exception:  # pragma: no cover - an interactive backend is already in use
-            pass
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _save(fig, path):

@@ -14,7 +14,6 @@ Inputs are plain: header bytes as the QR2 sim writes them (any box: full frame o
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -24,6 +23,7 @@ from astropy.io import fits
 from spxframe.spherex import BANDS, BLOCK, NPIX
 
 from ..world import instrument as ins
+from ..world.headers import wave_table_hdu
 from .bits import R7_COUNTED_FLAGS, mskn_cards
 from .epsf import epsf_hdu, epsf_hdu_size
 from .rice import TileTable, compressed_cards, padded
@@ -136,17 +136,7 @@ def wave_table(det: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @lru_cache(maxsize=16)
 def wave_hdu(det: int) -> tuple[bytes, bytes]:
     """The R7 WCS-WAVE BINTABLE (1 row: X, Y, VALUES with TDIM (2, 9, 9)) as (header, data) bytes."""
-    xs, ys, vals = wave_table(det)
-    cols = [fits.Column(name="X", format=f"{len(xs)}D", array=xs[None], unit="pix"),
-            fits.Column(name="Y", format=f"{len(ys)}D", array=ys[None], unit="pix"),
-            fits.Column(name="VALUES", format=f"{vals.size}D", dim=f"(2,{len(xs)},{len(ys)})",
-                        array=vals[None], unit="um")]
-    hdu = fits.BinTableHDU.from_columns(cols, name="WCS-WAVE")
-    buf = io.BytesIO()
-    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
-    raw = buf.getvalue()[BLOCK:]
-    hlen = padded(len(hdu.header.tostring()))
-    return raw[:hlen], raw[hlen:]
+    return wave_table_hdu(*wave_table(det))
 
 
 # ----------------------------------------------------------------------------- the file

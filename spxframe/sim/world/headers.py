@@ -178,10 +178,8 @@ def psf_data(det: int) -> bytes:
     return raw + b"\0" * (padded(len(raw)) - len(raw))
 
 
-@lru_cache(maxsize=8)
-def wave_hdu(det: int) -> tuple[bytes, bytes]:
-    """WCS-WAVE BINTABLE (header 1 block, data 1 block): X, Y (1-based), VALUES TDIM (2,nX,nY)."""
-    xs, ys, vals = ins.wave_table(det)
+def wave_table_hdu(xs: np.ndarray, ys: np.ndarray, vals: np.ndarray) -> tuple[bytes, bytes]:
+    """A WCS-WAVE BINTABLE (1 row: X, Y 1-based, VALUES with TDIM (2, nX, nY)) as (header, data) bytes."""
     cols = [fits.Column(name="X", format=f"{len(xs)}D", array=xs[None], unit="pix"),
             fits.Column(name="Y", format=f"{len(ys)}D", array=ys[None], unit="pix"),
             fits.Column(name="VALUES", format=f"{vals.size}D", dim=f"(2,{len(xs)},{len(ys)})",
@@ -190,10 +188,16 @@ def wave_hdu(det: int) -> tuple[bytes, bytes]:
     buf = io.BytesIO()
     fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
     raw = buf.getvalue()[BLOCK:]
-    hdr = fits.Header(hdu.header)
-    hlen = padded(len(hdr.tostring()))
-    assert hlen == BLOCK and len(raw) == 2 * BLOCK, (hlen, len(raw))
-    return raw[:BLOCK], raw[BLOCK:]
+    hlen = padded(len(fits.Header(hdu.header).tostring()))
+    return raw[:hlen], raw[hlen:]
+
+
+@lru_cache(maxsize=8)
+def wave_hdu(det: int) -> tuple[bytes, bytes]:
+    """The QR2 WCS-WAVE BINTABLE (header 1 block, data 1 block, 11x11 grid)."""
+    head, data = wave_table_hdu(*ins.wave_table(det))
+    assert len(head) == BLOCK and len(data) == BLOCK, (len(head), len(data))
+    return head, data
 
 
 def spacecraft_state(mjd: float, phase0: float) -> tuple[float, ...]:

@@ -167,7 +167,8 @@ def test_cutout_urls_accepted_by_ibe(field_cat, field_obs, archive):
     rows = pl.concat([m.unique("request_id", maintain_order=True).sort("clipped").head(3)
                       .vstack(m.filter(pl.col("clipped")).head(2))
                       for m in (shared, own)]
-                     + [shared.filter(pl.col("box_nx") == 2040).unique("request_id", maintain_order=True)])  # across the detector
+                     # and every shared cutout across the whole detector width
+                     + [shared.filter(pl.col("box_nx") == 2040).unique("request_id", maintain_order=True)])
     assert rows.filter(pl.col("box_nx") == 2040).height  # the field has one
     for r in rows.iter_rows(named=True):
         resp = requests.get(r["url"], timeout=60)

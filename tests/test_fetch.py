@@ -683,3 +683,29 @@ def test_cache_dir_object_and_path_forms(sarc, tmp_path, monkeypatch):
     again = F.fetch(out, cache_dir=str(tmp_path / "spx-cache"), progress=False)
     assert again["path"].to_list() == out["path"].to_list() and again["status"].to_list() == ["done"]
     assert not [e for e in sarc.log if e.get("endpoint") == "ibe_cutout"]  # a cache hit
+
+
+@pytest.mark.parametrize("form, kept", [
+    (lambda h: "md5:" + h, True), (lambda h: "MD5:" + h.upper(), True), (lambda h: h.upper(), True),
+    (lambda h: " " + h + " ", True), (lambda h: "sha256:" + "ab" * 32, False), (lambda h: "", False),
+])
+def test_checksum_forms(odd_server, tmp_path, caplog, form, kept):
+    """contentchecksum as bare hex or md5:hex in any case is checked; another form is no checksum
+    (one warning), never a mismatch that throws a good file away."""
+    import hashlib
+    import logging
+
+    url, data, log = odd_server
+    url = url.replace("/f.fits", "/g.fits")
+    digest = hashlib.md5(data).hexdigest()
+    row = dict(source_id="1", obs_id="2025W19_2B_0073_2", detector=2, access="full", url=url, request_id="f")
+    with caplog.at_level(logging.WARNING, logger="spxframe"):
+        out = F.fetch(pl.DataFrame([dict(row, checksum=form(digest))]), cache_dir=tmp_path / "a", progress=False)
+    assert out["status"][0] == "done" and Path(out["path"][0]).read_bytes() == data
+    warned = [r for r in caplog.records if "not an MD5" in r.getMessage()]
+    assert bool(warned) == (form(digest).strip() != "" and not kept)
+    if kept:  # the same form with a wrong digest is a mismatch: the file is refused
+        wrong = form("0" * 32)
+        out = F.fetch(pl.DataFrame([dict(row, checksum=wrong)]), cache_dir=tmp_path / "b", progress=False,
+                      retries=0)
+        assert out["status"][0] == "failed" and "MD5" in out["error"][0]

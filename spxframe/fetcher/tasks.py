@@ -8,7 +8,9 @@ the manifest.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,8 @@ from spxframe.errors import InputError
 from spxframe.fetcher.cache import PSF_HDUS, CacheDir, local_name, psf_name
 from spxframe.fetcher.claims import Claim, Wait
 from spxframe.fetcher.ranges import Box, nearest_box_start
+
+log = logging.getLogger("spxframe.fetch")
 
 ACCESS = ("cutout", "range", "full")
 
@@ -98,6 +102,33 @@ def _pick(frame: pl.DataFrame, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in frame.columns), None)
 
 
+_MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+_warned_forms: set[str] = set()
+
+
+def md5_of_checksum(value: Any) -> str | None:
+    """The MD5 (32 lower-case hex digits) an archive's ``contentchecksum`` states, or None.
+
+    Bare hex or an ``md5:`` prefix, in any case, is an MD5; an empty value is no checksum; any
+    other form (another algorithm, a truncated value) is treated as no checksum, with one warning
+    per form: never as a mismatch that would throw away a good file (the spec does not fix it).
+    """
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text.startswith("md5:"):
+        text = text[4:].strip()
+    if not text:
+        return None
+    if _MD5_HEX.match(text):
+        return text
+    form = re.sub(r"[0-9a-f]", "x", text)[:24]
+    if form not in _warned_forms:
+        _warned_forms.add(form)
+        log.warning("archive checksum %r is not an MD5 (bare hex or 'md5:' + hex): not checked", str(value)[:48])
+    return None
+
+
 def with_archive_info(df: pl.DataFrame, observations: pl.DataFrame | None) -> pl.DataFrame:
     """Add ``_size``/``_md5`` (archive size and checksum) from manifest or observations columns."""
     size_c = _pick(df, ("size", "contentlength"))
@@ -115,7 +146,7 @@ def with_archive_info(df: pl.DataFrame, observations: pl.DataFrame | None) -> pl
               .join(o.rename({"detector": "_det"}), on=["obs_id", "_det"], how="left", maintain_order="left")
               .with_columns(pl.coalesce("_size", "_osize").alias("_size"), pl.coalesce("_md5", "_omd5").alias("_md5"))
               .drop("_det", "_osize", "_omd5"))
-    return df
+    return df.with_columns(pl.col("_md5").map_elements(md5_of_checksum, return_dtype=pl.Utf8, skip_nulls=False))
 
 
 def _as_int(v: Any) -> int | None:

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import polars as pl
 import pytest
+from accuracy import accuracy
 from astropy.io import fits
 
 import spxframe
@@ -134,19 +135,12 @@ def test_schema_and_rows(measured, simfiles):
 def test_injection_recovery(measured, simfiles, universe):
     df = measured.filter(pl.col("flux").is_not_nan())
     true = _truth(universe, df)
-    iso = _isolated(universe, df, simfiles["cat"])
-    f, e = df["flux"].to_numpy(), df["flux_err"].to_numpy()
-    clean = iso & ((df["qc"].to_numpy() & (QC["SATURATED"] | QC["APERTURE_EDGE"] | QC["FEW_BACKGROUND"])) == 0)
-    bright = clean & (true > 50 * e) & (true < 3e4)
-    assert bright.sum() > 30, bright.sum()
-    ratio = np.median(f[bright] / true[bright])
-    assert abs(ratio - 1) < 0.01, ratio
-    pull = (f[clean] - true[clean]) / e[clean]
-    med = np.median(pull)
-    width = 1.4826 * np.median(np.abs(pull - med))
-    assert clean.sum() > 500, clean.sum()
-    assert abs(med) < 0.1, med
-    assert 0.85 < width < 1.2, width
+    a = accuracy(df, true, _isolated(universe, df, simfiles["cat"]))
+    assert a.n_bright > 30, a.n_bright
+    assert abs(a.ratio - 1) < 0.01, a.ratio
+    assert a.n_clean > 500, a.n_clean
+    assert abs(a.pull_median) < 0.1, a.pull_median
+    assert 0.85 < a.pull_width < 1.2, a.pull_width
 
 
 def test_zero_and_negative_truth_measured(measured, universe):

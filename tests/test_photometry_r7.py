@@ -16,6 +16,7 @@ import os
 import numpy as np
 import polars as pl
 import pytest
+from accuracy import accuracy
 from astropy.io import fits
 
 import spxframe
@@ -164,19 +165,12 @@ def test_accuracy_on_qr3_files(measured, files, universe):
     q3 = measured[0]
     df = q3.filter(pl.col("flux").is_not_nan())
     true = _truth(universe, df)
-    iso = _isolated(df, files["cat"])
-    f, e = df["flux"].to_numpy(), df["flux_err"].to_numpy()
-    clean = iso & ((df["qc"].to_numpy() & (QC["SATURATED"] | QC["APERTURE_EDGE"] | QC["FEW_BACKGROUND"])) == 0)
-    bright = clean & (true > 50 * e) & (true < 3e4)
-    assert bright.sum() > 30, bright.sum()
-    ratio = np.median(f[bright] / true[bright])
-    assert abs(ratio - 1) < 0.01, ratio
-    pull = (f[clean] - true[clean]) / e[clean]
-    med = np.median(pull)
-    width = 1.4826 * np.median(np.abs(pull - med))
-    assert clean.sum() > 300, clean.sum()
-    assert abs(med) < 0.1, med
-    assert 0.85 < width < 1.15, width
+    a = accuracy(df, true, _isolated(df, files["cat"]))
+    assert a.n_bright > 30, a.n_bright
+    assert abs(a.ratio - 1) < 0.01, a.ratio
+    assert a.n_clean > 300, a.n_clean
+    assert abs(a.pull_median) < 0.1, a.pull_median
+    assert 0.85 < a.pull_width < 1.15, a.pull_width
     assert (q3["qc"] & QC["NO_PSF"] == 0).all()  # every source found its ePSF zone
 
 

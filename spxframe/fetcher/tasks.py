@@ -146,7 +146,12 @@ def with_archive_info(df: pl.DataFrame, observations: pl.DataFrame | None) -> pl
               .join(o.rename({"detector": "_det"}), on=["obs_id", "_det"], how="left", maintain_order="left")
               .with_columns(pl.coalesce("_size", "_osize").alias("_size"), pl.coalesce("_md5", "_omd5").alias("_md5"))
               .drop("_det", "_osize", "_omd5"))
-    return df.with_columns(pl.col("_md5").map_elements(md5_of_checksum, return_dtype=pl.Utf8, skip_nulls=False))
+    # one pass over the column's distinct values, not a Python call per manifest row
+    forms = df.get_column("_md5").unique()
+    table = pl.DataFrame({"_md5": forms, "_md5n": [md5_of_checksum(v) for v in forms.to_list()]},
+                         schema={"_md5": pl.Utf8, "_md5n": pl.Utf8})
+    return df.join(table, on="_md5", how="left", nulls_equal=True, maintain_order="left") \
+        .drop("_md5").rename({"_md5n": "_md5"})
 
 
 def _as_int(v: Any) -> int | None:

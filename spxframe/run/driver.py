@@ -176,11 +176,13 @@ def _cell_tasks(cat: pl.DataFrame, obs: pl.DataFrame, manifest: pl.DataFrame, op
     cells = cell_of(cat.get_column("ra").to_numpy(), cat.get_column("dec").to_numpy(), order=cell_order)
     cat_c = cat.with_columns(pl.Series("_cell", cells))
     man_c = manifest.join(cat_c.select("source_id", "_cell"), on="source_id", how="left")
+    by_cell = man_c.partition_by("_cell", as_dict=True, include_key=False) if man_c.height else {}
+    empty_man = man_c.clear().drop("_cell")
     measure_hash = _hash(opts.measure_options)
     tasks, skipped = [], []
     for (cell,), ccat in cat_c.partition_by("_cell", as_dict=True, maintain_order=True).items():
         ccat = ccat.drop("_cell")
-        cman = man_c.filter(pl.col("_cell") == cell).drop("_cell")
+        cman = by_cell.get((cell,), empty_man)  # one pass over the manifest, not one per cell
         # a cell is done only for the same sources, query, cutouts, cell order and planned rows
         # (new observations of the archive's weekly additions make new rows)
         cell_hash = _hash({"plan": opts.plan_hash, "query": opts.query, "order": cell_order,

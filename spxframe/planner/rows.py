@@ -105,7 +105,7 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
         "obs_id": o["obs_id"], "detector": o["detector"], "band": o["band"],
         "ra": ra, "dec": dec, "x_parent": x, "y_parent": y, "_fi": fi,
         "_file": o["file_url"], "_ckey": o["cloud_key"].fill_null(""),
-        "_r7": np.array([spherex.format_of(r) == "r7" for r in o["release"].to_list()], bool),
+        "_r7": _is_r7(o["release"]),
     })
     base = base.with_columns((pl.lit("D") + pl.col("detector").cast(pl.Utf8) + pl.lit("_")
                               + pl.col("_file").str.extract(spherex.PROCESSING_VERSION_RE.pattern))
@@ -145,6 +145,13 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
              _ranges(good.filter(pl.col("method") == "range"), cloud_url, cost),
              _full(good.filter(pl.col("method") == "full")), bad]
     return pl.concat([schema.conform(p, schema.MANIFEST, extra=False) for p in parts], how="vertical_relaxed")
+
+
+def _is_r7(release: pl.Series) -> pl.Series:
+    """Per row, whether its release's files are in the R7 format (decided once per distinct release)."""
+    names = release.cast(pl.Utf8).fill_null("")
+    r7 = {r: spherex.format_of(r) == "r7" for r in names.unique().to_list()}
+    return names.replace_strict(r7, return_dtype=pl.Boolean)
 
 
 def _image_prefix() -> pl.Expr:

@@ -29,6 +29,8 @@ log = logging.getLogger("spxframe.fetch")
 
 USER_AGENT = f"spxframe/{__version__}"
 
+#: longest wait for one batch of range requests (s) before they count as failed and are retried
+BATCH_TIMEOUT_S = 120.0
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 OVERLOAD_STATUS = frozenset({429, 503})
 
@@ -359,7 +361,7 @@ class RangeClient:
 
     def _batch(self, url: str, ranges: list[tuple[int, int]]) -> list[Any]:
         """GET the ranges concurrently (at most ``parallel`` at once); a result or an exception each."""
-        from fsspec.asyn import sync
+        from fsspec.asyn import FSTimeoutError, sync
 
         async def batch() -> list[Any]:
             sem = asyncio.Semaphore(self.parallel)
@@ -369,7 +371,13 @@ class RangeClient:
                     return await _get_range(self.fs, url, *r)
             return await asyncio.gather(*(one(r) for r in ranges), return_exceptions=True)
 
-        return sync(self.fs.loop, batch)
+        try:  # a batch must never hang a fetch: past the bound its ranges count as a transient failure
+            return sync(self.fs.loop, batch, timeout=BATCH_TIMEOUT_S)
+        except FSTimeoutError:
+            log.warning("%s: %d range request(s) still unanswered after %.0f s; retrying", url, len(ranges),
+                        BATCH_TIMEOUT_S)
+            err = TransferError(f"{url}: range requests unanswered after {BATCH_TIMEOUT_S:.0f} s", transient=True)
+            return [err] * len(ranges)
 
     def _sort_out(self, url: str, pending: list[int], res: list[Any], out: list[bytes | None],
                   total: list[int | None], attempt: int) -> tuple[list[int], TransferError | None]:

@@ -65,16 +65,18 @@ def test_default_releases_read_both_each_in_its_time_span(deep_obs, sky):
     assert only3.height == obs.filter(pl.col("release") == "qr3").height
 
 
-def test_plan_r7_images_cutouts_or_whole_files_with_estimates(deep_obs):
-    """R7 images are never planned as QR2-layout byte ranges; their plan-time bytes are the R7
-    estimates (compressed FLAGS, the EPSF table), not the QR2 figures."""
+def test_plan_r7_images_with_r7_estimates(deep_obs):
+    """R7 images are planned with the R7 estimates (compressed FLAGS, the EPSF table), not the
+    QR2 figures: as IBE cutouts, and as byte ranges of the cloud copy where asked."""
     cat, obs = deep_obs
     rel = obs.select("obs_id", "detector", "release")
-    m = plan(cat, obs, cutout_size="64px", access="range").manifest.join(rel, on=["obs_id", "detector"])
-    assert set(m.filter(pl.col("release") == "qr3")["access"]) == {"cutout"}
-    assert set(m.filter(pl.col("release") == "qr2")["access"]) == {"range"}
-    r7 = m.filter(pl.col("release") == "qr3")["predicted_bytes"]
+    cut = plan(cat, obs, cutout_size="64px", access="cutout").manifest.join(rel, on=["obs_id", "detector"])
+    r7 = cut.filter(pl.col("release") == "qr3")["predicted_bytes"]
     assert (r7 > spherex.R7_EPSF_BYTES_EST).all() and (r7 < spherex.R7_EPSF_BYTES_EST + 1_000_000).all()
+    m = plan(cat, obs, cutout_size="64px", access="range").manifest.join(rel, on=["obs_id", "detector"])
+    assert set(m["access"]) == {"range"}
+    r7 = m.filter(pl.col("release") == "qr3")
+    assert r7.height > 0 and (r7["predicted_bytes"] < spherex.R7_FULL_FILE_BYTES_EST / 4).all()
     full = plan(cat, obs, cutout_size=None).manifest.join(rel, on=["obs_id", "detector"])
     assert set(full.filter(pl.col("release") == "qr3")["predicted_bytes"]) == {spherex.R7_FULL_FILE_BYTES_EST}
     assert set(full.filter(pl.col("release") == "qr2")["predicted_bytes"]) == {spherex.FULL_FILE_BYTES}

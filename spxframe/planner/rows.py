@@ -59,15 +59,18 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel, forced: np.ndarray |
     n_key = g.filter("_cloud").group_by("_psf").agg(pl.len().alias("_nk"))
     g = g.join(n_key, on="_psf", how="left").with_columns(pl.col("_nk").fill_null(1))
     k = g["k"].to_numpy()
-    r7 = g["_r7"].to_numpy()  # R7 (QR3) images: IBE cutouts or whole files (no byte-range reader yet)
+    r7 = g["_r7"].to_numpy()  # R7 (QR3): three float planes, FLAGS compressed rows, an EPSF table
     shared_bytes = cutout_bytes(g["bx1"].to_numpy() - g["bx0"].to_numpy(), g["by1"].to_numpy() - g["by0"].to_numpy(),
                                 r7)
-    range_bytes = HEADER_BYTES + BLOCK + 4 * g["rows"].to_numpy() * ROW + PSF_BYTES / g["_nk"].to_numpy()
+    rows = g["rows"].to_numpy()
+    range_bytes = HEADER_BYTES + BLOCK + np.where(
+        r7, 3 * rows * ROW + rows * spherex.R7_FLAGS_ROW_BYTES_EST + spherex.R7_EPSF_BYTES_EST / g["_nk"].to_numpy(),
+        4 * rows * ROW + PSF_BYTES / g["_nk"].to_numpy())
     each = g["each_bytes"].to_numpy()
     full = full_bytes(r7)
     c = np.stack([cost.seconds(each, k, k) + cost.local(each, k),
                   np.where(k > 1, cost.seconds(shared_bytes, 1, 1) + cost.local(shared_bytes, 1), np.inf),
-                  np.where(g["_cloud"].to_numpy() & ~r7, cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy())
+                  np.where(g["_cloud"].to_numpy(), cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy())
                            + cost.local(each - k * PSF_BYTES, k), np.inf),  # one box file per source, no PSF data
                   cost.seconds(full, 1) + cost.local(full, 1)], axis=1)
     if forced is not None and len(k):
@@ -80,17 +83,12 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel, forced: np.ndarray |
         c[:, 2:] = np.inf
     elif access == "full":
         c[:, :3] = np.inf
-    elif access == "range":  # images without a cloud copy (or R7 images) fall back to the best cutout
-        cloud = g["_cloud"].to_numpy() & ~r7
+    elif access == "range":  # images without a cloud copy fall back to the best cutout
+        cloud = g["_cloud"].to_numpy()
         c[cloud, 0:2] = np.inf
         c[:, 3] = np.inf
-        if (~cloud & ~r7).any():
-            log.warning("%d image(s) have no cloud copy (empty cloud_key): planned as cutouts",
-                        int((~cloud & ~r7).sum()))
-        if r7.any():
-            log.warning("%d R7 (QR3) image(s): byte-range reads of R7 files are not implemented; planned as "
-                        "cutouts", int(r7.sum()))
-    c[r7, 2] = np.inf
+        if (~cloud).any():
+            log.warning("%d image(s) have no cloud copy (empty cloud_key): planned as cutouts", int((~cloud).sum()))
     return g.with_columns(pl.Series("method", np.array(METHODS)[np.argmin(c, axis=1)]))
 
 

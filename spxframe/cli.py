@@ -67,6 +67,9 @@ def _lightcurves_parser(sub) -> None:
                     help="cap on concurrent transfers per host")
     lc.add_argument("--plots", type=int, default=10, metavar="N", help="number of sources to plot into OUT/plots")
     lc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lc.add_argument("--dry-run", action="store_true",
+                    help="plan only: print what the run would fetch (requests, bytes, time, disk), write only "
+                         "OUT/run.json, send no file, cutout or cloud request")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,7 +146,14 @@ def _lightcurves(a: argparse.Namespace) -> int:
                                 releases=[r.lower() for r in releases] if releases else None, refresh=a.refresh,
                                 gain_correction=not a.no_gain_correction,
                                 cache_dir=a.cache_dir, archive=a.archive, progress=not a.no_progress,
-                                aperture_radius=a.aperture_radius, max_concurrency=a.max_concurrency, plots=a.plots)
+                                aperture_radius=a.aperture_radius, max_concurrency=a.max_concurrency, plots=a.plots,
+                                dry_run=a.dry_run)
+    if a.dry_run:
+        from spxframe.run.preview import report
+
+        print(report(phot.totals))
+        print(f"dry run: nothing fetched; the plan is in {a.out}/run.json")
+        return EXIT_OK
     n_ok = phot.filter(phot["flux"].is_not_nan()).height if phot.height else 0
     print(f"{phot.height} rows ({n_ok} measured) for {phot['source_id'].n_unique() if phot.height else 0} "
           f"sources written to {a.out}/photometry.parquet")

@@ -48,12 +48,20 @@ from spxframe.fetcher import CacheDir
 from spxframe.fetcher.calib import fetch_products
 from spxframe.fits import flagbits
 from spxframe.planner import plan as make_plan
-from spxframe.planner.manifest import summarize
+from spxframe.planner.manifest import Plan, summarize
 from spxframe.progress import bar as progress_bar
+from spxframe.run import preview
 from spxframe.run.cell import CellTask, cell_state, run_cell
 from spxframe.run.cells import DEFAULT_ORDER, cell_of
 from spxframe.run.cluster import run_cells_dask
-from spxframe.run.outputs import merge, write_plots, write_query_summary, write_run_json, write_science
+from spxframe.run.outputs import (
+    merge,
+    write_dry_run_json,
+    write_plots,
+    write_query_summary,
+    write_run_json,
+    write_science,
+)
 from spxframe.sizes import CutoutSize, parse_cutout_center, parse_cutout_size
 from spxframe.store import Store, is_url
 
@@ -152,10 +160,12 @@ def _validate(cutout_size, cutout_center, access, bands, time, collection, relea
     return RunOptions(size, cutout_center, access, query, measure_options, cache, store)
 
 
-def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: Any, *, refresh: bool = False):
+def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: Any, *, refresh: bool = False,
+                         write: bool = True):
     """observations.parquet if the same catalog and query produced it less than
     :data:`OBSERVATIONS_MAX_AGE_S` ago (and ``refresh`` is False), else query the archive: the
-    archive adds data weekly, so a rerun a day later sees the new images."""
+    archive adds data weekly, so a rerun a day later sees the new images. ``write`` False (a dry
+    run) leaves the output folder as it was."""
     # releases=None means this version's default releases: a version that reads more sees more
     key = _hash({"catalog": _catalog_hash(cat), **query, "default_releases": list(spherex.DEFAULT_RELEASES)})
     state = store.read_json("parts/observations.json")
@@ -165,6 +175,8 @@ def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: 
                  (_time.time() - float(state["queried_at"])) / 3600)
         return store.read_parquet("observations.parquet"), True
     obs = query_observations(cat, archive=archive, **query)
+    if not write:
+        return obs, False
     store.write_parquet("observations.parquet", schema.conform(obs, schema.OBSERVATIONS), schema.OBSERVATIONS)
     store.write_json("parts/observations.json", {"key": key, "queried_at": _time.time()})
     return obs, False
@@ -225,8 +237,9 @@ def lightcurves(
     cell_order: int = DEFAULT_ORDER,
     plots: int = 10,
     client: Any = None,
+    dry_run: bool = False,
     _cell_func: Any = None,
-) -> pl.DataFrame:
+) -> pl.DataFrame | Plan:
     """Measure every SPHEREx L2 image of every catalog source; write and return the photometry.
 
     Parameters
@@ -235,7 +248,7 @@ def lightcurves(
         ``source_id``, ``ra``, ``dec`` (deg, ICRS), optionally ``pmra``, ``pmdec`` (mas/yr) and
         ``ref_epoch`` (Julian year). Other columns ride along into the output.
     cutout_size : IRSA size grammar (``"200px"``, ``"3arcmin"``, ``"0.1"`` deg, ``"200,400px"``);
-        None measures on full images.
+        None fetches only what the measurement needs (see :func:`spxframe.plan`).
     cutout_center : custom cutout centre (``"ra,dec"`` deg or ``"x,y px"``); default the source.
     bands : detectors to use, e.g. ``["D1", "D2"]``; default all six.
     time : (mjd_start, mjd_end) in MJD (UTC); default all.
@@ -262,11 +275,16 @@ def lightcurves(
     cell_order : HEALPix order of the work cells (3 → ~7.3° cells; higher for finer resume/Dask units).
     plots : number of sources to plot into ``plots/`` (0 for none).
     client : a ``dask.distributed.Client``: run the cells on the cluster instead of locally.
+    dry_run : stop after planning: log what the run would cost (images, measurements, requests by
+        method, bytes, expected time, disk space), write only ``run.json`` and return the plan.
+        Only the archive's query service is contacted (or nothing, when the output folder holds
+        a recent observations table); no file, cutout or cloud request is sent.
 
     Returns
     -------
     polars.DataFrame in ``schema.PHOTOMETRY`` (fluxes in µJy), plus the catalog's own columns,
-    ordered by sky cell, then source, then time (each source's rows are contiguous).
+    ordered by sky cell, then source, then time (each source's rows are contiguous). With
+    ``dry_run=True``, the :class:`spxframe.planner.Plan` (``manifest``, ``summary``, ``totals``).
     """
     t_start = _time.perf_counter()
     timings: dict[str, float] = {}
@@ -275,13 +293,26 @@ def lightcurves(
     opts = _validate(cutout_size, cutout_center, access, bands, time, collection, releases, aperture_radius,
                      bad_bits, cache_dir, output_dir, output_options)
     t0 = _time.perf_counter()
-    obs, reused = _observations_cached(opts.store, cat, opts.query, archive, refresh=refresh)
+    obs, reused = _observations_cached(opts.store, cat, opts.query, archive, refresh=refresh, write=not dry_run)
     timings["observations"] = _time.perf_counter() - t0
 
     t0 = _time.perf_counter()  # the catalog is planned once; each cell takes its slice
     the_plan = make_plan(cat, obs, cutout_size=opts.size, cutout_center=cutout_center, access=access,
                          archive=resolve_archive(archive))
     timings["plan"] = _time.perf_counter() - t0
+    expected = preview.totals(the_plan.manifest, the_plan.summary)
+    log.info("%s", preview.report(expected))
+    parameters = dict(
+        catalog_rows=cat.height, cutout_size=None if opts.size is None else str(opts.size),
+        cutout_center=cutout_center, bands=opts.query["bands"], time=opts.query["time"], collection=collection,
+        releases=opts.query["releases"], releases_used=_releases_used(obs), gain_correction=bool(gain_correction),
+        access=access, archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
+        cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=opts.cache.root,
+        dry_run=bool(dry_run))
+    if dry_run:
+        the_plan.totals = expected
+        write_dry_run_json(opts.store, parameters=parameters, expected=expected, timings=timings)
+        return the_plan
     t0 = _time.perf_counter()
     calibration = _calibration(obs, the_plan.manifest, opts, archive, gain_correction)
     timings["calibration"] = _time.perf_counter() - t0
@@ -312,15 +343,9 @@ def lightcurves(
         write_plots(opts.store, phot, plots)
     timings["plots"] = _time.perf_counter() - t0
     timings["total"] = _time.perf_counter() - t_start
-    write_run_json(opts.store, parameters=dict(
-        catalog_rows=cat.height, cutout_size=None if opts.size is None else str(opts.size),
-        cutout_center=cutout_center, bands=opts.query["bands"], time=opts.query["time"], collection=collection,
-        releases=opts.query["releases"], releases_used=_releases_used(obs),
-        gain_correction=bool(gain_correction),
-        access=access, archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
-        cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=opts.cache.root),
-        summaries=summaries, skipped=skipped, timings=timings, counts=counts,
-        plan=the_plan.summary.to_dicts(), error_scales=scales, calibration=calibration)
+    write_run_json(opts.store, parameters=parameters, expected=expected, summaries=summaries, skipped=skipped,
+                   timings=timings, counts=counts, plan=the_plan.summary.to_dicts(), error_scales=scales,
+                   calibration=calibration)
     write_query_summary(opts.store, sizes, obs, cat)
     return phot
 

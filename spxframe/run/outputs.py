@@ -154,15 +154,26 @@ def versions() -> dict[str, str]:
     return out
 
 
+def write_dry_run_json(store: Store, *, parameters: dict, expected: dict, timings: dict) -> None:
+    """run.json of a dry run: versions, parameters and what the run would cost (``expected``:
+    :func:`spxframe.run.preview.totals`); nothing was fetched or measured."""
+    store.write_json("run.json", {
+        "versions": versions(), "parameters": parameters, "dry_run": True, "expected": expected,
+        "bytes_transferred_this_run": 0, "timings_s": timings,
+        "finished": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime())})
+
+
 def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], skipped: list[dict],
                    timings: dict, counts: dict, plan: list[dict], error_scales: list[dict] | None = None,
-                   calibration: list[dict] | None = None) -> None:
+                   calibration: list[dict] | None = None, expected: dict | None = None) -> None:
     """run.json: versions, parameters, counts, timings per stage, bytes transferred (calibration
-    products included) and the calibration products used (release, family, token per detector)."""
+    products included), the calibration products used (release, family, token per detector) and
+    the plan's prediction (``expected``) beside what happened."""
     allc = summaries + skipped
     run = {
         "versions": versions(),
         "parameters": parameters,
+        "expected": expected or {},
         "counts": {
             "sources": parameters["catalog_rows"],
             "cells": len(allc), "cells_run": len(summaries), "cells_skipped": len(skipped),

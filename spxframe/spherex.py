@@ -228,6 +228,14 @@ GAIN_RELEASE: str = "qr3"
 GAIN_HDU: str = "FLUX_CORRECTION"
 #: factors outside this range are bad pixels (spec §3.10): the row median is used instead
 GAIN_VALID: tuple[float, float] = (0.5, 2.0)
+#: per-pixel wavelength maps CWAVE/CBAND, µm (spec §3.10)
+WAVE_FAMILY: str = "spectral_wcs"
+#: their HDU names (not confirmed, spec §8)
+WAVE_HDUS: tuple[str, str] = ("CWAVE", "CBAND")
+#: the release whose spectral_wcs serves images of every release: the newest calibration (R7 v5;
+#: it differs from QR2's v4 only by +0.0064 µm on band 5). Whether R7's maps serve QR2 images is
+#: not confirmed (§3.10): "qr2" takes QR2's own v4 maps instead.
+WAVE_RELEASE: str = "qr3"
 #: directory listing and file tree of the products, under the archive's base URL
 CAL_LIST_PATH: str = "ibe/dir/list/spherex"
 CAL_DATA_PATH: str = "ibe/data/spherex"

@@ -323,3 +323,36 @@ def test_flag_counts_in_header_match_flags_plane(hdul):
     assert len(counted) == 14 and im["L2 N_FULLSAMPLE"] > 0 and im["L2 N_DICHROIC"] > 0
     for f in counted:
         assert im[f"L2 N_{f}"] == np.count_nonzero(fl & (1 << FLAG_BITS[f])), f
+
+
+@pytest.mark.parametrize("convention", ["shift", "rebase", "resample"])
+def test_cutout_wave_conventions(convention):
+    """``Universe(cutout_wave_convention=...)``: however a cutout's W system is written (CRPIXnW
+    shifted, the table rebased, or re-sampled for the box), astropy's W(cutout, p) equals
+    W(parent, p + offset), in QR2 and QR3 cutouts; the pixels and every other HDU are unchanged."""
+    u = Universe(seed=1, cutout_wave_convention=convention)
+    ref = Universe(seed=1)
+    for rel in ("qr2", "qr3"):
+        key = u.observations.filter(pl.col("release") == rel)["cloud_key"][5]
+        hp = fits.open(io.BytesIO(u.read(key)))
+        for center, size in (("700.2,1300.7px", "90,70px"), ("1000,1000px", "600px"), ("3,2030px", "40px")):
+            x0, y0, nx, ny = u.cutout_box(key, center, size)
+            data, base = u.cutout(key, center, size), ref.cutout(key, center, size)
+            hc, hb = fits.open(io.BytesIO(data)), fits.open(io.BytesIO(base))
+            h = hc["IMAGE"].header
+            assert h["CRPIX1W"] == (-x0 if convention == "shift" else 0)
+            grid = hc["WCS-WAVE"].data["X"][0]
+            assert (grid[0], grid[-1]) == ((0.5, nx + 0.5) if convention == "resample" else
+                                           (hb["WCS-WAVE"].data["X"][0][0] - (x0 if convention == "rebase" else 0),
+                                            hb["WCS-WAVE"].data["X"][0][-1] - (x0 if convention == "rebase" else 0)))
+            for i in range(len(hb)):
+                if hb[i].name != "WCS-WAVE":
+                    assert hb[i].data is None or np.asarray(hc[i].data).tobytes() == np.asarray(hb[i].data).tobytes()
+                    keep = [k for k in hb[i].header if not k.startswith("CRPIX") or not k.endswith("W")]
+                    assert all(hc[i].header[k] == hb[i].header[k] for k in keep if k not in ("COMMENT", "HISTORY", ""))
+            xc, yc = np.array([0.0, nx - 1.0, nx / 3, -0.5]), np.array([0.0, ny - 1.0, ny / 2, ny - 0.5])
+            wave_c = np.array(_wcs_w(h, hc).pixel_to_world_values(xc, yc))
+            wave_p = np.array(_wcs_w(hp["IMAGE"].header, hp).pixel_to_world_values(xc + x0, yc + y0))
+            assert np.abs(wave_c - wave_p).max() < 1e-9, (rel, center)
+    with pytest.raises(ValueError):
+        Universe(seed=1, cutout_wave_convention="sideways")

@@ -169,9 +169,10 @@ def fetch_products(detectors, *, base_url: str, cache: CacheDir | str, family: s
                                     path, cache, policy)
         out.paths[det] = path
         out.tokens[det] = _NAME_RE.search(name).group(2)
+    what = "gain-corrected" if family == spherex.GAIN_FAMILY else f"given {family} values"
     if out.missing and not names:  # e.g. an archive that holds QR2 only
-        log.info("the archive lists no %s/%s product: images are not gain-corrected", release, family)
+        log.info("the archive lists no %s/%s product: images are not %s", release, family, what)
     elif out.missing:
-        log.warning("no %s/%s product for detector(s) %s: those images are not corrected", release, family,
-                    out.missing)
+        log.warning("no %s/%s product for detector(s) %s: those images are not %s", release, family,
+                    out.missing, what)
     return out

@@ -414,3 +414,54 @@ def pixel_area_arcsec2(wcs, xp: np.ndarray, yp: np.ndarray) -> np.ndarray:
     a = (dra[1] - dra[0]) * cosd, dec[1] - dec[0]
     b = (dra[3] - dra[2]) * cosd, dec[3] - dec[2]
     return np.abs(a[0] * b[1] - a[1] * b[0]) * (180 / np.pi * 3600) ** 2
+
+
+# ------------------------------------------------------------------------------ the W system (WCS-WAVE)
+class WaveAxes:
+    """The spectral ``W`` system of one file (FITS WCS Paper III ``-TAB``, spec §3.3): file pixels →
+    the coordinates looked up in the WCS-WAVE table's index vectors (X for axis 1, Y for axis 2).
+
+    For axis i: ψᵢ = CRVALiW + Σⱼ CDELTiW·PCi_jW·(pⱼ − CRPIXjW) (or CDi_jW), p = the 1-based pixel
+    of the file itself. Whatever the cutout service did — CRPIXnW shifted by the box origin with
+    the table unchanged, or the table's X/Y rebased with CRPIXnW unchanged — ψ is what the file's
+    own table is indexed by, so the lookup gives the parent's wavelengths either way. A header
+    without ``CRPIX1W`` (no W system) is read as the parent frame: ψ = 1-based parent pixel.
+    ``PS1_2W = 'Y'`` (axes swapped relative to the index columns) swaps (ψ₁, ψ₂).
+    """
+
+    __slots__ = ("crpix", "crval", "m", "swap")
+
+    def __init__(self, crpix, crval, m, swap: bool = False) -> None:
+        self.crpix = np.asarray(crpix, np.float64)
+        self.crval = np.asarray(crval, np.float64)
+        self.m = np.asarray(m, np.float64)
+        self.swap = bool(swap)
+
+    def index(self, xp: np.ndarray, yp: np.ndarray, x0: int, y0: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ψ_X, ψ_Y): table index coordinates of zero-based parent pixels (xp, yp) in a file
+        whose column 0 is parent column ``x0`` (row 0: ``y0``)."""
+        d1 = np.asarray(xp, np.float64) - x0 + 1.0 - self.crpix[0]
+        d2 = np.asarray(yp, np.float64) - y0 + 1.0 - self.crpix[1]
+        u = self.crval[0] + self.m[0, 0] * d1 + self.m[0, 1] * d2
+        v = self.crval[1] + self.m[1, 0] * d1 + self.m[1, 1] * d2
+        return (v, u) if self.swap else (u, v)
+
+
+def wave_axes(h, x0: int = 0, y0: int = 0) -> WaveAxes:
+    """The :class:`WaveAxes` of an IMAGE header (:class:`~spxframe.fits.cards.Header`); ``x0, y0``
+    (the file's A-system offsets) only serve a header without a W system (parent frame assumed)."""
+    v = np.array(h.floats(_W_KEYS, math.nan))  # one pass over the keyword index
+    if math.isnan(v[0]):
+        return WaveAxes((-float(x0), -float(y0)), (0.0, 0.0), np.eye(2))
+    v = np.where(np.isnan(v), _W_DEFAULTS, v)
+    if not math.isnan(h.floats(["CD1_1W"], math.nan)[0]):
+        m = np.reshape(h.floats(["CD1_1W", "CD1_2W", "CD2_1W", "CD2_2W"], 0.0), (2, 2))
+    else:
+        m = v[4:6, None] * v[6:10].reshape(2, 2)
+    swap = "PS1_2W" in h and str(h.get("PS1_2W") or "X").strip().upper() == "Y"
+    return WaveAxes(v[0:2], v[2:4], m, swap)
+
+
+#: CRPIXnW, CRVALnW, CDELTnW, PCi_jW and their defaults (Paper I)
+_W_KEYS = ["CRPIX1W", "CRPIX2W", "CRVAL1W", "CRVAL2W", "CDELT1W", "CDELT2W", "PC1_1W", "PC1_2W", "PC2_1W", "PC2_2W"]
+_W_DEFAULTS = np.array([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0])

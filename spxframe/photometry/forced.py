@@ -44,6 +44,7 @@ from spxframe.fits.hdu import read_rows
 from spxframe.fits.tiles import is_tiled, read_tiled_rows, tiled_image
 from spxframe.photometry import gains as _gains
 from spxframe.photometry import kernels as K
+from spxframe.photometry import wave as _wave
 from spxframe.photometry.epsf import EpsfModel
 
 log = logging.getLogger("spxframe")
@@ -51,7 +52,6 @@ C_KM_S = 299792.458
 _WCS_CACHE: dict[tuple, Any] = {}
 _PSF_CACHE: dict[str, mef.PsfPlanes | None] = {}
 _ZONE_CACHE: dict[tuple, mef.PsfZones] = {}
-_WAVE_CACHE: dict[bytes, mef.WaveTable] = {}
 _EPSF_CACHE: dict[str, EpsfModel] = {}  #: ePSF libraries by detector + library (one read per process)
 _MASK_CACHE: dict[tuple, tuple[int, int, int]] = {}
 #: FLAGS bits that set the SATURATED quality bit when an aperture pixel carries one
@@ -274,7 +274,10 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
     calibration: the QR2 → R7 gain correction (``l3_flux_corrections``, spec §3.10) for QR2-format
     files: None (none), a folder of product files (highest token per detector) or a mapping
     detector → file; IMAGE × f, VARIANCE × f² at the pixels measured, never on R7 files. Rows
-    carry ``gain_factor`` (f at the source's pixel; 1.0 uncorrected) and ``wave_source``.
+    carry ``gain_factor`` (f at the source's pixel; 1.0 uncorrected) and ``wave_source``: wavelength
+    and bandwidth come from the ``spectral_wcs`` product's CWAVE/CBAND maps found the same way
+    (any release; a mapping ``{family: {detector: file}}`` gives both products), else from the
+    file's WCS-WAVE lookup (:mod:`spxframe.photometry.wave`).
     """
     r_in, r_out = (float(a) for a in annulus)
     if not 0 < aperture_radius <= r_in < r_out:
@@ -285,7 +288,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
         bad_bits = list(bad_bits)
     flagbits.bad_bits(bad_bits)  # unknown names, bits out of range, SOURCE/FULLSAMPLE: refused up front
     cat, id_dtype = _catalog(catalog)
-    gain_files = _gains.resolve(calibration)
+    gain_files, wave_files = _gains.resolve(calibration), _wave.resolve(calibration)
     ids = cat["source_id"].to_numpy()
     cat = {c: cat[c].to_numpy() for c in ("ra", "dec", "pmra", "pmdec", "ref_epoch")}
     pos_of = {s: i for i, s in enumerate(ids)}
@@ -302,7 +305,7 @@ def measure(files: Iterable[str] | pl.DataFrame, catalog, *, cache_dir: str | os
         want = None if wanted is None else np.array([pos_of[s] for s in wanted[path] if s in pos_of], np.int64)
         try:
             _one_file(path, cat, ids, cvec, want, st, r_ap=aperture_radius, r_in=r_in, r_out=r_out,
-                      cache_dir=cache_dir, bad_bits=bad_bits, gain_files=gain_files)
+                      cache_dir=cache_dir, bad_bits=bad_bits, gain_files=gain_files, wave_files=wave_files)
         except (OSError, ValueError, KeyError, FileFormatError) as exc:
             log.warning("measure: cannot read %s: %s", path, exc)
             m = re.match(r"^(.+?)D(\d)(?:_|\.)", os.path.basename(path))
@@ -367,7 +370,7 @@ def _psf_models(info: mef.MefInfo, fd: int, xp: np.ndarray, yp: np.ndarray, st: 
 
 def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.ndarray, want: np.ndarray | None,
               st: _Stack, *, r_ap: float, r_in: float, r_out: float, cache_dir=None, bad_bits=None,
-              gain_files: dict[int, str] | None = None) -> None:
+              gain_files: dict[int, str] | None = None, wave_files: dict[int, str] | None = None) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         info = mef.open_info(path, fd, cache_dir=cache_dir)
@@ -400,12 +403,7 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
         if not keep.any():
             return
         want, ra, dec, xp, yp, x, y = (a[keep] for a in (want, ra, dec, xp, yp, x, y))
-        wave, bw = np.full(len(x), np.nan), np.full(len(x), np.nan)
-        if info.wave_key:
-            tab = _WAVE_CACHE.get(info.wave_key)
-            if tab is None:
-                tab = _WAVE_CACHE[info.wave_key] = mef.parse_wave_table(fd, info.hdus["WCS-WAVE"])
-            wave, bw = tab(xp + 1.0, yp + 1.0)
+        wave, bw, wsrc = _wave.wavelengths(info, fd, xp, yp, wave_files)
         area = wcs.pixel_area(xp, yp)
         masks = _masks(info, bad_bits)
         pidx, cidx, qcs = _psf_models(info, fd, xp, yp, st)
@@ -421,7 +419,7 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
             q |= schema.QC["APERTURE_EDGE"]
         st.rows.append(dict(base, source_id=ids[want[k]], x=x[k], y=y[k], ra=ra[k], dec=dec[k], sc=sc,
                             wavelength=wave[k], bandwidth=bw[k], pixel_area=area[k], qc=q, _sat=masks[2],
-                            gain_factor=gf[k], wave_source="wcs-wave" if info.wave_key else None,
+                            gain_factor=gf[k], wave_source=wsrc,
                             _k=st.add(stamps, k, cx[k], cy[k], int(pidx[k]), int(cidx[k]), masks)))
 
 

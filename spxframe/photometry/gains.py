@@ -4,7 +4,9 @@ Never applied to R7-format files.
 
 ``calibration`` (as :func:`spxframe.measure` takes it): None (no correction), a folder holding
 product files (``<family>_D<d>_spx_<token>.fits``, searched recursively, highest token per
-detector — e.g. a run's ``cache_dir/cal``), or a mapping detector → file.
+detector and family — e.g. a run's ``cache_dir/cal``), a mapping detector → gain file, or a
+mapping family → (detector → file) for several products (``l3_flux_corrections``,
+``spectral_wcs``: :mod:`spxframe.photometry.wave`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from spxframe import spherex
 from spxframe.errors import FileFormatError, InputError
 from spxframe.fits.hdu import by_name, read_array, scan
 
-_FILE_RE = re.compile(re.escape(spherex.GAIN_FAMILY) + r"_D(\d)_spx_(cal-[A-Za-z0-9]+-v\d+-\d{4}-\d{3})\.fits$")
+_NAME_RE = r"_D(\d)_spx_(cal-[A-Za-z0-9]+-v\d+-\d{4}-\d{3})\.fits$"  #: after the family name
 _MAPS: dict[tuple[str, float], np.ndarray] = {}  #: (path, mtime) -> the factor map (one read per process)
 _LOCK = threading.Lock()
 
@@ -30,11 +32,16 @@ def _token_key(token: str) -> tuple[int, ...]:
     return tuple(int(g) for g in m.groups()) if m else (-1,)
 
 
-def resolve(calibration) -> dict[int, str]:
-    """detector -> factor-map file from a folder or a mapping (see the module docstring)."""
+def resolve(calibration, family: str = spherex.GAIN_FAMILY) -> dict[int, str]:
+    """detector -> file of the ``family`` product from a folder or a mapping (see the module
+    docstring); a plain detector -> file mapping holds gain files (no other family's)."""
     if calibration is None:
         return {}
     if isinstance(calibration, Mapping):
+        if any(isinstance(v, Mapping) for v in calibration.values()):  # family -> {detector: file}
+            calibration = calibration.get(family) or {}
+        elif family != spherex.GAIN_FAMILY:
+            return {}
         out = {int(str(d).upper().lstrip("D")): os.fspath(p) for d, p in calibration.items()}
         bad = [p for p in out.values() if not os.path.isfile(p)]
         if bad:
@@ -42,12 +49,13 @@ def resolve(calibration) -> dict[int, str]:
         return out
     root = os.fspath(calibration)
     if not os.path.isdir(root):
-        raise InputError(f"calibration={root!r}: expected a folder of {spherex.GAIN_FAMILY} files or a mapping "
+        raise InputError(f"calibration={root!r}: expected a folder of calibration product files or a mapping "
                          "detector -> file")
+    pattern = re.compile(re.escape(family) + _NAME_RE)
     best: dict[int, tuple[tuple[int, ...], str]] = {}
     for folder, _, names in os.walk(root):
         for name in names:
-            m = _FILE_RE.search(name)
+            m = pattern.search(name)
             if m:
                 det, key = int(m.group(1)), _token_key(m.group(2))
                 if det not in best or key > best[det][0]:

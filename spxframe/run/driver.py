@@ -352,21 +352,32 @@ def lightcurves(
 
 def _calibration(obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptions, archive: Any,
                  gain_correction: bool) -> list[dict]:
-    """The gain-correction products of the detectors with QR2-format (pre-R7 gains) rows, fetched
-    once per detector into the cache; sets ``opts.measure_options['calibration']`` (so a change
-    of product re-measures). Returns run.json's record of the products used."""
+    """The calibration products of the run, each fetched once per detector into the cache: the
+    gain correction (``l3_flux_corrections``) for detectors with QR2-format (pre-R7 gains) rows and
+    the wavelength maps (``spectral_wcs`` of ``WAVE_RELEASE``) for every detector measured. Sets
+    ``opts.measure_options['calibration']`` = family -> {detector: file} (so a change of product
+    re-measures). Returns run.json's records of the products (gains first)."""
+    from spxframe.photometry.wave import WAVE_FAMILY, WAVE_RELEASE
+
     if not gain_correction or not manifest.height or "release" not in obs.columns:
         return []
+    imgs = obs.join(manifest.select("obs_id", "detector").unique(), on=["obs_id", "detector"], how="semi")
     pre = [n for n, r in spherex.RELEASES.items() if r.gains != "r7"]
-    imgs = obs.filter(pl.col("release").is_in(pre)).join(manifest.select("obs_id", "detector").unique(),
-                                                          on=["obs_id", "detector"], how="semi")
-    dets = sorted(set(imgs.get_column("detector").to_list()))
-    if not dets:
-        return []
-    got = fetch_products(dets, base_url=resolve_archive(archive).url, cache=opts.cache)
-    if got.paths:
-        opts.measure_options["calibration"] = {str(d): p for d, p in sorted(got.paths.items())}
-    return [got.record()]
+    wanted = ((spherex.GAIN_FAMILY, spherex.GAIN_RELEASE, imgs.filter(pl.col("release").is_in(pre))),
+              (WAVE_FAMILY, WAVE_RELEASE, imgs))
+    url, records, chosen = None, [], {}
+    for family, release, rows in wanted:
+        dets = sorted(set(rows.get_column("detector").to_list()))
+        if not dets:
+            continue
+        url = url or resolve_archive(archive).url
+        got = fetch_products(dets, base_url=url, cache=opts.cache, family=family, release=release)
+        if got.paths:
+            chosen[family] = {str(d): p for d, p in sorted(got.paths.items())}
+        records.append(got.record())
+    if chosen:
+        opts.measure_options["calibration"] = chosen
+    return records
 
 
 def _releases_used(obs: pl.DataFrame) -> dict[str, dict]:

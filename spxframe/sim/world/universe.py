@@ -31,6 +31,7 @@ linear proper motion from ``ref_epoch`` to mid-exposure.
 from __future__ import annotations
 
 import datetime as _dt
+import gzip as _gzip
 import hashlib
 import threading
 import warnings
@@ -141,6 +142,9 @@ class Universe:
     gains (IMAGE / f, VARIANCE / f²); with ``("qr2",)`` every QR2 file is as it always was.
     ``truth_flux`` is the one truth (R7 gains) either way. QR3 knobs: ``epsf_spelling`` (``r7``,
     ``short``, ``both``), ``epsf_tdim``, ``qr3_cutout_flags_compressed``.
+    ``cutout_wave_convention``: how cutouts of either release rewrite the spectral W system
+    (``shift``: CRPIXnW = −x0, the default; ``rebase`` or ``resample``: the WCS-WAVE table;
+    ``spxframe.sim.world.cutout.WAVE_CONVENTIONS``).
     """
 
     def __init__(self, seed: int = 1, *, legacy_psf_headers: bool = False, cloud_lag_fraction: float = 0.0,
@@ -148,13 +152,18 @@ class Universe:
                  wide_visits_per_pass: int | None = None, sources_per_field: int | None = None,
                  cutout_pixel_base: int = 0, cache_strips: int = 48,
                  variance_understate: float | dict[int, float] = 1.0, releases: tuple[str, ...] = RELEASES,
-                 epsf_spelling: str = "r7", epsf_tdim: bool = True, qr3_cutout_flags_compressed: bool = True) -> None:
+                 epsf_spelling: str = "r7", epsf_tdim: bool = True, qr3_cutout_flags_compressed: bool = True,
+                 cutout_wave_convention: str = "shift") -> None:
         self._init_args = (seed, dict(legacy_psf_headers=legacy_psf_headers, cloud_lag_fraction=cloud_lag_fraction,
                                       config=config, deep_visits=deep_visits, wide_visits_per_pass=wide_visits_per_pass,
                                       sources_per_field=sources_per_field, cutout_pixel_base=cutout_pixel_base,
                                       cache_strips=cache_strips, variance_understate=variance_understate,
                                       releases=releases, epsf_spelling=epsf_spelling, epsf_tdim=epsf_tdim,
-                                      qr3_cutout_flags_compressed=qr3_cutout_flags_compressed))
+                                      qr3_cutout_flags_compressed=qr3_cutout_flags_compressed,
+                                      cutout_wave_convention=cutout_wave_convention))
+        if cutout_wave_convention not in cut.WAVE_CONVENTIONS:
+            raise ValueError(f"cutout_wave_convention: one of {cut.WAVE_CONVENTIONS}, got {cutout_wave_convention!r}")
+        self.cutout_wave_convention = cutout_wave_convention
         releases = (releases,) if isinstance(releases, str) else tuple(str(r).lower() for r in releases)
         if "qr2" not in releases or not set(releases) <= set(RELEASES):
             raise ValueError(f"releases: ('qr2',) or ('qr2', 'qr3'), got {releases!r}")
@@ -440,10 +449,13 @@ class Universe:
         r = self.row(key)
         box = self.cutout_box(key, center, size)
         if self._qr3[r]:
-            return self._r7.cutout(r, box, gzip)
-        planes = self._box(r, box)
-        ph, pd = self._psf(r)
-        return cut.assemble(self._full_meta(r), planes, box, ph, pd, hd.wave_hdu(int(self._obs[r]["detector"])), gzip)
+            data = self._r7.cutout(r, box)
+        else:
+            ph, pd = self._psf(r)
+            data = cut.assemble(self._full_meta(r), self._box(r, box), box, ph, pd,
+                                hd.wave_hdu(int(self._obs[r]["detector"])))
+        data = cut.wave_convention(data, box, self.cutout_wave_convention)  # "shift": as assembled
+        return _gzip.compress(data, compresslevel=1, mtime=0) if gzip else data
 
     def components(self, key: str, r0: int = 0, r1: int = NPIX) -> dict[str, np.ndarray]:
         """Rows [r0, r1) of every plane plus the noiseless ``sky`` and ``sources`` models (native endian).

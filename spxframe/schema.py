@@ -146,6 +146,9 @@ MANIFEST = Table(
         C("request_id", STR, None, "id of the transfer this row's pixels come from (shared by rows of one transfer)"),
         C("url", STR, None, "the exact request URL (IBE cutout, cloud object or full file)"),
         C("ranges", STR, None, "JSON list of [start, stop) byte ranges for access=range, else empty"),
+        C("max_gap", I64, "byte", "access=range: byte ranges closer than this are read as one (0: the boxes' "
+                                  "own columns, one range per box row per plane; >= one row: full-width rows); "
+                                  "null: fetch's max_gap"),
         C("box_x0", I32, "pix", "zero-based first column of the planned box in the parent image"),
         C("box_y0", I32, "pix", "zero-based first row of the planned box in the parent image"),
         C("box_nx", I32, "pix", "planned box width (after clipping to the detector)"),
@@ -173,8 +176,8 @@ PHOTOMETRY = Table(
         C("mjd", F64, "d", "mid-exposure time, MJD (UTC)"),
         C("bjd_tdb", F64, "d", "barycentric mid-exposure time, BJD (TDB); from the spacecraft position "
                                 "X_SC/Y_SC/Z_SC when in the header, else from the Earth's position"),
-        C("wavelength", F64, "um", "central wavelength at the source's parent pixel (WCS-WAVE)"),
-        C("bandwidth", F64, "um", "bandwidth at the source's parent pixel (WCS-WAVE)"),
+        C("wavelength", F64, "um", "central wavelength at the source's parent pixel (see wave_source)"),
+        C("bandwidth", F64, "um", "bandwidth at the source's parent pixel (see wave_source)"),
         C("x", F64, "pix", "zero-based x of the source in the measured file"),
         C("y", F64, "pix", "zero-based y of the source in the measured file"),
         C("flux", F64, "uJy", "total point-source flux density (aperture-corrected, background-subtracted)"),
@@ -195,7 +198,9 @@ PHOTOMETRY = Table(
         C("release", STR, None, "the archive release of the image (from its collection), e.g. qr2, qr3; "
                                  "null from measure() on files"),
         C("gain_factor", F64, None, "QR2 -> R7 gain factor applied at the source's pixel (1.0: none; R7 images)"),
-        C("wave_source", STR, None, "where wavelength came from: 'wcs-wave' (the file's WCS-WAVE lookup)"),
+        C("wave_source", STR, None, "where wavelength and bandwidth came from: 'spectral_wcs' (the calibration "
+          "product's CWAVE/CBAND maps, bilinear at the source's parent pixel) or 'wcs-wave' (the file's "
+          "WCS-WAVE lookup through its W system, ~1 nm)"),
     ),
 )
 

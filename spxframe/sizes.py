@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from spxframe.spherex import NPIX, PIXEL_SCALE_ARCSEC
 
-__all__ = ["CutoutSize", "CutoutCenter", "parse_cutout_size", "parse_cutout_center", "UNITS"]
+__all__ = ["CutoutSize", "CutoutCenter", "parse_cutout_size", "parse_cutout_center", "measurement_size", "UNITS"]
 
 #: unit spelling -> (canonical unit, degrees per unit; None for pixels)
 UNITS: dict[str, tuple[str, float | None]] = {
@@ -80,10 +80,10 @@ class CutoutSize:
         nx, ny = self.pixels()
         if max(nx, ny) > NPIX:
             raise ValueError(f"cutout size {self} is {nx}x{ny} px, larger than the {NPIX}x{NPIX} px "
-                             f"detector; omit cutout_size (None) for full images")
+                             f"detector; use access='full' for full images")
         if nx == NPIX and ny == NPIX:
             warnings.warn(f"cutout size {self} is the full {NPIX}x{NPIX} px detector; "
-                          f"cutout_size=None (full images) is cheaper", UserWarning, stacklevel=3)
+                          f"access='full' (whole images) is cheaper", UserWarning, stacklevel=3)
 
     @property
     def degrees_per_unit(self) -> float | None:
@@ -151,6 +151,24 @@ class CutoutCenter:
 
     def __str__(self) -> str:  # IRSA's center= value
         return f"{_fmt(self.a)},{_fmt(self.b)}px" if self.pixel else f"{_fmt(self.a)},{_fmt(self.b)}"
+
+
+#: outer annulus radius (px) of ``measure()``'s default background annulus (5, 9) px
+MEASUREMENT_R_OUT_PX = 9.0
+#: px of slack on each side of the photometry stamp (the planner's pixel is a prediction; range
+#: reads and IBE cutouts re-centre the box on the source's exact pixel)
+MEASUREMENT_MARGIN_PX = 2
+
+
+def measurement_size(*, r_out: float = MEASUREMENT_R_OUT_PX, margin_px: int = MEASUREMENT_MARGIN_PX) -> CutoutSize:
+    """The box ``cutout_size=None`` fetches: what one forced-photometry measurement reads, the
+    stamp ``measure()`` cuts around the source (half-width ``ceil(max(r_out, 5.5)) + 1`` px, the
+    aperture and the background annulus of outer radius ``r_out`` px) plus ``margin_px`` px per
+    side. The defaults give 25 × 25 px (2.6′ at 6.15″/px)."""
+    if not (math.isfinite(r_out) and r_out > 0) or margin_px < 0:
+        raise ValueError(f"need r_out > 0 and margin_px >= 0, got {r_out}, {margin_px}")
+    n = 2 * (math.ceil(max(r_out, 5.5)) + 1 + int(margin_px)) + 1
+    return CutoutSize(min(n, NPIX), min(n, NPIX), "px")
 
 
 def parse_cutout_size(text: str | int | float | tuple | CutoutSize) -> CutoutSize:

@@ -72,3 +72,19 @@ def test_cli_dry_run_exits_zero_and_prints_the_plan(cat, archive, tmp_path, caps
     printed = capsys.readouterr().out
     assert "measurements" in printed and "dry run" in printed
     assert sorted(os.listdir(out)) == ["run.json"]
+
+
+def test_a_refused_upload_is_recorded_in_run_json(universe, archive, tmp_path):
+    """Isolated sources go to TAP as an upload; when the archive refuses it (here 413), the run
+    falls back to sky-region queries and run.json says so."""
+    src = universe.catalog().join(universe.sources.select("source_id", "field"), on="source_id")
+    cat = src.group_by("field", maintain_order=True).first().drop("field")
+    out = tmp_path / "out"
+    archive.faults.tap_upload_status = 413
+    try:
+        p = spxframe.lightcurves(cat, "64px", output_dir=out, archive=archive, progress=False, dry_run=True)
+    finally:
+        archive.faults.tap_upload_status = None
+    assert p.manifest.height > 0
+    q = json.loads((out / "run.json").read_text())["parameters"]["observations_query"]
+    assert q["upload_fallback"]["status"] == 413 and q["sources_by_region"] == cat.height

@@ -130,7 +130,20 @@ def test_retry_policy_and_limiter():
     lim.overload(t0)
     lim.overload(t0 - 1)  # an answer to a request started before the decrease: ignored
     assert lim.limit == 2.0 and lim.decreases == 1
-    for _ in range(40):
+    # issue 14: grow back only below the level that was overloaded; try it again only after a
+    # quiet spell (PROBE_AFTER successes), and a level that fails again waits twice as long
+    for _ in range(10):
+        lim.success()
+    assert lim.ceiling == 3 and lim.limit == 3.0
+    for _ in range(lim.probe_after):
+        lim.success()
+    assert lim.ceiling == 4
+    lim.overload(time.monotonic(), retry_after=0.3)   # the retried level fails: back below it, later
+    assert lim.ceiling == 3 and lim.probe_after == 2 * 16
+    t0 = time.monotonic()
+    with lim.slot():   # Retry-After honoured: no request starts before it
+        assert time.monotonic() - t0 >= 0.25
+    for _ in range(400):   # a long run without 503s: back up to the cap
         lim.success()
     assert lim.limit == 8.0
 

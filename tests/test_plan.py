@@ -152,8 +152,28 @@ def test_forced_methods(field_cat, field_obs, archive):
             b = a + row["box_ny"] * ROW
             assert any(s <= a and b <= e for s, e in rng), (h, a, b)
         assert [0, LAYOUT["IMAGE"][1]] in rng or rng[0][0] == 0
-    full = plan(field_cat, obs, matches=matches, cutout_size=None).manifest
-    assert set(full["access"]) == {"full"}
+    full = plan(field_cat, obs, matches=matches, cutout_size=None, access="full").manifest
+    assert set(full["access"]) == {"full"} and (full["box_nx"] == 2040).all()
+
+
+def test_none_plans_measurement_boxes_centred_on_the_sources(truth, field_cat, field_obs, archive):
+    """cutout_size=None: only the photometry stamp (aperture + annulus + margin), not whole images
+    (the meaning of None before issue 14)."""
+    obs, matches = field_obs
+    p = plan(field_cat, obs, matches=matches, cutout_size=None, archive=archive)
+    m = p.manifest.filter(pl.col("status") == "planned")
+    assert "full" not in set(m["access"]) and m.height > 1000
+    whole = m.filter(~pl.col("clipped"))
+    assert (whole["box_nx"] == 25).all() and (whole["box_ny"] == 25).all()
+    tx, ty = _truth(truth, whole)
+    on = np.isfinite(tx)
+    cx = whole["box_x0"].to_numpy() + 12  # the box's centre pixel vs the true position
+    cy = whole["box_y0"].to_numpy() + 12
+    assert np.abs(cx[on] - tx[on]).max() < 6 and np.abs(cy[on] - ty[on]).max() < 6
+    # a measurement costs ~1 MB (full-width rows of 25 rows) instead of ~6.6 MB at 200 px
+    big = plan(field_cat, obs, matches=matches, archive=archive)
+    per = p.summary["predicted_bytes"].sum() / m.height
+    assert per < 1.5e6 and per * 4 < big.summary["predicted_bytes"].sum() / big.manifest.height
 
 
 def test_cutout_urls_accepted_by_ibe(field_cat, field_obs, archive):
@@ -195,7 +215,7 @@ def test_cutout_center_option(field_cat, field_obs):
 
 @pytest.mark.parametrize("kw, words", [
     ({"access": "ftp"}, "access"), ({"cutout_size": "0px"}, "positive"), ({"cutout_size": "3furlongs"}, "unit"),
-    ({"cutout_center": "1,95"}, "Dec"), ({"access": "range", "cutout_size": None}, "cutout_size"),
+    ({"cutout_center": "1,95"}, "Dec"), ({"cutout_size": "3000px"}, "access='full'"),
 ])
 def test_bad_inputs_no_traffic(archive, field_cat, field_obs, kw, words):
     obs, _ = field_obs
@@ -212,4 +232,9 @@ def test_bad_inputs_no_traffic(archive, field_cat, field_obs, kw, words):
 def test_cost_model_units():
     c = CostModel(bandwidth_Bps=1e6, request_s=0.1, cutout_server_s=2)
     assert c.seconds(2e6, 3, 1) == pytest.approx(2 + 0.3 + 2)
+    # with the fetcher's concurrency: two IBE cutouts at a time; 8 images x 8 ranges in flight
+    assert c.wall("cutout", 2e6, 4) == pytest.approx(2 + 4 * 2.1 / 2)
+    assert c.wall("range", 2e6, 64, 2) == pytest.approx(2 + (2 + 8) * 0.1 / 8 + 64 * c.request_cpu_s)
+    home = CostModel.for_link(bandwidth_Bps=5e6, latency_s=0.1)
+    assert (home.bandwidth_Bps, home.request_s, home.cutout_server_s) == (5e6, 0.1, 15.0)
     assert cutout_bytes(60, 60) == 5_109_120  # spec §3.8 (SPXQuery's 60 px cutouts)

@@ -321,6 +321,75 @@ def test_epsf_inside_an_r7_file_after_compressed_flags(tmp_path):
     assert lib.lattice == (21, 21) and lib.detector == 1
 
 
+def _full_r7(nx: int, ny: int, *, version: str | None) -> tuple[bytes, np.ndarray]:
+    """An astropy-written R7 file: WCS on the planes, MSKN cards on FLAGS, the EPSF table, WCS-WAVE."""
+    flags = _flags(ny, nx, seed=4)
+    img = np.arange(nx * ny, dtype=np.float32).reshape(ny, nx)
+    prim = fits.PrimaryHDU()
+    if version:
+        prim.header["VERSION"] = version
+    planes = [fits.ImageHDU(img, name="IMAGE"),
+              fits.CompImageHDU(flags, compression_type="RICE_1", tile_shape=(1, nx), name="FLAGS"),
+              fits.ImageHDU(img * 2, name="VARIANCE"), fits.ImageHDU(img * 3, name="ZODI")]
+    for h in planes:
+        h.header.update({"CRPIX1": 20.5, "CRPIX2": 30.5, "CRPIX1A": 1.0, "CRPIX2A": 1.0, "CRPIX1W": 5.0,
+                         "CRPIX2W": -3.0, "DETECTOR": 1})
+    planes[1].header["MSKN0021"] = "SOURCE"
+    planes[1].header["MSKN0026"] = "BLOOM"
+    wave = fits.BinTableHDU.from_columns([fits.Column("X", "9E", array=np.arange(9, dtype=float)[None]),
+                                          fits.Column("VALUES", "162E", array=np.ones((1, 162)))], name="WCS-WAVE")
+    b = io.BytesIO()
+    fits.HDUList([prim, *planes, _epsf_hdu("r7b"), wave]).writeto(b)
+    return b.getvalue(), flags
+
+
+@pytest.mark.parametrize("version", ["7.0.5", None])
+def test_range_read_cutouts_of_an_r7_file_hold_its_pixels(version, tmp_path):
+    """RangeFile on an astropy-written R7 file (with or without VERSION 7.x): every HDU found,
+    the boxes' FLAGS from descriptors then heap bytes, the local cutouts hold the file's own
+    pixels bit for bit, FLAGS as a plain int32 image with the bit cards and shifted WCS, the
+    EPSF table a header stub naming the library; few batches of requests, none per row."""
+    from spxframe.fetcher import ranges as R
+    from spxframe.fetcher import ranges_r7 as R7
+    from spxframe.fits.hdu import required_hdus, scan_fits
+
+    raw, flags = _full_r7(300, 260, version=version)
+    batches = []
+
+    def read(ranges):
+        batches.append(list(ranges))
+        return [raw[s:e] for s, e in ranges], len(raw)
+
+    rf = R.RangeFile(read, "r7.fits")
+    boxes = [R.Box(10, 20, 40, 30), R.Box(250, 200, 50, 60), R.Box(0, 0, 300, 1)]
+    layout = rf.read_layout()
+    assert [h.name for h in layout] == list(spherex.R7_HDU_NAMES)
+    store = rf.read_boxes(layout, boxes, max_gap=300 * 4)  # a row's gap: one range per box and plane
+    assert len(batches) <= 6 and sum(len(b) for b in batches) <= 24, batches  # never a request per row
+    epsf = next(h for h in layout if h.name == "EPSF")
+    lib = tmp_path / "psf" / "D1_x.fits"
+    lib.parent.mkdir()
+    lib.write_bytes(R7.epsf_file_bytes(epsf, raw[epsf.data_offset:epsf.next_offset], "D1_x"))
+    assert fe.read_epsf_file(lib).lattice == (21, 21)
+    with fits.open(io.BytesIO(raw)) as src:
+        for k, b in enumerate(boxes):
+            path = tmp_path / f"cut{k}.fits"
+            path.write_bytes(R.build_cutout(layout, b, store, psffile="psf/D1_x.fits"))
+            assert required_hdus(scan_fits(path)) == spherex.R7_HDU_NAMES
+            ys, xs = slice(b.y0, b.y0 + b.ny), slice(b.x0, b.x0 + b.nx)
+            with fits.open(path) as cut:
+                for n in ("IMAGE", "VARIANCE", "ZODI"):
+                    assert cut[n].data.tobytes() == src[n].data[ys, xs].tobytes()
+                f = cut["FLAGS"]
+                assert not isinstance(f, fits.CompImageHDU) and f.data.dtype == np.dtype(">i4")
+                np.testing.assert_array_equal(f.data, flags[ys, xs])
+                assert f.header["MSKN0026"] == "BLOOM" and "ZIMAGE" not in f.header and "TFORM1" not in f.header
+                assert (f.header["CRPIX1"], f.header["CRPIX2A"], f.header["CRPIX1W"]) == (20.5 - b.x0, 1.0 - b.y0,
+                                                                                         5.0 - b.x0)
+                assert cut["EPSF"].header["NAXIS2"] == 0 and cut["EPSF"].header["EPSFFILE"] == "psf/D1_x.fits"
+                assert cut["WCS-WAVE"].data.tobytes() == src["WCS-WAVE"].data.tobytes()
+
+
 # ------------------------------------------------------------------------------------------
 # ePSF aperture correction
 # ------------------------------------------------------------------------------------------

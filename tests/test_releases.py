@@ -77,7 +77,7 @@ def test_plan_r7_images_with_r7_estimates(deep_obs):
     assert set(m["access"]) == {"range"}
     r7 = m.filter(pl.col("release") == "qr3")
     assert r7.height > 0 and (r7["predicted_bytes"] < spherex.R7_FULL_FILE_BYTES_EST / 4).all()
-    full = plan(cat, obs, cutout_size=None).manifest.join(rel, on=["obs_id", "detector"])
+    full = plan(cat, obs, cutout_size=None, access="full").manifest.join(rel, on=["obs_id", "detector"])
     assert set(full.filter(pl.col("release") == "qr3")["predicted_bytes"]) == {spherex.R7_FULL_FILE_BYTES_EST}
     assert set(full.filter(pl.col("release") == "qr2")["predicted_bytes"]) == {spherex.FULL_FILE_BYTES}
 

@@ -218,6 +218,36 @@ def _run_upload(tap: _Tap, cat: pl.DataFrame, idx: np.ndarray, bands, time, cols
             raise ArchiveError("one source and a tiny time range still exceed MAXREC", url=tap.url) from None
 
 
+def _upload_all(tap: _Tap, cat: pl.DataFrame, idx: np.ndarray, chunk: int, workers: int,
+                run: Any) -> tuple[list[pl.DataFrame], dict | None]:
+    """The upload queries (``run(indices, out)`` per chunk of ``chunk`` sources, ``workers`` at a time).
+
+    Refused (4xx), failed (5xx after retries) or timed out: returns ([], what happened) and says so
+    once in the log; the caller queries those sources by sky region instead, for the same
+    observations. Chunks not started yet are skipped once one has failed. A connection that cannot
+    be made at all raises :class:`ArchiveUnreachable`."""
+    parts: list[pl.DataFrame] = []
+    failed: list[ArchiveError] = []
+
+    def job(i: np.ndarray) -> None:
+        if failed:
+            return
+        try:
+            run(i, parts)
+        except ArchiveError as exc:
+            if isinstance(exc, ArchiveUnreachable) and not getattr(exc, "timed_out", False):
+                raise
+            failed.append(exc)
+
+    _parallel(workers, [lambda i=idx[s:s + chunk]: job(i) for s in range(0, len(idx), chunk)])
+    if not failed:
+        return parts, None
+    exc = failed[0]
+    log.warning("TAP upload query failed (%s); falling back to sky-region queries for %d source(s)", exc, len(idx))
+    return [], {"status": exc.status, "timed_out": bool(getattr(exc, "timed_out", False)), "reason": str(exc)[:300],
+                "sources": int(len(idx))}
+
+
 def _regions(ra: np.ndarray, dec: np.ndarray, size_deg: float) -> np.ndarray:
     """Region label per source: dec strips of ``size_deg``, RA regions of about ``size_deg`` on the sky."""
     strip = np.floor((dec + 90.0) / size_deg).astype(np.int64)
@@ -333,6 +363,7 @@ def observations(
     mode: str = "auto",
     workers: int = 4,
     return_matches: bool = False,
+    report: dict | None = None,
 ):
     """Every SPHEREx L2 (obs_id, detector) covering a catalog source (see the module docstring).
 
@@ -351,6 +382,10 @@ def observations(
     per query; ``backoff`` first retry delay (s); ``mode`` ``"auto"`` (sync, switching to async
     UWS jobs after a sync timeout), ``"sync"`` or ``"async"``; ``workers`` concurrent TAP queries.
     Positions are propagated by proper motion (when given) to :data:`QUERY_EPOCH` for the query.
+    ``report``: a dict to fill with what the query did (for ``run.json``): ``strategy``,
+    ``sources_by_upload``, ``sources_by_region``, ``tap_queries`` and ``upload_fallback`` (None, or
+    ``{"status": HTTP status or None, "timed_out": bool, "reason": text, "sources": n}`` when the
+    service refused or failed the uploads and sky-region queries replaced them, said once in the log).
 
     Returns a Polars DataFrame in ``schema.OBSERVATIONS`` (em_* in µm, one row per obs_id,
     detector, sorted by mjd_mid), or ``(observations, matches)`` when ``return_matches``.
@@ -379,17 +414,10 @@ def observations(
     up_idx = np.flatnonzero(~dense)
     radius = None if edge_margin_px <= 0 else \
         spherex.FOOTPRINT_RADIUS_DEG + edge_margin_px * spherex.PIXEL_SCALE_ARCSEC / 3600.0
-    try:
-        _parallel(workers, [lambda i=up_idx[s:s + max_sources_per_query], out=out:
-                            _run_upload(tap, pcat, i, bands, time, cols, out, radius)
-                            for s, out in ((s, up_parts) for s in range(0, len(up_idx), max_sources_per_query))])
-    except ArchiveError as exc:
-        # refused (4xx), failed (5xx) or timed out: the same observations come from region queries;
-        # only a connection that cannot be made at all is final
-        if isinstance(exc, ArchiveUnreachable) and not getattr(exc, "timed_out", False):
-            raise
-        log.warning("TAP upload query failed (%s); falling back to sky-region queries", exc)
-        up_parts, dense = [], np.ones(len(ra), bool)
+    up_parts, fallback = _upload_all(tap, pcat, up_idx, max_sources_per_query, workers,
+                                     lambda i, out: _run_upload(tap, pcat, i, bands, time, cols, out, radius))
+    if fallback is not None:
+        dense = np.ones(len(ra), bool)
     _parallel(workers, [lambda m=dense & (lab == region): _run_region(tap, ra[m], dec[m], bands, time, cols,
                                                                       region_parts, region_size_deg)
                         for region in np.unique(lab[dense])])
@@ -419,6 +447,9 @@ def observations(
     log.info("observations: %d sources (%d by upload, %d by sky region), %d TAP queries, %d rows, %d images in %.2f s",
              cat.height, len(up_idx) if up_parts else 0, int(dense.sum()), tap.queries, rows.height, obs.height,
              _time.perf_counter() - t0)
+    if report is not None:
+        report.update(strategy=strategy, sources_by_upload=0 if fallback else len(up_idx),
+                      sources_by_region=int(dense.sum()), upload_fallback=fallback, tap_queries=tap.queries)
     if not return_matches:
         return obs
     matches = pl.concat(m_parts, how="vertical_relaxed") if m_parts else \

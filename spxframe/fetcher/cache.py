@@ -7,7 +7,7 @@ Layout (relative to the cache root)::
 
     data/D<n>/<obs_id>D<n>_x<x0>_y<y0>_<nx>x<ny>.fits   cutout / range (planned box, parent pixels)
     data/D<n>/<obs_id>D<n>_full.fits                      full file
-    psf/<psf_key>.fits                                    PSF cube (range reads)
+    psf/<psf_key>.fits                                    PSF cube / R7 ePSF library (range reads)
     <file>.ok                                             JSON sidecar written after verification
     <file>.<pid>@<host>.<token>.part                      write in progress (never trusted)
     <file>.lock                                           claim: a fetch is making <file>
@@ -34,12 +34,15 @@ from spxframe.errors import FileFormatError, InputError
 from spxframe.fetcher import claims
 from spxframe.fetcher.owner import PART_SUFFIX, gone, part_writer, tmp_name
 from spxframe.fetcher.ranges import Box
+from spxframe.fetcher.ranges_r7 import EPSF_HDUS  # noqa: F401  (re-exported)
 from spxframe.fits.hdu import quick_check, scan_fits
 
 log = logging.getLogger("spxframe.fetch")
 
 DETECTORS: tuple[int, ...] = tuple(int(b[1:]) for b in spherex.BANDS)   # 1..6
-PSF_HDUS: tuple[str, ...] = ("PRIMARY", "PSF")   # what a cached PSF cube file holds
+#: what a cached PSF library file holds: the QR2 cube; checked with ``required=PSF_HDUS``, an R7
+#: ePSF library (:data:`EPSF_HDUS`, the file's EPSF table) under the same ``psf/`` name is accepted too
+PSF_HDUS: tuple[str, ...] = ("PRIMARY", "PSF")
 OK_SUFFIX = ".ok"
 STALE_PART_S = 24 * 3600.0   # .part / .lock files older than this (s) are removed whoever wrote them
 
@@ -254,7 +257,12 @@ class CacheDir:
     def _verify_scan(self, path: str, required: tuple[str, ...] | None, md5: str | None,
                      request: dict[str, Any] | None) -> bool:
         try:
-            scan_fits(path, required=required)
+            if required == PSF_HDUS:  # a PSF library of either format (QR2 cube, R7 ePSF table)
+                names = [h.name for h in scan_fits(path, required=("PRIMARY",))]
+                if "PSF" not in names and "EPSF" not in names:
+                    raise FileFormatError(f"{path}: neither a PSF cube nor an EPSF table (HDUs {names})")
+            else:
+                scan_fits(path, required=required)
             digest = file_md5(path) if md5 else None
             if md5 and digest != md5.lower():
                 log.warning("%s: MD5 %s differs from the archive's %s; refetching", path, digest, md5)

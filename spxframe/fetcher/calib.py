@@ -7,6 +7,11 @@ detector and the product token). :func:`fetch_products` takes, per detector, the
 ``<base>/ibe/dir/list/spherex/<release>/<family>`` shows it; the file comes from
 ``<base>/ibe/data/spherex/<release>/<family>/<name>``. A file already in the cache (verified
 sidecar) is not fetched again.
+
+With ``need`` (detector -> row spans of the parent grid the run reads the product at) and a cost
+model, the gain and wavelength products may instead be fetched by byte ranges of those rows into
+a partial product (:mod:`spxframe.fetcher.calib_ranges`), whichever the model prefers; a later run
+fetches only the rows it lacks, or the whole file (which then replaces the partial one).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +30,9 @@ import requests
 
 from spxframe import spherex
 from spxframe.errors import FileFormatError
+from spxframe.fetcher import calib_ranges as _ranges
 from spxframe.fetcher.cache import CacheDir
+from spxframe.fetcher.calib_ranges import PARALLEL, RangesRefused, Spans, choose, fetch_rows, read_rows_record
 from spxframe.fetcher.http import RetryPolicy, TransferError, default_session, stream_to_file
 from spxframe.fetcher.owner import tmp_name
 from spxframe.fits.hdu import scan_fits
@@ -36,12 +44,17 @@ _NAME_RE = re.compile(r"_D(\d)_spx_(cal-[A-Za-z0-9]+-v\d+-\d{4}-\d{3})\.fits$")
 TIMEOUT = (10.0, 120.0)  #: (connect, read) seconds
 LISTING_FILE = "listing.json"  #: the listing's answer, kept beside the product files
 LISTING_MAX_AGE_S = 86400.0  #: a kept listing younger than this is reused (products are reissued rarely)
+#: family -> the image HDUs measurement reads: the products that may be fetched by row ranges
+RANGE_HDUS: dict[str, tuple[str, ...]] = {spherex.GAIN_FAMILY: (spherex.GAIN_HDU,),
+                                          spherex.WAVE_FAMILY: tuple(spherex.WAVE_HDUS)}
 
 
 @dataclass
 class Products:
     """What :func:`fetch_products` found: ``paths`` detector -> local file, ``tokens`` detector ->
-    token, ``bytes`` transferred this run, ``missing`` detectors the release publishes none for."""
+    token, ``bytes`` transferred this run (whole files and ranges), ``missing`` detectors the
+    release publishes none for, ``access`` detector -> how this run got it: "whole" (fetched),
+    "ranges" (rows fetched into a partial product), "cached" (nothing fetched)."""
 
     release: str
     family: str
@@ -49,11 +62,13 @@ class Products:
     tokens: dict[int, str] = field(default_factory=dict)
     bytes: int = 0
     missing: list[int] = field(default_factory=list)
+    access: dict[int, str] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
-        """run.json's entry: release, family, token per detector, bytes fetched this run."""
+        """run.json's entry: release, family, token and access per detector, bytes fetched this run."""
         return {"release": self.release, "family": self.family, "bytes": self.bytes, "missing": self.missing,
-                "tokens": {f"D{d}": t for d, t in sorted(self.tokens.items())}}
+                "tokens": {f"D{d}": t for d, t in sorted(self.tokens.items())},
+                "access": {f"D{d}": a for d, a in sorted(self.access.items())}}
 
 
 def token_key(token: str) -> tuple[int, int, int]:
@@ -141,20 +156,53 @@ def _fetch_one(session: requests.Session, url: str, path: str, cache: CacheDir, 
     return 0
 
 
+def _get_product(session: requests.Session, url: str, path: str, cache: CacheDir, policy: RetryPolicy, *,
+                 family: str, rows: Spans | None, cost: Any) -> tuple[int, str]:
+    """(bytes transferred, access) of one product file: kept when whole and verified, else the
+    rows ``rows`` (those a partial product lacks) when ``cost`` prices them below the whole file,
+    else the whole file (which replaces a partial one; its row list is removed last)."""
+    have = read_rows_record(path)  # a partial product is never taken for a whole one
+    if have is None and cache.is_verified(path, required=("PRIMARY",)):
+        return 0, "cached"
+    spans = None
+    if rows and (have is not None or not os.path.exists(path)):
+        names = RANGE_HDUS[family]
+        spans = choose(rows, have or [], n_hdus=len(names), cost=cost,
+                       whole_bytes=len(names) * spherex.PLANE_BYTES)
+    if spans is not None:
+        if not spans:
+            return 0, "cached"
+        try:
+            return fetch_rows(session, url, path, RANGE_HDUS[family], spans, policy=policy), "ranges"
+        except RangesRefused as e:
+            log.info("%s: whole file instead of ranges", e)
+    nbytes = _fetch_one(session, url, path, cache, policy)
+    if os.path.exists(_ranges.rows_file(path)):
+        os.unlink(_ranges.rows_file(path))
+    return nbytes, "whole"
+
+
 def fetch_products(detectors, *, base_url: str, cache: CacheDir | str, family: str = spherex.GAIN_FAMILY,
                    release: str = spherex.GAIN_RELEASE, session: requests.Session | None = None,
-                   retries: int = 4, max_age_s: float = LISTING_MAX_AGE_S) -> Products:
+                   retries: int = 4, max_age_s: float = LISTING_MAX_AGE_S,
+                   need: Mapping[int, Spans] | None = None, cost: Any = None) -> Products:
     """The newest ``family`` product of ``release`` for each detector in ``detectors``, in the
     cache (fetched when missing). ``base_url``: the archive's base (IRSA or a simulated archive).
     The listing's answer (products found, or none) is kept beside the files for ``max_age_s``:
-    a rerun within it makes no request when the files are cached."""
+    a rerun within it makes no request when the files are cached.
+
+    ``need`` (detector -> row spans [a, b) of the parent grid, e.g.
+    :func:`spxframe.fetcher.calib_ranges.rows_needed`) with ``cost`` (a
+    :class:`spxframe.planner.cost.CostModel`): for the families of :data:`RANGE_HDUS`, fetch only
+    those rows (the ones a partial product lacks) when the model prices them below the whole file.
+    Without them every product is fetched whole."""
     cache = CacheDir.of(cache).prepare()
     out = Products(release, family)
     dets = sorted({int(d) for d in detectors})
     if not dets:
         return out
     policy = RetryPolicy(retries=retries)
-    session = session or default_session("spxframe-calibration", 4)
+    session = session or default_session("spxframe-calibration", PARALLEL)
     folder = cache.path(f"cal/{release}/{family}")
     os.makedirs(folder, exist_ok=True)
     names = _names(session, base_url, release, family, folder, policy, max_age_s)
@@ -164,9 +212,11 @@ def fetch_products(detectors, *, base_url: str, cache: CacheDir | str, family: s
             out.missing.append(det)
             continue
         path = os.path.join(folder, os.path.basename(name))
-        if not cache.is_verified(path, required=("PRIMARY",)):
-            out.bytes += _fetch_one(session, f"{base_url}/{spherex.CAL_DATA_PATH}/{release}/{family}/{name}",
-                                    path, cache, policy)
+        url = f"{base_url}/{spherex.CAL_DATA_PATH}/{release}/{family}/{name}"
+        rows = (need or {}).get(det) if family in RANGE_HDUS and cost is not None else None
+        nbytes, out.access[det] = _get_product(session, url, path, cache, policy, family=family, rows=rows,
+                                               cost=cost)
+        out.bytes += nbytes
         out.paths[det] = path
         out.tokens[det] = _NAME_RE.search(name).group(2)
     what = "gain-corrected" if family == spherex.GAIN_FAMILY else f"given {family} values"

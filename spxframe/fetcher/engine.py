@@ -11,6 +11,11 @@ Three access methods (manifest column ``access``):
   its header but no data and points (``PSFFILE``) at ``psf/<psf_key>.fits``, fetched once per key;
 - ``full``: the whole file, streamed to disk (MD5-checked when the archive gives one).
 
+The cloud copy may lag the archive: a cloud object that answers 404 (NoSuchKey) is fetched from
+IBE instead (whole files: the IBE file; range rows: an IBE cutout of each box, into the same local
+file), remembered for the rest of the run in this process (later transfers of it go straight to
+IBE), and the manifest that fetch() returns says what was used (``access``, ``url``).
+
 The steps: the manifest's rows become transfer tasks, one per URL (:mod:`~spxframe.fetcher.tasks`);
 verified files in the cache (:mod:`~spxframe.fetcher.cache`, which gives the layout) are kept;
 the rest run in worker threads (:mod:`~spxframe.fetcher.worker`) under per-host adaptive limits
@@ -45,7 +50,7 @@ import polars as pl
 from spxframe.errors import InputError
 from spxframe.fetcher import claims
 from spxframe.fetcher.cache import CacheDir
-from spxframe.fetcher.http import USER_AGENT, Limiters, RetryPolicy, default_session, http_fs
+from spxframe.fetcher.http import CUTOUT_START, USER_AGENT, Limiters, RetryPolicy, default_session, http_fs
 from spxframe.fetcher.tasks import Outcome, Task, make_tasks, manifest_frame, still_to_fetch, with_archive_info
 from spxframe.fetcher.worker import Worker
 from spxframe.progress import bar as progress_bar
@@ -77,8 +82,11 @@ def fetch(manifest: Any, *, cache_dir: str | os.PathLike | CacheDir, max_concurr
         :class:`InputError`).
     max_concurrency
         Cap on simultaneous requests per host and on worker threads. Default: 4 for IBE
-        cutouts (IRSA answers 503 beyond about 4), 8 for files and ranges. The limit adapts
-        (AIMD): halved on 503/429, grown back on success up to the cap.
+        cutouts, 8 for files and ranges. IBE cutouts start at two at a time (IRSA's cutout
+        service answered 503 at four and was fine at two) and grow additively up to the cap only
+        while no 503 comes back; a 503/429 halves the limit (never below 1), keeps it below the
+        level that was overloaded (tried again only after a quiet spell) and holds new requests
+        until the server's ``Retry-After`` (at most ``max_retry_after``) has passed.
     storage_options
         Passed to ``fsspec.filesystem('http', ...)`` for range reads (``headers``,
         ``client_kwargs`` e.g. proxies/trace configs, auth). Our User-Agent and timeouts are
@@ -188,7 +196,8 @@ def _run(todo: list[Task], out: Outcome, cache: CacheDir, s: _Settings, policy: 
     cutout_cap = s.max_concurrency or 4   # IRSA's cutout service answers 503 beyond about 4
     data_cap = s.max_concurrency or 8
     workers = max(cutout_cap, data_cap)
-    limiters = Limiters({"cutout": cutout_cap, "data": data_cap}, {"cutout": min(cutout_cap, 4), "data": data_cap})
+    limiters = Limiters({"cutout": cutout_cap, "data": data_cap},
+                        {"cutout": min(cutout_cap, CUTOUT_START), "data": data_cap})
     own_session = session is None
     sess = default_session(USER_AGENT, workers) if own_session else session
     ua = str(getattr(sess, "headers", {}).get("User-Agent", ""))
@@ -259,6 +268,8 @@ class _Scheduler:
             del self.running[f]
             t = f.result()
             self.out.record(t)
+            for fb in t.fallback:   # IBE transfers in place of a cloud object that is not there
+                self._submit(fb)
             if t.deferred:
                 self.waiting.append(t.part(t.deferred))
             elif t.counted:

@@ -33,6 +33,12 @@ USER_AGENT = f"spxframe/{__version__}"
 BATCH_TIMEOUT_S = 120.0
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 OVERLOAD_STATUS = frozenset({429, 503})
+#: IBE cutouts start this many at a time: IRSA's cutout service answered 503 at four concurrent
+#: requests and was fine at two (issue 14); the limit grows from there only while no 503 comes back
+CUTOUT_START = 2
+#: successes at a limiter's ceiling before the level that was overloaded is tried again (doubles per failure)
+PROBE_AFTER = 16
+PROBE_MAX = 1024
 
 
 class Cancelled(Exception):
@@ -95,19 +101,31 @@ class RetryPolicy:
 
 
 class HostLimiter:
-    """Adaptive concurrency for one host (and request kind): AIMD.
+    """Adaptive concurrency for one host (and request kind): additive increase, multiplicative
+    decrease, with a remembered ceiling.
 
-    At most ``floor(limit)`` requests run at once; the limit halves on 503/429 (once per
-    congestion event: only answers to requests started after the last decrease count) and
-    grows by ``1/limit`` per success (about +1 per round of successes) up to ``cap``."""
+    At most ``floor(limit)`` requests run at once, starting at ``initial``. The limit grows by
+    ``1/limit`` per success (about +1 per round of successes) up to ``cap``, but only up to the
+    ``ceiling`` (``cap`` until a 503/429 comes back). On a 503/429 (once per congestion event:
+    only answers to requests started after the last decrease count) the limit halves (never below
+    1), the ceiling becomes one less than the limit that was overloaded, and no request starts
+    before the server's ``Retry-After`` has passed. A level that was overloaded is tried again
+    only after ``probe_after`` successes at the ceiling, an interval that doubles (up to
+    :data:`PROBE_MAX`) each time the retry meets another 503. Times are seconds."""
 
-    def __init__(self, cap: int, initial: float | None = None, name: str = "") -> None:
+    def __init__(self, cap: int, initial: float | None = None, name: str = "", *, probe_after: int = PROBE_AFTER,
+                 max_pause: float = 60.0) -> None:
         self.cap = max(1, int(cap))
         self.limit = float(min(self.cap, initial if initial is not None else self.cap))
+        self.ceiling = self.cap
+        self.probe_after = max(1, int(probe_after))
+        self.max_pause = float(max_pause)
         self.active = 0
         self.name = name
         self._cond = threading.Condition()
         self._last_decrease = 0.0
+        self._resume_at = 0.0       # monotonic time before which no request starts (Retry-After)
+        self._ok_at_ceiling = 0
         self.decreases = 0
         self.max_active = 0
 
@@ -115,10 +133,10 @@ class HostLimiter:
     def slot(self, stop: threading.Event | None = None) -> Iterator[float]:
         """Hold one request slot; yields the start time (s, monotonic)."""
         with self._cond:
-            while self.active >= max(1, int(self.limit)):
+            while self.active >= max(1, int(self.limit)) or time.monotonic() < self._resume_at:
                 if stop is not None and stop.is_set():
                     raise Cancelled()
-                self._cond.wait(0.2)
+                self._cond.wait(min(0.2, max(0.01, self._resume_at - time.monotonic())))
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         t0 = time.monotonic()
@@ -131,16 +149,34 @@ class HostLimiter:
 
     def success(self) -> None:
         with self._cond:
-            self.limit = min(float(self.cap), self.limit + 1.0 / max(self.limit, 1.0))
+            top = float(min(self.cap, self.ceiling))
+            if self.limit >= top and self.ceiling < self.cap:
+                self._ok_at_ceiling += 1
+                if self._ok_at_ceiling >= self.probe_after:   # quiet long enough: try one more
+                    self.ceiling, self._ok_at_ceiling = self.ceiling + 1, 0
+                    top += 1.0
+            self.limit = min(top, self.limit + 1.0 / max(self.limit, 1.0))
             self._cond.notify_all()
 
-    def overload(self, started: float) -> None:
+    def overload(self, started: float, retry_after: float | None = None) -> None:
+        """A 503/429 to a request started at ``started`` (monotonic s); ``retry_after`` (s) the server's
+        Retry-After, honoured up to ``max_pause``."""
         with self._cond:
+            now = time.monotonic()
+            if retry_after:
+                self._resume_at = max(self._resume_at, now + min(float(retry_after), self.max_pause))
             if started >= self._last_decrease:
-                self.limit = max(1.0, self.limit / 2.0)
-                self._last_decrease = time.monotonic()
+                level = max(1, int(self.limit))
+                if level > self.ceiling - 1 and self.ceiling < self.cap:   # a retried level failed again
+                    self.probe_after = min(PROBE_MAX, 2 * self.probe_after)
+                self.ceiling = max(1, level - 1)
+                self._ok_at_ceiling = 0
+                self.limit = max(1.0, min(self.limit / 2.0, float(self.ceiling)))
+                self._last_decrease = now
                 self.decreases += 1
-                log.info("%s: server overloaded, concurrency limit now %d", self.name, int(self.limit))
+                log.info("%s: server overloaded at %d concurrent, limit now %d (at most %d)", self.name, level,
+                         int(self.limit), self.ceiling)
+            self._cond.notify_all()
 
 
 class Limiters:
@@ -184,7 +220,7 @@ def call_with_retries(fn: Callable[[int], Any], *, policy: RetryPolicy, limiter:
         except TransferError as e:
             e.attempts = attempt  # type: ignore[attr-defined]
             if e.status in OVERLOAD_STATUS:
-                limiter.overload(started)
+                limiter.overload(started, min(e.retry_after, policy.max_retry_after) if e.retry_after else None)
             if not e.transient or attempt > policy.retries:
                 raise
             d = policy.delay(attempt, e.retry_after)
@@ -344,7 +380,7 @@ class RangeClient:
                 res = self._batch(url, [ranges[i] for i in pending])
             failed, worst = self._sort_out(url, pending, res, out, total, attempt)
             if worst is not None and worst.status in OVERLOAD_STATUS:
-                limiter.overload(started)
+                limiter.overload(started, min(worst.retry_after or 0.0, self.policy.max_retry_after))
             elif not failed:
                 limiter.success()
             pending = failed

@@ -1,14 +1,16 @@
 """Byte ranges of remote SPHEREx files: which bytes a pixel box needs, and local cutout files.
 
 No network here: :mod:`spxframe.fetcher.engine` fetches bytes; this module decides *which* bytes
-(:class:`RangeFile`: headers in three rounds of requests, then the box rows, coalesced) and turns
+(:class:`RangeFile`: headers in two or three rounds of requests, then the box rows, coalesced) and turns
 them into files (:func:`build_cutout`, :func:`psf_file_bytes`). Headers and HDU layout are the
 one FITS model of :mod:`spxframe.fits` (cards, hdu, wcs). All offsets and sizes are in bytes;
 pixel boxes are zero-based parent pixels.
 
 A SPHEREx L2 MEF (spec §3.1) is PRIMARY, IMAGE, FLAGS, VARIANCE, ZODI (2040×2040 planes), PSF
 (121×101×101 cube) and WCS-WAVE (1-row BINTABLE). Header lengths are parsed, never assumed
-(the IMAGE header is 7 or 8 blocks).
+(the IMAGE header is 7 or 8 blocks). A pipeline R7 (QR3) file (spec §3.9) has a tile-compressed
+FLAGS and an EPSF table instead of the PSF cube; its FLAGS rows and local cutout pieces are in
+:mod:`spxframe.fetcher.ranges_r7`, read here in the same batches as the other planes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,18 @@ import numpy as np
 
 from spxframe import spherex
 from spxframe.errors import FileFormatError
+from spxframe.fetcher.ranges_r7 import (
+    EPSF,
+    descriptor_ranges,
+    epsf_stub_header,
+    flags_cutout_data,
+    flags_cutout_header,
+    flags_image,
+    flags_rows,
+    heap_byte_ranges,
+    image_size,
+    is_r7_layout,
+)
 from spxframe.fits.cards import (  # noqa: F401  (format_card, header_length, parse_header re-exported)
     BLOCK,
     CARD,
@@ -33,7 +47,15 @@ from spxframe.fits.cards import (  # noqa: F401  (format_card, header_length, pa
     padded,
     parse_header,
 )
-from spxframe.fits.hdu import HDU, REQUIRED_HDUS, hdu_from, quick_check, scan_fits  # noqa: F401  (re-exported)
+from spxframe.fits.hdu import (  # noqa: F401  (re-exported)
+    HDU,
+    REQUIRED_HDUS,
+    hdu_from,
+    quick_check,
+    required_hdus,
+    scan_fits,
+)
+from spxframe.fits.tiles import is_tiled
 from spxframe.fits.wcs import celestial_wcs
 
 PLANES: tuple[str, ...] = spherex.PLANE_HDUS
@@ -44,6 +66,8 @@ HEAD_BYTES = 16 * BLOCK   # first read: PRIMARY + IMAGE header (7-8 blocks) with
 TAIL_BYTES = 8 * BLOCK    # the file's tail: the WCS-WAVE header and table
 #: reads byte ranges [start, stop) of one remote file -> (bytes per range, file size or None)
 ReadFn = Callable[[list[tuple[int, int]]], tuple[list[bytes], "int | None"]]
+#: ranges to read along with the next batch of header windows, from the HDUs parsed so far
+ExtraFn = Callable[[list[HDU]], list[tuple[int, int]]]
 
 
 def header_windows(layout: list[HDU], names: tuple[str, ...] = ("FLAGS", "VARIANCE", "ZODI", "PSF"),
@@ -147,7 +171,7 @@ class ByteStore:
 
 
 # --------------------------------------------------------------------------------------
-# reading one remote file by ranges (three rounds of requests)
+# reading one remote file by ranges (three rounds of requests; four for an R7 file)
 # --------------------------------------------------------------------------------------
 
 
@@ -157,8 +181,14 @@ class RangeFile:
 
     Round 1 reads the first 16 blocks (PRIMARY + IMAGE headers); round 2 reads guessed windows
     for the FLAGS/VARIANCE/ZODI/PSF headers plus the file's tail (WCS-WAVE); headers are then
-    parsed in sequence and any header a window missed is read exactly. Round 3 reads the box
-    rows of the four planes (coalesced) and any small HDU data not yet held."""
+    parsed in sequence and any header a window missed is read with windows for the headers
+    after it, in one batch. Round 3 reads the box rows of the four planes (coalesced) and any
+    small HDU data not yet held.
+
+    An R7 (QR3) file costs one more round: round 2 holds only the FLAGS header (its compressed
+    length moves every later HDU); round 3 the VARIANCE, ZODI and EPSF headers and the FLAGS
+    tile descriptors of the boxes (``extra``); round 4 the rows of IMAGE, VARIANCE, ZODI and
+    the FLAGS heap bytes. The ePSF library is read once per key by the caller."""
 
     def __init__(self, read: ReadFn, name: str = "") -> None:
         self._read, self.name = read, name
@@ -192,9 +222,15 @@ class RangeFile:
                 raise FileFormatError(f"{self.name}: HDU {index} at byte {pos} has no END card")
             n *= 4
 
-    def read_layout(self, *, guess: dict[str, int] | None = None) -> list[HDU]:
+    def read_layout(self, *, guess: dict[str, int] | None = None, extra: ExtraFn | None = None) -> list[HDU]:
         """Every HDU's header and offsets. ``guess``: header lengths in blocks by EXTNAME (from
-        an earlier file of the same kind) → exact windows; else nominal lengths with slack."""
+        an earlier file of the same kind) → exact windows; else nominal lengths with slack.
+
+        A QR2 file (VERSION < 7) gets windows for FLAGS, VARIANCE, ZODI and PSF headers at once;
+        an R7 file (VERSION 7.x) only the FLAGS header's, since the compressed FLAGS length moves
+        every later HDU (spec §3.9). A header no window held is read with windows for it and the
+        headers that follow it at known distances, in one batch, together with ``extra(layout)``
+        (e.g. the FLAGS tile descriptors of the boxes, once the FLAGS header is known)."""
         self.read([(0, HEAD_BYTES)])
         if self.total is None:
             raise FileFormatError(f"{self.name}: the server did not give the file size (Content-Range)")
@@ -206,26 +242,65 @@ class RangeFile:
             layout.append(h)
             pos = h.next_offset
         if pos < total:
-            wins = header_windows(layout, guesses=guess, slack_blocks=0 if guess else 3)
+            names = ("FLAGS",) if _major_version(layout) >= 7 else ("FLAGS", "VARIANCE", "ZODI", "PSF")
+            wins = header_windows(layout, names, guesses=guess, slack_blocks=0 if guess else 3)
             wins = [(s, min(e, total)) for s, e in wins if s < total]
             wins.append((max(pos, total - TAIL_BYTES), total))
             self.read(sorted(set(wins)))
+        want_extra = extra is not None
         while pos < total:
+            if not self._holds_header(pos):
+                more = extra(layout) if want_extra and extra is not None else []
+                want_extra = want_extra and not more
+                self.read(coalesce(self._next_windows(layout, pos, guess) + more, max_gap=0))
             h = self.hdu_at(pos, len(layout))
             layout.append(h)
             pos = h.next_offset
         if pos != total:
             why = "truncated" if pos > total else "bytes after the last HDU"
             raise FileFormatError(f"{self.name}: HDUs end at byte {pos}, the file has {total} ({why})")
+        self._check_layout(layout)
+        return layout
+
+    def _holds_header(self, pos: int) -> bool:
+        """Whether the bytes held contain the whole header starting at ``pos``."""
+        return any(s <= pos < e and hdu_from(buf, s, pos, 1 if pos else 0) is not None
+                   for (s, e), buf in self.chunks.items())
+
+    def _next_windows(self, layout: list[HDU], pos: int, guess: dict[str, int] | None) -> list[tuple[int, int]]:
+        """Windows for the header at ``pos`` (the HDU after ``layout[-1]``) and the headers after it
+        whose offsets follow from known data sizes (plane-sized VARIANCE/ZODI, plain FLAGS)."""
+        r7 = is_r7_layout(layout) or _major_version(layout) >= 7
+        order = spherex.R7_HDU_NAMES if r7 else spherex.HDU_NAMES
+        last = layout[-1].name
+        rest = order[order.index(last) + 1:] if last in order else ()
+        names: list[str] = []
+        for n in rest or ("?",):
+            names.append(n)
+            if n not in PLANES or (r7 and n == "FLAGS"):
+                break  # the data size of this HDU is not known before its header
+        img = next((h for h in layout if h.name == "IMAGE"), layout[-1])
+        g = dict(NOMINAL_HEADER_BLOCKS)
+        g.update(guess or {})
+        slack = 0 if guess else 3
+        out, at = [], pos
+        assert self.total is not None
+        for k, n in enumerate(names):
+            lo = max(at - slack * k * BLOCK, pos)
+            out.append((lo, min(at + (g.get(n, 4) + slack * (k + 1)) * BLOCK, self.total)))
+            at += g.get(n, 4) * BLOCK + padded(img.data_size)
+        return [(s, e) for s, e in out if s < e]
+
+    def _check_layout(self, layout: list[HDU]) -> None:
+        """The HDUs the file's own format requires are present and the planes share IMAGE's size."""
         names = [h.extname for h in layout]
-        missing = [n for n in REQUIRED_HDUS if n not in names]
+        missing = [n for n in required_hdus(layout) if n not in names]
         if missing:
             raise FileFormatError(f"{self.name}: missing HDUs {missing} (found {names})")
-        img = layout[names.index("IMAGE")]
+        img = image_size(layout[names.index("IMAGE")])
         for h in layout:
-            if h.extname in PLANES and h.naxis[:2] != img.naxis[:2]:
-                raise FileFormatError(f"{self.name}: {h.extname} shape {h.shape} != IMAGE {img.shape}")
-        return layout
+            if h.extname in PLANES and image_size(h) != img:
+                raise FileFormatError(f"{self.name}: {h.extname} size {image_size(h)} != IMAGE {img}")
 
     def resolve_boxes(self, layout: list[HDU], wanted: list[tuple[Box, tuple[float, float] | None]]
                       ) -> list[Box | str]:
@@ -251,22 +326,42 @@ class RangeFile:
         return out
 
     def read_boxes(self, layout: list[HDU], boxes: list[Box], *, max_gap: int) -> ByteStore:
-        """Round 3: the rows of every box in the four planes (ranges closer than ``max_gap``
-        bytes merged) and the data of the small HDUs (WCS-WAVE) not yet held."""
+        """The last rounds: the rows of every box in the planes (ranges closer than ``max_gap``
+        bytes merged) and the data of the small HDUs (WCS-WAVE) not yet held. A compressed FLAGS
+        (R7) costs the tile descriptors of the boxes' rows (read with the rows unless held
+        already, e.g. fetched with the last header batch), then the heap bytes they point to
+        (read with the rows when the descriptors were held)."""
+        tiled = flags_image(layout)
         want: list[tuple[int, int]] = []
         for b in boxes:
             for h in layout:
-                if h.extname in PLANES:
+                if h.extname in PLANES and not (tiled is not None and h.extname == "FLAGS"):
                     want.extend(box_row_ranges(h, b))
         if boxes:
             store = ByteStore(self.chunks)
             for h in layout:
-                if h.extname not in PLANES and h.extname != "PSF" and h.data_size \
+                if h.extname not in PLANES and h.extname not in ("PSF", EPSF) and h.data_size \
                         and not store.has(h.data_offset, h.next_offset):
                     want.append((h.data_offset, h.next_offset))
+            if tiled is not None:
+                desc = [r for r in descriptor_ranges(tiled, boxes) if not store.has(*r)]
+                if desc:
+                    self.read(coalesce(want + desc, max_gap=max_gap))
+                    want = []
+                want.extend(heap_byte_ranges(tiled, boxes, ByteStore(self.chunks).get))
         if want:
             self.read(coalesce(want, max_gap=max_gap))
         return ByteStore(self.chunks)
+
+
+def _major_version(layout: list[HDU]) -> int:
+    """The major pipeline version of a file from its PRIMARY (or IMAGE) ``VERSION``, 0 if none."""
+    for h in layout[:2]:
+        v = str(h.header.get("VERSION", "") or "").strip()
+        head = v.split(".", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -320,15 +415,22 @@ def psf_file_bytes(psf: HDU, data: bytes, psf_key: str) -> bytes:
 def build_cutout(layout: list[HDU], box: Box, store: ByteStore, *, psffile: str) -> bytes:
     """Bytes of a local cutout file for ``box`` from a parsed parent ``layout`` and the fetched
     bytes: PRIMARY copied, planes sliced (§3.8 header changes), PSF header stub with PSFFILE,
-    every other HDU (WCS-WAVE) copied unchanged."""
+    every other HDU (WCS-WAVE) copied unchanged. R7 files (:mod:`spxframe.fetcher.ranges_r7`):
+    a compressed FLAGS decoded and written plain, the EPSF header stub with ``EPSFFILE`` =
+    ``psffile`` (the cached ePSF library)."""
     parts: list[bytes] = []
     for h in layout:
         name = h.extname
-        if name in PLANES:
+        if name == "FLAGS" and is_tiled(h.header):  # R7: decoded, written as a plain int32 image
+            parts.append(flags_cutout_header(h, box))
+            parts.append(flags_cutout_data(flags_rows(flags_image([h]), box, store.get)))
+        elif name in PLANES:
             parts.append(cutout_header(h, box))
             parts.append(cutout_data(h, box, store))
         elif name == "PSF":
             parts.append(psf_stub_header(h, psffile))
+        elif name == EPSF:  # R7: the table's header, no rows, EPSFFILE naming the cached library
+            parts.append(epsf_stub_header(h, psffile))
         else:
             parts.append(h.header.raw)
             if h.data_size:

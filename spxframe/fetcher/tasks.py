@@ -8,18 +8,23 @@ the manifest.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 import polars as pl
 
 from spxframe import schema, spherex
 from spxframe.errors import InputError
-from spxframe.fetcher.cache import PSF_HDUS, CacheDir, local_name, psf_name
+from spxframe.fetcher.cache import PSF_HDUS, CacheDir, local_name, psf_name, sidecar
 from spxframe.fetcher.claims import Claim, Wait
 from spxframe.fetcher.ranges import Box, nearest_box_start
 
@@ -38,6 +43,7 @@ class Target:
     rows: list[int]
     request: dict[str, Any]
     center: tuple[float, float] | None = None   # (ra, dec) deg: range box re-centred on the file's WCS
+    sky: tuple[float, float, float, float] | None = None  # (ra, dec) deg, predicted (x, y) px of its first row
     wait: Wait | None = None                    # while another fetch holds its claim
     claim: Claim | None = None                  # a claim taken for it before its transfer started
 
@@ -63,6 +69,8 @@ class Task:
     deferred: list[Target] = field(default_factory=list)   # targets another fetch is making: wait for them
     by_others: set[str] = field(default_factory=set)       # rel of targets another fetch made meanwhile
     counted: bool = True                                   # ticks the progress bar when it ends
+    used_url: str | None = None                            # the URL the bytes came from, if not ``url``
+    fallback: list[Task] = field(default_factory=list)     # IBE transfers replacing a missing cloud copy
 
     @property
     def rows(self) -> list[int]:
@@ -187,6 +195,110 @@ def _recenter_sky(r: dict[str, Any], box: Box | None) -> tuple[float, float] | N
     return ra, dec
 
 
+def _row_sky(r: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    """(ra, dec) deg and predicted (x, y) px (NaN when unknown) of a row, or None without a finite
+    position: what an IBE cutout replacing its range read is centred on."""
+    ra, dec, x, y = (_as_float(r.get(k)) for k in ("ra", "dec", "x_parent", "y_parent"))
+    return (ra, dec, x, y) if math.isfinite(ra) and math.isfinite(dec) else None
+
+
+def _as_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# --------------------------------------------------------------------------------------
+# the cloud copy lags the archive: IBE instead (spec §1.5-1.6)
+# --------------------------------------------------------------------------------------
+
+#: px added on each side of a fallback cutout whose box is not the one centred on the source: the
+#: planner's predicted pixel may be a few px off (SIP), the cutout service centres on the exact one
+FALLBACK_MARGIN_PX = 4
+#: how long (s) a cloud object that answered 404 is not asked for again in this process
+CLOUD_MISS_TTL_S = 6 * 3600.0
+#: a cloud object that is not there: 404 NoSuchKey, or 403 AccessDenied from an S3 bucket that does
+#: not let anonymous users list it (S3 then hides whether a key exists)
+CLOUD_MISSING_STATUS = frozenset({403, 404})
+_IBE_PATH = "/" + spherex.CAL_DATA_PATH.strip("/") + "/"   # "/ibe/data/spherex/": the archive's file tree
+_BUCKET_PATH = "/" + spherex.CLOUD_BUCKET + "/"
+
+
+def ibe_url_of(url: str) -> str | None:
+    """The IBE file URL of a cloud object URL (the public bucket, or ``<base>/<bucket>/<key>`` as the
+    simulated archive and mirrors serve it); None for a URL of neither form."""
+    if url.startswith(spherex.CLOUD_URL + "/"):
+        return spherex.IRSA_URL + _IBE_PATH + url[len(spherex.CLOUD_URL) + 1:]
+    base, sep, key = url.partition(_BUCKET_PATH)
+    if sep and key and base.startswith(("http://", "https://")) and "/" not in base.split("://", 1)[1]:
+        return base + _IBE_PATH + key
+    return None
+
+
+class CloudMisses:
+    """Cloud objects that answered 404 (NoSuchKey: the copy lags the archive), remembered in this
+    process for ``ttl`` s: later transfers of the same file (other tasks, cells, fetches) go
+    straight to IBE. Thread-safe."""
+
+    def __init__(self, ttl: float = CLOUD_MISS_TTL_S) -> None:
+        self.ttl = float(ttl)
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, url: str) -> None:
+        with self._lock:
+            self._seen[url] = time.monotonic()
+
+    def __contains__(self, url: object) -> bool:
+        with self._lock:
+            return time.monotonic() - self._seen.get(str(url), -math.inf) <= self.ttl
+
+
+#: the process's memory of cloud objects not there (yet)
+CLOUD_MISSES = CloudMisses()
+
+
+def _fallback_cutout_url(ibe: str, t: Target) -> str | None:
+    """An IBE cutout URL covering ``t``'s box, centred on its source: the exact box size when the box
+    was the one centred on the source (the service re-centres it on the exact pixel, as range
+    reads do), else a box wide enough for the planned one plus :data:`FALLBACK_MARGIN_PX`."""
+    b = t.box
+    if b is None or (t.center is None and t.sky is None):
+        return None
+    if t.center is not None:
+        (ra, dec), nx, ny = t.center, b.nx, b.ny
+    else:
+        ra, dec, xp, yp = t.sky  # type: ignore[misc]
+        sizes = []
+        for p, lo, n in ((xp, b.x0, b.nx), (yp, b.y0, b.ny)):
+            half = max(p - lo, lo + n - 1 - p) if math.isfinite(p) else (n - 1) / 2.0
+            sizes.append(2 * math.ceil(max(half, 0.0) + FALLBACK_MARGIN_PX) + 1)
+        nx, ny = sizes
+    q = urlencode({"center": f"{ra:.7f},{dec:.7f}", "size": f"{int(nx)},{int(ny)}px", "gzip": "false"})
+    return f"{ibe}?{q}"
+
+
+def ibe_fallback(task: Task) -> tuple[list[Task], dict[str, str]]:
+    """A range task whose cloud object is missing, as IBE cutout tasks (one per box, same local
+    files). Returns (tasks, errors by target for boxes that cannot be cut: no sky position)."""
+    ibe = ibe_url_of(task.url)
+    tasks: list[Task] = []
+    errors: dict[str, str] = {}
+    for t in task.targets:
+        url = _fallback_cutout_url(ibe, t) if ibe else None
+        if url is None:
+            errors[t.rel] = (f"cloud object {task.url} not found (HTTP 404) and no IBE cutout can replace it "
+                             "(no IBE URL or no sky position for the box)")
+            continue
+        b = t.box
+        assert b is not None
+        req = {"access": "cutout", "url": url, "box": [b.x0, b.y0, b.nx, b.ny]}
+        tg = Target(t.rel, t.path, b, t.rows, req, sky=t.sky)
+        tasks.append(Task("cutout", url, task.obs_id, task.detector, [tg], counted=False))
+    return tasks, errors
+
+
 @dataclass
 class _RowFile:
     """What one manifest row asks for: its transfer (access, url) and local file."""
@@ -252,7 +364,8 @@ def make_tasks(out: Outcome, cache: CacheDir, *, recenter: bool) -> list[Task]:
             if f.box is not None and f.access != "full":
                 request["box"] = [f.box.x0, f.box.y0, f.box.nx, f.box.ny]
             center = _recenter_sky(r, f.box) if f.access == "range" and recenter else None
-            tgt = by_rel[f.rel] = Target(f.rel, f.path, f.box, [], request, center=center)
+            tgt = by_rel[f.rel] = Target(f.rel, f.path, f.box, [], request, center=center,
+                                         sky=_row_sky(r) if f.access == "range" else None)
             t.targets.append(tgt)
         tgt.rows.append(i)
     return list(tasks.values())
@@ -272,14 +385,28 @@ def still_to_fetch(tasks: list[Task], out: Outcome, cache: CacheDir) -> list[Tas
             t.need_psf = not cache.is_verified(psf_path, required=PSF_HDUS)
         pending = []
         for tg in t.targets:
-            if not t.need_psf and cache.is_verified(tg.path, md5=t.md5_check, request=tg.request):
+            ibe = _ibe_made(tg) if t.access == "range" else None   # a fallback cutout holds its own PSF
+            if (not t.need_psf or ibe) and cache.is_verified(tg.path, md5=t.md5_check, request=tg.request):
                 out.cached(tg)
+                if ibe:
+                    for i in tg.rows:
+                        out.access[i], out.url[i] = "cutout", ibe
             else:
                 pending.append(tg)
         if pending or t.need_psf:
             t.targets = pending
             todo.append(t)
     return todo
+
+
+def _ibe_made(tg: Target) -> str | None:
+    """The IBE cutout URL a range target's file was made from (an earlier fallback), per its sidecar."""
+    try:
+        with open(sidecar(tg.path), "rb") as f:
+            req = json.loads(f.read()).get("request") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(req["url"]) if isinstance(req, dict) and req.get("access") == "cutout" and req.get("url") else None
 
 
 # --------------------------------------------------------------------------------------
@@ -298,6 +425,8 @@ class Outcome:
         self.bytes = [0] * n
         self.attempts = [0] * n
         self.error: list[str | None] = [None] * n
+        self.access: list[str | None] = [None] * n   # the method and URL actually used, when transferred
+        self.url: list[str | None] = [None] * n
 
     def fail(self, task: Task, error: str) -> None:
         for tg in task.targets:
@@ -321,6 +450,8 @@ class Outcome:
                 self.attempts[i] = 0 if tg.rel in t.by_others else t.attempts
                 if tg.rel in t.done:
                     self.status[i], self.error[i] = "done", None
+                    if tg.rel not in t.by_others:
+                        self.access[i], self.url[i] = t.access, t.used_url or t.url
                 else:
                     self.status[i] = "failed"
                     self.error[i] = t.errors.get(tg.rel, "not fetched")
@@ -341,5 +472,12 @@ class Outcome:
             pl.Series("bytes", self.bytes, dtype=pl.Int64),
             pl.Series("attempts", self.attempts, dtype=pl.Int32),
             pl.Series("error", self.error, dtype=pl.Utf8),
-        )
+        ).with_columns(  # e.g. an IBE cutout in place of a missing cloud object, a whole file from the cloud
+            pl.coalesce(pl.Series("_a", self.access, dtype=pl.Utf8), pl.col("access").cast(pl.Utf8)).alias("access"),
+            pl.coalesce(pl.Series("_u", self.url, dtype=pl.Utf8), pl.col("url").cast(pl.Utf8)).alias("url"))
+        moved = pl.Series([a is not None and a != str(r.get("access") or "").strip().lower()
+                           for a, r in zip(self.access, self.rows)], dtype=pl.Boolean)
+        if "ranges" in result.columns and moved.any():   # byte ranges only for rows read by ranges
+            result = result.with_columns(pl.when(moved).then(pl.lit("")).otherwise(pl.col("ranges").cast(pl.Utf8))
+                                         .alias("ranges"))
         return schema.conform(result, schema.MANIFEST)

@@ -3,7 +3,9 @@
 ``cutout`` and ``full`` tasks are one streamed GET each; ``range`` tasks read headers, box rows
 and WCS-WAVE of the cloud copy and write local cutouts (PSF header only, ``PSFFILE`` pointing at
 the PSF cube, cached once per key). Files another fetch is making are handed back to the
-scheduler (``task.deferred``) with their :class:`~spxframe.fetcher.claims.Wait`.
+scheduler (``task.deferred``) with their :class:`~spxframe.fetcher.claims.Wait`. A cloud object
+that answers 404 is fetched from IBE: a whole file directly, range boxes as IBE cutout tasks
+handed back to the scheduler (``task.fallback``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ from spxframe.fetcher.http import (
 )
 from spxframe.fetcher.owner import tmp_name
 from spxframe.fetcher.ranges import Box, RangeFile, build_cutout, psf_file_bytes
-from spxframe.fetcher.tasks import Target, Task
+from spxframe.fetcher.ranges_r7 import (
+    EPSF,
+    EPSF_HDUS,
+    descriptor_ranges,
+    epsf_file_bytes,
+    flags_image,
+    library_from_file,
+    salvage_cutout,
+)
+from spxframe.fetcher.tasks import CLOUD_MISSES, CLOUD_MISSING_STATUS, Target, Task, ibe_fallback, ibe_url_of
 from spxframe.fits.hdu import HDU, scan_fits
 from spxframe.spherex import BLOCK
 
@@ -70,7 +81,7 @@ class Worker:
             self._claim(task, held, by_others)
             if task.targets:
                 if task.access == "range":
-                    self._range(task, on_bytes)
+                    self._range_or_ibe(task, on_bytes)
                 else:
                     self._get(task, on_bytes)
         except Cancelled:
@@ -154,26 +165,75 @@ class Worker:
             by_others.append(t)
         task.targets = mine
 
+    # ---- the cloud copy lags the archive: IBE in its place ----------------------------------
+
+    def _range_or_ibe(self, task: Task, on_bytes: Callable[[int], None]) -> None:
+        """range reads of the cloud object; when it is missing (404, remembered for the run) its
+        boxes become IBE cutout tasks (``task.fallback``, run by the scheduler) on the same files."""
+        if task.url not in CLOUD_MISSES:
+            try:
+                self._range(task, on_bytes)
+                return
+            except TransferError as e:
+                if e.status not in CLOUD_MISSING_STATUS or task.done or ibe_url_of(task.url) is None:
+                    raise
+                CLOUD_MISSES.add(task.url)
+                log.info("%s: not in the cloud copy (HTTP %s); its %d box(es) come from IBE cutouts", task.url,
+                         e.status, len(task.targets))
+        task.fallback, errors = ibe_fallback(task)
+        task.errors.update(errors)
+        task.targets = [t for t in task.targets if t.rel in errors]   # the others are the fallback's
+
     # ---- cutout / full: one streamed GET ------------------------------------------------
 
     def _get(self, task: Task, on_bytes: Callable[[int], None]) -> None:
-        """cutout / full: one streamed GET, verified, then renamed into place."""
+        """cutout / full: one streamed GET, verified, then renamed into place. A whole file from
+        the cloud copy that answers 404 comes from IBE instead (remembered for the run)."""
+        urls = [task.url]
+        ibe = ibe_url_of(task.url) if task.access == "full" else None
+        if ibe is not None:
+            urls = [ibe] if task.url in CLOUD_MISSES else [task.url, ibe]
+        for k, url in enumerate(urls):
+            try:
+                self._get_one(task, url, on_bytes)
+            except TransferError as e:
+                if e.status not in CLOUD_MISSING_STATUS or k + 1 == len(urls):
+                    raise
+                CLOUD_MISSES.add(url)
+                log.info("%s: not in the cloud copy (HTTP %s); fetching it from IBE", url, e.status)
+                continue
+            if url != task.url:
+                task.used_url = url
+            return
+
+    def _get_one(self, task: Task, url: str, on_bytes: Callable[[int], None]) -> None:
         target = task.targets[0]
         kind = "cutout" if task.access == "cutout" else "data"
-        limiter = self.limiters.get(task.url, kind)
+        limiter = self.limiters.get(url, kind)
         tmp = tmp_name(target.path)
         md5: list[str | None] = [None]
 
         def attempt(n: int) -> Download:
-            dl = stream_to_file(self.session, task.url, tmp, timeout=self.timeout, stop=self.stop,
+            dl = stream_to_file(self.session, url, tmp, timeout=self.timeout, stop=self.stop,
                                 on_bytes=on_bytes, headers=self.headers)
-            md5[0] = _check_body(task, target, tmp, dl)
+            try:
+                md5[0] = _check_body(task, target, tmp, dl)
+            except TransferError:  # an R7 cutout closed inside its EPSF table: complete it if we can
+                if not salvage_r7_cutout(self.cache, task, tmp):
+                    raise
+                _check_body(task, target, tmp, dl)  # records the served box
+                md5[0] = file_md5(tmp)
             return dl
 
         try:
-            _, task.attempts = call_with_retries(attempt, policy=self.policy, limiter=limiter,
-                                                 stop=self.stop, what=task.url)
+            _, att = call_with_retries(attempt, policy=self.policy, limiter=limiter, stop=self.stop, what=url)
+            task.attempts += att
             self.cache.place(tmp, target.path, target.request, md5[0])
+            keep_r7_library(self.cache, task, target.path)
+        except TransferError as e:
+            task.attempts += getattr(e, "attempts", 1)
+            e.attempts = task.attempts  # type: ignore[attr-defined]
+            raise
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -182,8 +242,10 @@ class Worker:
     # ---- range reads ----------------------------------------------------------------
 
     def _range(self, task: Task, on_bytes: Callable[[int], None]) -> None:
-        """range: headers, box rows and WCS-WAVE from the cloud copy, PSF cube once per key,
-        local cutouts written like IBE cutouts (PSF header only, PSFFILE)."""
+        """range: headers, box rows and WCS-WAVE from the cloud copy, PSF cube (R7: the EPSF
+        table) once per key, local cutouts written like IBE cutouts (PSF or EPSF header only,
+        PSFFILE / EPSFFILE). An R7 file's FLAGS tile descriptors ride with its last header batch,
+        their heap bytes with the box rows."""
         rc = RangeClient(self.fs, policy=self.policy, limiters=self.limiters, stop=self.stop, on_bytes=on_bytes)
 
         def read(ranges: list[tuple[int, int]]) -> tuple[list[bytes], int | None]:
@@ -192,24 +254,29 @@ class Worker:
             return data, total
 
         rf = RangeFile(read, task.url)
+        boxes: dict[str, Box] = {}
+
+        def descriptors(partial: list[HDU]) -> list[tuple[int, int]]:
+            img = flags_image(partial)
+            if img is None or not any(h.name == "IMAGE" for h in partial):
+                return []
+            boxes.update(_resolved(task, rf, partial))
+            d = descriptor_ranges(img, list(boxes.values()))
+            return [(min(r[0] for r in d), max(r[1] for r in d))] if d else []  # 8 B per row: one read
+
         # header lengths of earlier files with this psf_key: read exactly those (a miss costs a read)
-        layout = rf.read_layout(guess=self._layout_guess.get(task.psf_key or ""))
+        layout = rf.read_layout(guess=self._layout_guess.get(task.psf_key or ""), extra=descriptors)
         if task.psf_key:
             self._layout_guess[task.psf_key] = {h.extname: h.header_size // BLOCK for h in layout[2:]}
-        resolved = rf.resolve_boxes(layout, [(t.box, t.center) for t in task.targets])  # type: ignore[misc]
-        boxes: dict[str, Box] = {}
-        for t, b in zip(task.targets, resolved):
-            if isinstance(b, str):
-                task.errors[t.rel] = b
-            else:
-                if b != t.box:
-                    log.debug("%s: box %s re-centred/clipped to %s", t.rel, t.box, b)
-                boxes[t.rel] = b
+        if not boxes:
+            boxes.update(_resolved(task, rf, layout))
         store = rf.read_boxes(layout, list(boxes.values()), max_gap=self.max_gap)
-        psf = next(h for h in layout if h.extname == "PSF")
+        lib = next((h for h in layout if h.extname in ("PSF", EPSF)), None)
         psf_rel = psf_name(task.psf_key) if task.psf_key else None
-        if psf_rel is not None:
-            self._ensure_psf(task, psf, psf_rel, rf.read)
+        if psf_rel is not None and lib is not None:
+            wave = next((h for h in layout if h.extname == "WCS-WAVE"), None) if lib.extname == EPSF else None
+            keep = wave.header.raw + store.get(wave.data_offset, wave.next_offset) if wave is not None else b""
+            self._ensure_psf(task, lib, psf_rel, rf.read, keep=keep)
         for t in task.targets:
             b = boxes.get(t.rel)
             if b is None:
@@ -222,14 +289,17 @@ class Worker:
         with self._psf_guard:
             return self._psf_locks.setdefault(key, threading.Lock())
 
-    def _ensure_psf(self, task: Task, psf: HDU, rel: str, read: Callable) -> None:
-        """The PSF cube of ``psf`` at ``cache/rel``, fetched once (other threads and fetches wait,
-        holding no transfer slot)."""
+    def _ensure_psf(self, task: Task, psf: HDU, rel: str, read: Callable, *, keep: bytes = b"") -> None:
+        """The PSF cube of ``psf`` (R7: the ePSF library, the file's EPSF table, followed by
+        ``keep``: its WCS-WAVE HDU bytes) at ``cache/rel``, fetched once per key (other threads
+        and fetches wait, holding no transfer slot)."""
         path = self.cache.path(rel)
         req = {"psf_key": task.psf_key, "url": task.url, "offset": psf.data_offset}
+        epsf = psf.extname == EPSF
+        need = EPSF_HDUS if epsf else PSF_HDUS
 
         def verified(cheap: bool = False) -> bool:
-            return self.cache.is_verified(path, required=PSF_HDUS, request=req, cheap=cheap)
+            return self.cache.is_verified(path, required=need, request=req, cheap=cheap)
 
         with self._psf_lock(rel):
             if verified():
@@ -242,11 +312,71 @@ class Worker:
                 if verified():
                     return
                 (data,) = read([(psf.data_offset, psf.next_offset)])
-                self.cache.write_verified(path, psf_file_bytes(psf, data, task.psf_key or ""), req,
-                                          required=PSF_HDUS)
-                log.info("cached PSF cube %s", rel)
+                body = epsf_file_bytes(psf, data, task.psf_key or "", wave=keep) if epsf else \
+                    psf_file_bytes(psf, data, task.psf_key or "")
+                self.cache.write_verified(path, body, req, required=need)
+                log.info("cached %s %s", "ePSF library" if epsf else "PSF cube", rel)
             finally:
                 claim.release()
+
+
+def _resolved(task: Task, rf: RangeFile, layout: list[HDU]) -> dict[str, Box]:
+    """The final box of each target (re-centred, clipped: :meth:`RangeFile.resolve_boxes`); a
+    target whose box misses the image gets its error in ``task.errors``."""
+    out: dict[str, Box] = {}
+    resolved = rf.resolve_boxes(layout, [(t.box, t.center) for t in task.targets])  # type: ignore[misc]
+    for t, b in zip(task.targets, resolved):
+        if isinstance(b, str):
+            task.errors[t.rel] = b
+        else:
+            if b != t.box:
+                log.debug("%s: box %s re-centred/clipped to %s", t.rel, t.box, b)
+            out[t.rel] = b
+    return out
+
+
+def salvage_r7_cutout(cache: CacheDir, task: Task, tmp: str) -> bool:
+    """An R7 IBE cutout body in ``tmp`` whose stream closed after ZODI (inside the EPSF table; the
+    server stopped early, or the client stopped it because the ePSF is cached): rewritten in
+    place as a complete local cutout — PRIMARY..ZODI as received, an EPSF header stub with
+    ``EPSFFILE`` and the WCS-WAVE of the cached library ``psf/<psf_key>.fits`` of the same
+    detector and version (:func:`spxframe.fetcher.ranges_r7.salvage_cutout`). False (nothing
+    changed: the caller retries) when the task is not an R7 cutout with a cached library or the
+    body lacks a whole PRIMARY..ZODI."""
+    if task.access != "cutout" or not task.psf_key:
+        return False
+    rel = psf_name(task.psf_key)
+    lib = cache.path(rel)
+    if not cache.is_verified(lib, required=EPSF_HDUS, cheap=True):
+        return False
+    with open(tmp, "rb") as f:
+        data = f.read()
+    with open(lib, "rb") as f:
+        made = salvage_cutout(data, f.read(), epsffile=rel)
+    if made is None:
+        return False
+    with open(tmp, "wb") as f:
+        f.write(made)
+    scan_fits(tmp)  # the file's own format: the R7 HDUs, whole
+    log.info("%s: cutout stream ended after ZODI; completed with the cached ePSF library %s", task.url, rel)
+    return True
+
+
+def keep_r7_library(cache: CacheDir, task: Task, path: str) -> bool:
+    """After a whole R7 IBE cutout is placed at ``path``: its EPSF table and WCS-WAVE become the
+    cached library ``psf/<psf_key>.fits`` if none is cached yet (so later cutouts of the same
+    detector and version may be completed by :func:`salvage_r7_cutout`). True if written."""
+    if task.access != "cutout" or not task.psf_key:
+        return False
+    lib = cache.path(psf_name(task.psf_key))
+    if cache.is_verified(lib, required=EPSF_HDUS, cheap=True):
+        return False
+    with open(path, "rb") as f:
+        body = library_from_file(f.read(), task.psf_key)
+    if body is None:
+        return False
+    cache.write_verified(lib, body, {"psf_key": task.psf_key, "url": task.url}, required=EPSF_HDUS)
+    return True
 
 
 def _check_body(task: Task, target: Target, tmp: str, dl: Download) -> str:

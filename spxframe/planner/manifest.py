@@ -6,23 +6,28 @@ pixel comes from the footprint polygon (``spxframe.archive.footprint``: exact fo
 so the planned boxes are predictions; fetch re-derives exact boxes and offsets from the files.
 
 Access methods (CONTRACTS.md), chosen per image by predicted time = bytes / bandwidth +
-requests × request latency + cutouts × IBE server time (:class:`CostModel`):
+request latency spread over the requests in flight + cutouts × IBE server time over the cutouts
+IRSA serves at once (:class:`CostModel`, its defaults and their sources in
+:mod:`spxframe.planner.cost`; ``CostModel.for_link`` for a known or measured link):
 
 * ``cutout``: ``file_url?center=<ra>,<dec>&size=<nx>,<ny>px&gzip=false``; one request per source,
   or one *shared* cutout covering several sources of an image when cheaper. Bytes follow
   spec §3.8: 38 header blocks + 4 planes of the box + 4,939,200 (PSF) + 2,880 (WCS-WAVE).
 * ``range``: cloud object URL + JSON ``[start, stop)`` byte ranges under the nominal QR2 layout
-  (:data:`LAYOUT`): all header blocks, the box rows (full 2040-px width) of IMAGE, FLAGS,
-  VARIANCE and ZODI, coalesced across the image's sources, and the WCS-WAVE HDU. The PSF cube
+  (:data:`LAYOUT`): all header blocks, the WCS-WAVE HDU, and of IMAGE, FLAGS, VARIANCE and ZODI
+  either the box rows at full 2040-px width, coalesced across the image's sources (``max_gap``
+  = ``gap_rows`` rows: few requests, more bytes), or only the boxes' own columns, one range per
+  box row per plane (``max_gap`` 0: few bytes, many concurrent requests, at most
+  ``CostModel.max_range_requests`` per image) — whichever the link makes quicker. The PSF cube
   (4,939,200 bytes at :data:`LAYOUT` ``['PSF'][1]``) is *not* in ``ranges``: fetch reads it once
   per ``psf_key``; the first range request of each psf_key carries its bytes in predicted_bytes.
 * ``full``: the IBE file URL, 71,634,240 bytes, box = the whole detector.
 
 R7 (QR3) images — a row's format comes from its release (``observations.release``,
-``spherex.RELEASES``) — are planned as IBE cutouts or whole files only (no byte-range reader of
-R7 files yet); their predicted bytes are estimates (``spherex.R7_FLAGS_ROW_BYTES_EST`` per
-compressed FLAGS row, ``R7_EPSF_BYTES_EST`` for the EPSF table, ``R7_FULL_FILE_BYTES_EST``), and
-fetch records in ``bytes`` what was actually moved.
+``spherex.RELEASES``) — are planned like QR2 images, with estimates for their bytes
+(``spherex.R7_FLAGS_ROW_BYTES_EST`` per compressed FLAGS row: FLAGS come in full-width one-row
+tiles, so even a box-column read takes whole FLAGS rows; ``R7_EPSF_BYTES_EST`` for the EPSF
+table, ``R7_FULL_FILE_BYTES_EST``); fetch records in ``bytes`` what was actually moved.
 
 ``request_id`` groups rows served by one transfer; ``predicted_bytes`` is that transfer's size
 on every row of it (sum over unique request_id for totals).
@@ -42,9 +47,9 @@ from spxframe.archive.footprint import Footprints
 from spxframe.archive.query import resolve_archive
 from spxframe.catalog import normalize_catalog
 from spxframe.errors import InputError
-from spxframe.planner.cost import CostModel
+from spxframe.planner.cost import LAYOUT_ROUNDS, CostModel
 from spxframe.planner.rows import build_rows
-from spxframe.sizes import CutoutSize, parse_cutout_center, parse_cutout_size
+from spxframe.sizes import CutoutSize, measurement_size, parse_cutout_center, parse_cutout_size
 
 __all__ = ["plan", "Plan", "summarize"]
 
@@ -128,10 +133,15 @@ def plan(
 
     ``catalog`` as :func:`spxframe.catalog.normalize_catalog`; ``observations`` from
     :func:`spxframe.archive.observations` (or its ``(observations, matches)`` tuple);
-    ``cutout_size`` IRSA grammar (None = full images); ``cutout_center`` ``"ra,dec"`` or
+    ``cutout_size`` IRSA grammar, or None: only what the measurement needs, the photometry stamp
+    (aperture and background annulus) with a small margin (:func:`spxframe.sizes.measurement_size`,
+    25 × 25 px), for photometry rather than cutouts; ``cutout_center`` ``"ra,dec"`` or
     ``"x,ypx"`` (zero-based parent pixels) instead of each source's position; ``access``
-    ``auto|cutout|range|full``; ``archive`` only for the cloud URL; ``matches`` candidate
-    (source_id, obs_id, detector) pairs; ``margin_px`` keep sources this far outside the edge;
+    ``auto|cutout|range|full`` (``full``: whole images, whatever the size); ``cost`` the
+    link the choice assumes (:class:`CostModel`: defaults, ``CostModel.for_link(...)`` or
+    :func:`spxframe.planner.cost.load_link` of a cache folder); ``archive`` only for the cloud
+    URL; ``matches`` candidate (source_id, obs_id, detector) pairs; ``margin_px`` keep sources
+    this far outside the edge;
     ``image_access`` (obs_id, detector, access) fixes the access of those images under ``auto``
     (e.g. to keep the choices of an earlier plan).
     """
@@ -139,12 +149,10 @@ def plan(
     if access not in ("auto", "cutout", "range", "full"):
         raise InputError(f"access={access!r}: expected one of 'auto', 'cutout', 'range', 'full'")
     try:
-        size = None if cutout_size is None else parse_cutout_size(cutout_size)
+        size = measurement_size() if cutout_size is None else parse_cutout_size(cutout_size)
         center = None if cutout_center is None else parse_cutout_center(cutout_center)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    if size is None and access in ("cutout", "range"):
-        raise InputError(f"access={access!r} needs a cutout_size (None means full images)")
     obs, matches = _observations_arg(observations, matches)
     ep = resolve_archive(archive)
     cost = cost or CostModel()
@@ -156,7 +164,8 @@ def plan(
             .unique(["obs_id", "detector"], keep="first")
         forced = obs.select("obs_id", "detector").with_row_index("_r").join(ia, on=["obs_id", "detector"], how="left") \
             .sort("_r").get_column("access").fill_null("").to_numpy()
-    manifest = build_rows(cat, obs, fp, si, fi, ra, dec, x, y, size=size, center=center, access=access,
+    manifest = build_rows(cat, obs, fp, si, fi, ra, dec, x, y, size=None if access == "full" else size,
+                          center=center, access=access,
                           cloud_url=ep.cloud_url, cost=cost, forced=forced)
     manifest = schema.conform(manifest, schema.MANIFEST, extra=False).sort(["obs_id", "detector", "source_id"])
     n_clip = int(manifest["clipped"].sum()) if manifest.height else 0
@@ -165,11 +174,13 @@ def plan(
     summary = summarize(manifest, cost)
     log.info("plan: %d rows; %s", manifest.height, dict(zip(summary["access"], summary["predicted_bytes"])))
     return Plan(manifest, summary, size, access, {"cutout_center": str(center) if center else None,
-                                                  "margin_px": margin_px, "cost": cost})
+                                                  "margin_px": margin_px, "cost": cost,
+                                                  "measurement_box": cutout_size is None})
 
 
 def summarize(manifest: pl.DataFrame, cost: CostModel | None = None) -> pl.DataFrame:
-    """Per access method: images, rows, requests, predicted_bytes (unique request_id), predicted_seconds."""
+    """Per access method: images, rows, requests, predicted_bytes (unique request_id), and
+    predicted_seconds on ``cost``'s link with the fetcher's concurrency (:meth:`CostModel.wall`)."""
     cost = cost or CostModel()
     req = manifest.filter(pl.col("status") == "planned").group_by("request_id").agg(
         pl.first("access"), pl.first("predicted_bytes"), pl.first("ranges"))
@@ -180,8 +191,9 @@ def summarize(manifest: pl.DataFrame, cost: CostModel | None = None) -> pl.DataF
                                           pl.struct("obs_id", "detector").n_unique().alias("images"))
     per = n_http.group_by("access").agg(pl.col("http").sum().alias("requests"),
                                         pl.col("predicted_bytes").sum().alias("predicted_bytes"),
-                                        (pl.col("access") == "cutout").sum().alias("_cut"))
+                                        pl.len().alias("_transfers"))
     out = rows.join(per, on="access", how="left").fill_null(0)
-    secs = cost.seconds(out["predicted_bytes"].to_numpy(), out["requests"].to_numpy(), out["_cut"].to_numpy())
-    return out.with_columns(pl.Series("predicted_seconds", np.asarray(secs, float))).drop("_cut") \
+    secs = [float(cost.wall(a, b, r, LAYOUT_ROUNDS * t if a == "range" else 0)) for a, b, r, t in
+            out.select("access", "predicted_bytes", "requests", "_transfers").iter_rows()]
+    return out.with_columns(pl.Series("predicted_seconds", secs, pl.Float64)).drop("_transfers") \
         .select("access", "images", "rows", "requests", "predicted_bytes", "predicted_seconds").sort("access")

@@ -15,13 +15,15 @@ import polars as pl
 from spxframe import schema, spherex
 from spxframe.archive.footprint import Footprints
 from spxframe.planner.cost import (
-    BLOCK,
-    HEADER_BYTES,
+    LAYOUT_BYTES,
+    LAYOUT_REQUESTS,
+    LAYOUT_ROUNDS,
     NPIX,
     PSF_BYTES,
     ROW,
     CostModel,
     box_of,
+    column_requests,
     cutout_bytes,
     full_bytes,
     range_requests,
@@ -29,7 +31,14 @@ from spxframe.planner.cost import (
 from spxframe.sizes import CutoutCenter, CutoutSize
 
 log = logging.getLogger("spxframe.plan")
-METHODS = ("cutout", "shared", "range", "full")
+#: per-image methods: IBE cutout per source, one shared IBE cutout, cloud ranges of the boxes'
+#: columns, cloud ranges of full-width rows, the whole file
+METHODS = ("cutout", "shared", "columns", "rows", "full")
+#: an image's access fixed by ``image_access`` → the METHODS (indices) it allows: a manifest access
+#: ("cutout", "range", "full") or a method ("shared", "columns", "rows"; each falls back to a
+#: per-source cutout / full-width rows where it cannot serve the image)
+FORCED: dict[str, list[int]] = {"cutout": [0, 1], "range": [2, 3], "full": [4], "shared": [1], "columns": [2],
+                                "rows": [3]}
 EDGE_PAD = 8  #: px a shared cutout is requested beyond a detector edge it touches
 
 
@@ -40,11 +49,15 @@ def cutout_url(file_url: str, ra: float, dec: float, nx: int, ny: int) -> str:
 
 
 def _choose(df: pl.DataFrame, access: str, cost: CostModel, forced: np.ndarray | None = None) -> pl.DataFrame:
-    """Per image (``_fi``): the cheapest allowed method among cutout/shared/range/full.
+    """Per image (``_fi``): the quickest allowed method (:data:`METHODS`) on the model's link.
 
-    ``forced`` (per observation row, or None): an access already decided for the image
-    ("full", "range" or "cutout"; "" = free), e.g. by a plan of the whole catalog, so that the
-    sky cells sharing an image fetch it the same way."""
+    ``columns`` (range reads of the boxes' own columns: one request per box row per plane) and
+    ``rows`` (full-width rows) are both ``access="range"``; ``columns`` is allowed up to
+    ``cost.max_range_requests`` requests per image. R7 (QR3) FLAGS are compressed in full-width
+    one-row tiles, so their rows are read whole either way. ``forced`` (per observation row, or
+    None): an access already decided for the image ("full", "range" or "cutout"; "" = free),
+    e.g. by a plan of the whole catalog, so that the sky cells sharing an image fetch it the
+    same way."""
     g = (df.sort(["_fi", "y0"])
          .with_columns(pl.col("y1").cum_max().shift(1).over("_fi").alias("_prev"))
          .with_columns(
@@ -55,41 +68,64 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel, forced: np.ndarray |
              pl.col("x0").min().alias("bx0"), pl.col("x1").max().alias("bx1"),
              pl.col("y0").min().alias("by0"), pl.col("y1").max().alias("by1"),
              pl.col("_cov").sum().alias("rows"), pl.col("_new").sum().alias("spans"),
+             ((pl.col("x1") - pl.col("x0")) * (pl.col("y1") - pl.col("y0"))).sum().alias("colpix"),
+             (pl.col("y1") - pl.col("y0")).sum().alias("colrows"),
              pl.first("_cloud"), pl.first("_psf"), pl.first("_r7")))
     n_key = g.filter("_cloud").group_by("_psf").agg(pl.len().alias("_nk"))
     g = g.join(n_key, on="_psf", how="left").with_columns(pl.col("_nk").fill_null(1))
-    k = g["k"].to_numpy()
-    r7 = g["_r7"].to_numpy()  # R7 (QR3): three float planes, FLAGS compressed rows, an EPSF table
-    shared_bytes = cutout_bytes(g["bx1"].to_numpy() - g["bx0"].to_numpy(), g["by1"].to_numpy() - g["by0"].to_numpy(),
-                                r7)
-    rows = g["rows"].to_numpy()
-    range_bytes = HEADER_BYTES + BLOCK + np.where(
-        r7, 3 * rows * ROW + rows * spherex.R7_FLAGS_ROW_BYTES_EST + spherex.R7_EPSF_BYTES_EST / g["_nk"].to_numpy(),
-        4 * rows * ROW + PSF_BYTES / g["_nk"].to_numpy())
-    each = g["each_bytes"].to_numpy()
-    full = full_bytes(r7)
-    c = np.stack([cost.seconds(each, k, k) + cost.local(each, k),
-                  np.where(k > 1, cost.seconds(shared_bytes, 1, 1) + cost.local(shared_bytes, 1), np.inf),
-                  np.where(g["_cloud"].to_numpy(), cost.seconds(range_bytes, 7 + 4 * g["spans"].to_numpy())
-                           + cost.local(each - k * PSF_BYTES, k), np.inf),  # one box file per source, no PSF data
-                  cost.seconds(full, 1) + cost.local(full, 1)], axis=1)
-    if forced is not None and len(k):
+    base, over_cap = _method_seconds(g, cost)
+    c = base.copy()
+    c[over_cap, 2] = np.inf  # box columns beyond cost.max_range_requests: only when forced
+    if forced is not None and len(c):
         f = forced[g["_fi"].to_numpy()]
-        c[f == "full", :3] = np.inf
-        c[f == "range", 0:2] = np.inf
-        c[f == "range", 3] = np.inf
-        c[f == "cutout", 2:] = np.inf
+        for value, keep in FORCED.items():
+            sel = f == value
+            if sel.any():
+                c[sel] = np.inf
+                c[np.ix_(sel, keep)] = base[np.ix_(sel, keep)]
+                if value != "columns":
+                    c[sel & over_cap, 2] = np.inf
+                if value in ("shared", "columns"):  # one source / no cloud copy: the next best
+                    alt = sel & ~np.isfinite(base[:, keep[0]])
+                    c[alt, 0 if value == "shared" else 3] = base[alt, 0 if value == "shared" else 3]
     if access == "cutout":
         c[:, 2:] = np.inf
     elif access == "full":
-        c[:, :3] = np.inf
+        c[:, :4] = np.inf
     elif access == "range":  # images without a cloud copy fall back to the best cutout
         cloud = g["_cloud"].to_numpy()
         c[cloud, 0:2] = np.inf
-        c[:, 3] = np.inf
+        c[:, 4] = np.inf
         if (~cloud).any():
             log.warning("%d image(s) have no cloud copy (empty cloud_key): planned as cutouts", int((~cloud).sum()))
     return g.with_columns(pl.Series("method", np.array(METHODS)[np.argmin(c, axis=1)]))
+
+
+def _method_seconds(g: pl.DataFrame, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted seconds (images × :data:`METHODS`) of each image's transfers and cache writes,
+    inf where a method is not possible (no cloud copy; a shared cutout of one source); and per
+    image whether box columns would take more than ``cost.max_range_requests`` requests."""
+    k = g["k"].to_numpy()
+    r7 = g["_r7"].to_numpy()  # R7 (QR3): three float planes, FLAGS compressed rows, an EPSF table
+    cloud = g["_cloud"].to_numpy()
+    shared_bytes = cutout_bytes(g["bx1"].to_numpy() - g["bx0"].to_numpy(), g["by1"].to_numpy() - g["by0"].to_numpy(),
+                                r7)
+    rows, colpix, colrows = g["rows"].to_numpy(), g["colpix"].to_numpy(), g["colrows"].to_numpy()
+    psf = np.where(r7, spherex.R7_EPSF_BYTES_EST, PSF_BYTES) / g["_nk"].to_numpy()  # once per psf_key
+    flags_rows = rows * spherex.R7_FLAGS_ROW_BYTES_EST  # R7 FLAGS: whole compressed row tiles
+    rows_bytes = LAYOUT_BYTES + psf + np.where(r7, 3 * rows * ROW + flags_rows, 4 * rows * ROW)
+    rows_req = 4 * g["spans"].to_numpy()
+    col_bytes = LAYOUT_BYTES + psf + np.where(r7, 3 * 4 * colpix + flags_rows, 4 * 4 * colpix)
+    col_req = np.where(r7, 3 * colrows + 2, 4 * colrows)  # R7: + tile descriptors and heap
+    each = g["each_bytes"].to_numpy()
+    box_files = cost.local(each - k * PSF_BYTES, k)  # range reads write one box file per source, no PSF data
+    full = full_bytes(r7)
+    return np.stack([
+        cost.wall("cutout", each, k) + cost.local(each, k),
+        np.where(k > 1, cost.wall("cutout", shared_bytes, 1) + cost.local(shared_bytes, 1), np.inf),
+        np.where(cloud, cost.wall("range", col_bytes, col_req + LAYOUT_REQUESTS, LAYOUT_ROUNDS) + box_files, np.inf),
+        np.where(cloud, cost.wall("range", rows_bytes, rows_req + LAYOUT_REQUESTS, LAYOUT_ROUNDS) + box_files, np.inf),
+        cost.wall("full", full, 1) + cost.local(full, 1)], axis=1), col_req + LAYOUT_REQUESTS > cost.max_range_requests
 
 
 def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutSize | None,
@@ -111,7 +147,7 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
     if n == 0:
         return base
     if size is None:
-        return _full(base)
+        return _full(base, cloud_url)
     nx, ny = size.pixels()
     if center is None:
         cx, cy, cra, cdec = x, y, ra, dec
@@ -140,8 +176,8 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
     good = good.join(choice.select("_fi", "method", "bx0", "bx1", "by0", "by1"), on="_fi")
     parts = [_cutouts(good.filter(pl.col("method") == "cutout"), nx, ny),
              _shared(good.filter(pl.col("method") == "shared"), fp),
-             _ranges(good.filter(pl.col("method") == "range"), cloud_url, cost),
-             _full(good.filter(pl.col("method") == "full")), bad]
+             _ranges(good.filter(pl.col("method").is_in(["columns", "rows"])), cloud_url, cost),
+             _full(good.filter(pl.col("method") == "full"), cloud_url), bad]
     return pl.concat([schema.conform(p, schema.MANIFEST, extra=False) for p in parts], how="vertical_relaxed")
 
 
@@ -202,16 +238,21 @@ def _shared(df: pl.DataFrame, fp: Footprints) -> pl.DataFrame:
 def _ranges(df: pl.DataFrame, cloud_url: str, cost: CostModel) -> pl.DataFrame:
     if df.height == 0:
         return df
-    per = df.group_by("_fi", maintain_order=True).agg(pl.col("y0"), pl.col("y1"), pl.first("psf_key"),
-                                                      pl.first("obs_id"))
+    per = df.group_by("_fi", maintain_order=True).agg(pl.col("x0"), pl.col("x1"), pl.col("y0"), pl.col("y1"),
+                                                      pl.first("psf_key"), pl.first("method"))
     seen: set[str] = set()
-    rng, nbytes = [], []
-    for y0s, y1s, key in zip(per["y0"].to_list(), per["y1"].to_list(), per["psf_key"].to_list()):
-        r = range_requests(list(zip(y0s, y1s)), cost.gap_rows)
+    rng, nbytes, gaps = [], [], []
+    for x0s, x1s, y0s, y1s, key, method in per.select("x0", "x1", "y0", "y1", "psf_key", "method").iter_rows():
+        if method == "columns":  # the boxes' own columns: touching ranges only are merged
+            r, gap = column_requests(list(zip(x0s, x1s, y0s, y1s))), 0
+        else:  # full-width rows: box rows fewer than gap_rows apart are one range
+            r, gap = range_requests(list(zip(y0s, y1s)), cost.gap_rows), cost.gap_rows * ROW
         rng.append(json.dumps(r, separators=(",", ":")))
+        gaps.append(gap)
         nbytes.append(sum(b - a for a, b in r) + (0 if key in seen else PSF_BYTES))
         seen.add(key)
-    per = pl.DataFrame({"_fi": per["_fi"], "ranges": rng, "predicted_bytes": pl.Series(nbytes, dtype=pl.Int64)})
+    per = pl.DataFrame({"_fi": per["_fi"], "ranges": rng, "predicted_bytes": pl.Series(nbytes, dtype=pl.Int64),
+                        "max_gap": pl.Series(gaps, dtype=pl.Int64)})
     return df.join(per, on="_fi").with_columns(
         pl.lit("range").alias("access"), (pl.lit(cloud_url + "/") + pl.col("_ckey")).alias("url"),
         (_image_prefix() + pl.lit(":range")).alias("request_id"),
@@ -219,9 +260,13 @@ def _ranges(df: pl.DataFrame, cloud_url: str, cost: CostModel) -> pl.DataFrame:
         pl.lit("planned").alias("status"))
 
 
-def _full(df: pl.DataFrame) -> pl.DataFrame:
+def _full(df: pl.DataFrame, cloud_url: str) -> pl.DataFrame:
+    """Whole files: from the cloud copy when the image has a cloud key (IBE is the fetcher's
+    fallback when the object is not there yet), else from IBE."""
     return df.with_columns(
-        pl.lit("full").alias("access"), pl.col("_file").alias("url"),
+        pl.lit("full").alias("access"),
+        pl.when(pl.col("_ckey") != "").then(pl.lit(cloud_url + "/") + pl.col("_ckey")).otherwise(pl.col("_file"))
+        .alias("url"),
         (_image_prefix() + pl.lit(":full")).alias("request_id"),
         *_box_cols(pl.lit(0), pl.lit(0), pl.lit(NPIX), pl.lit(NPIX)), pl.lit(False).alias("clipped"),
         pl.Series("predicted_bytes", full_bytes(df["_r7"].to_numpy()), pl.Int64), pl.lit("").alias("ranges"),

@@ -69,6 +69,16 @@ def _missing_rows(manifest: pl.DataFrame, observations: pl.DataFrame, phot: pl.D
         pl.col("flux_err").fill_null(float("nan")))
 
 
+def _cloud_fallbacks(planned: pl.DataFrame, fetched: pl.DataFrame) -> int:
+    """Rows planned from the cloud copy (byte ranges, or a whole cloud object) that came from IBE
+    because the object was not in the bucket yet (the fetcher's fallback)."""
+    def from_cloud(m: pl.DataFrame) -> int:
+        if m.height == 0:
+            return 0
+        return int(((m["access"] == "range") | ((m["access"] == "full") & ~m["url"].str.contains("/ibe/"))).sum())
+    return max(from_cloud(planned) - from_cloud(fetched), 0)
+
+
 def _measure_done(fetched: pl.DataFrame, task: CellTask) -> pl.DataFrame:
     """Photometry of the fetched rows: exactly one row per done (source, obs, detector)."""
     id_dtype = fetched.schema["source_id"]
@@ -116,7 +126,7 @@ def run_cell(task: CellTask) -> dict:
     summary = {
         "cell": task.cell, "sources": task.catalog.height, "rows": phot.height,
         "measured": int(phot.get_column("flux").is_not_nan().sum()) if phot.height else 0,
-        "failed_transfers": n_failed,
+        "failed_transfers": n_failed, "cloud_fallback_rows": _cloud_fallbacks(task.manifest, fetched),
         "bytes": int(fetched.select(pl.col("bytes").fill_null(0).sum()).item() or 0),
         "seconds_fetch": t1 - t0, "seconds_measure": t2 - t1,
         "plan_hash": task.plan_hash, "measure_hash": task.measure_hash,

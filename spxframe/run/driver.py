@@ -173,13 +173,14 @@ def _observations_cached(store: Store, cat: pl.DataFrame, query: dict, archive: 
     if not refresh and fresh and state.get("key") == key and store.exists("observations.parquet"):
         log.info("reusing %s/observations.parquet (same catalog and query, queried %.1f h ago)", store.url,
                  (_time.time() - float(state["queried_at"])) / 3600)
-        return store.read_parquet("observations.parquet"), True
-    obs = query_observations(cat, archive=archive, **query)
+        return store.read_parquet("observations.parquet"), True, {"reused": True, **state.get("query", {})}
+    report: dict = {}  # how the query went (upload or regions, a refused upload): for run.json
+    obs = query_observations(cat, archive=archive, report=report, **query)
     if not write:
-        return obs, False
+        return obs, False, report
     store.write_parquet("observations.parquet", schema.conform(obs, schema.OBSERVATIONS), schema.OBSERVATIONS)
-    store.write_json("parts/observations.json", {"key": key, "queried_at": _time.time()})
-    return obs, False
+    store.write_json("parts/observations.json", {"key": key, "queried_at": _time.time(), "query": report})
+    return obs, False, report
 
 
 def _cell_tasks(cat: pl.DataFrame, obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptions, *,
@@ -293,7 +294,8 @@ def lightcurves(
     opts = _validate(cutout_size, cutout_center, access, bands, time, collection, releases, aperture_radius,
                      bad_bits, cache_dir, output_dir, output_options)
     t0 = _time.perf_counter()
-    obs, reused = _observations_cached(opts.store, cat, opts.query, archive, refresh=refresh, write=not dry_run)
+    obs, reused, query_report = _observations_cached(opts.store, cat, opts.query, archive, refresh=refresh,
+                                                     write=not dry_run)
     timings["observations"] = _time.perf_counter() - t0
 
     t0 = _time.perf_counter()  # the catalog is planned once; each cell takes its slice
@@ -308,7 +310,7 @@ def lightcurves(
         releases=opts.query["releases"], releases_used=_releases_used(obs), gain_correction=bool(gain_correction),
         access=access, archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
         cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=opts.cache.root,
-        dry_run=bool(dry_run))
+        dry_run=bool(dry_run), observations_query=query_report)
     if dry_run:
         the_plan.totals = expected
         write_dry_run_json(opts.store, parameters=parameters, expected=expected, timings=timings)
@@ -356,22 +358,33 @@ def _calibration(obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptions, ar
     gain correction (``l3_flux_corrections``) for detectors with QR2-format (pre-R7 gains) rows and
     the wavelength maps (``spectral_wcs`` of ``WAVE_RELEASE``) for every detector measured. Sets
     ``opts.measure_options['calibration']`` = family -> {detector: file} (so a change of product
-    re-measures). Returns run.json's records of the products (gains first)."""
+    re-measures). Returns run.json's records of the products (gains first).
+
+    Each product is fetched whole or as byte ranges of the rows the run reads it at (gains: each
+    QR2 measurement's box and stamp; wavelengths: the rows around each source), whichever the
+    cost model of the cache's measured link (or the defaults) prefers: ``fetch_products(need=...)``."""
+    from spxframe.fetcher.calib_ranges import rows_needed
     from spxframe.photometry.wave import WAVE_FAMILY, WAVE_RELEASE
+    from spxframe.planner.cost import load_link
 
     if not gain_correction or not manifest.height or "release" not in obs.columns:
         return []
     imgs = obs.join(manifest.select("obs_id", "detector").unique(), on=["obs_id", "detector"], how="semi")
     pre = [n for n, r in spherex.RELEASES.items() if r.gains != "r7"]
-    wanted = ((spherex.GAIN_FAMILY, spherex.GAIN_RELEASE, imgs.filter(pl.col("release").is_in(pre))),
-              (WAVE_FAMILY, WAVE_RELEASE, imgs))
-    url, records, chosen = None, [], {}
-    for family, release, rows in wanted:
+    qr2 = manifest.join(obs.filter(pl.col("release").is_in(pre)).select("obs_id", "detector").unique(),
+                        on=["obs_id", "detector"], how="semi")
+    half = int(np.ceil(max(float(opts.measure_options.get("annulus", (5.0, 9.0))[1]), 5.5))) + 1  # measure's stamp
+    wanted = ((spherex.GAIN_FAMILY, spherex.GAIN_RELEASE, imgs.filter(pl.col("release").is_in(pre)),
+               rows_needed(qr2, half=half)),
+              (WAVE_FAMILY, WAVE_RELEASE, imgs, rows_needed(manifest, half=0, point=True)))
+    url, records, chosen, cost = None, [], {}, load_link(opts.cache.root)
+    for family, release, rows, need in wanted:
         dets = sorted(set(rows.get_column("detector").to_list()))
         if not dets:
             continue
         url = url or resolve_archive(archive).url
-        got = fetch_products(dets, base_url=url, cache=opts.cache, family=family, release=release)
+        got = fetch_products(dets, base_url=url, cache=opts.cache, family=family, release=release, need=need,
+                             cost=cost)
         if got.paths:
             chosen[family] = {str(d): p for d, p in sorted(got.paths.items())}
         records.append(got.record())

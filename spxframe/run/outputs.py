@@ -178,6 +178,7 @@ def write_run_json(store: Store, *, parameters: dict, summaries: list[dict], ski
             "sources": parameters["catalog_rows"],
             "cells": len(allc), "cells_run": len(summaries), "cells_skipped": len(skipped),
             "failed_transfers": sum(s.get("failed_transfers", 0) for s in summaries),
+            "cloud_fallback_rows": sum(s.get("cloud_fallback_rows", 0) for s in summaries),
             **counts,
         },
         "bytes_transferred_this_run": sum(s.get("bytes", 0) for s in summaries)

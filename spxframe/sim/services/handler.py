@@ -179,6 +179,11 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, method, path, p, files, ep):
         arc = self.server.archive
         if ep == "tap":
+            refuse = arc.faults.tap_upload_status
+            if refuse is not None and any(str(v).strip() for v in p.get("UPLOAD") or []):
+                self._rec["fault"] = "tap_upload"
+                return int(refuse), {"Content-Type": "text/plain"}, \
+                    f"{int(refuse)} table upload not accepted by this service (simulated)\n".encode()
             return route_tap(arc, method, path, p, files)
         if ep == "sia":
             if path.rstrip("/").endswith("/capabilities"):
@@ -324,10 +329,11 @@ class Handler(BaseHTTPRequestHandler):
             cut = max(0, length // 2)
             self._rec["fault"] = "truncated"
         bps = f.bandwidth(ep)
+        link = f.link(ep)  # the shared link: every response's chunks queue on one wire
         t0 = time.time()
         sent = 0
         pos = 0
-        step = CHUNK if not bps else max(1024, min(CHUNK, int(bps / 20)))
+        step = min([CHUNK, *(max(1024, int(r / 20)) for r in (bps, link) if r)])
         while pos < cut:
             n = min(step, cut - pos)
             if isinstance(body, Stream):
@@ -338,6 +344,8 @@ class Handler(BaseHTTPRequestHandler):
                 lag = t0 + (sent + len(data)) / bps - time.time()
                 if lag > 0:
                     time.sleep(lag)
+            if link:
+                arc.link.wait(len(data), link)
             pos += n
             # the log is updated before the bytes leave, so a client that has read the whole
             # response always finds its final entry

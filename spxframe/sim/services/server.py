@@ -41,6 +41,25 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class LinkCap:
+    """The user's link (``Faults.link_bps``): one wire shared by every response body. Each chunk
+    reserves its time on the wire in arrival order and its sender waits until then, so all
+    bodies together never exceed the cap; an idle wire banks no credit (no burst)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free = 0.0  # time.monotonic() at which the wire is free again
+
+    def wait(self, nbytes: int, bps: float) -> None:
+        """Block until ``nbytes`` (bytes) have passed a wire of ``bps`` bytes/s after those queued before."""
+        with self._lock:
+            due = max(time.monotonic(), self._free) + nbytes / bps
+            self._free = due
+        lag = due - time.monotonic()
+        if lag > 0:
+            time.sleep(lag)
+
+
 class Archive:
     """A running (or startable) simulated archive. See ``serve``."""
 
@@ -54,6 +73,7 @@ class Archive:
         self._thread: threading.Thread | None = None
         self.cutouts_active = 0
         self.cutout_lock = threading.Lock()
+        self.link = LinkCap()  # Faults.link_bps: all response bodies share it
 
     # ---- public -------------------------------------------------------------------------
     @property

@@ -33,6 +33,7 @@ from spxframe.errors import FileFormatError
 from spxframe.fetcher import calib_ranges as _ranges
 from spxframe.fetcher.cache import CacheDir
 from spxframe.fetcher.calib_ranges import PARALLEL, RangesRefused, Spans, choose, fetch_rows, read_rows_record
+from spxframe.fetcher.claims import Watcher, claim_or_wait
 from spxframe.fetcher.http import RetryPolicy, TransferError, default_session, stream_to_file
 from spxframe.fetcher.owner import tmp_name
 from spxframe.fits.hdu import scan_fits
@@ -44,6 +45,7 @@ _NAME_RE = re.compile(r"_D(\d)_spx_(cal-[A-Za-z0-9]+-v\d+-\d{4}-\d{3})\.fits$")
 TIMEOUT = (10.0, 120.0)  #: (connect, read) seconds
 LISTING_FILE = "listing.json"  #: the listing's answer, kept beside the product files
 LISTING_MAX_AGE_S = 86400.0  #: a kept listing younger than this is reused (products are reissued rarely)
+CLAIM_WAIT_S = 900.0  #: longest wait (s) for another process writing the same product file
 #: family -> the image HDUs measurement reads: the products that may be fetched by row ranges
 RANGE_HDUS: dict[str, tuple[str, ...]] = {spherex.GAIN_FAMILY: (spherex.GAIN_HDU,),
                                           spherex.WAVE_FAMILY: tuple(spherex.WAVE_HDUS)}
@@ -160,11 +162,25 @@ def _get_product(session: requests.Session, url: str, path: str, cache: CacheDir
                  family: str, rows: Spans | None, cost: Any) -> tuple[int, str]:
     """(bytes transferred, access) of one product file: kept when whole and verified, else the
     rows ``rows`` (those a partial product lacks) when ``cost`` prices them below the whole file,
-    else the whole file (which replaces a partial one; its row list is removed last)."""
+    else the whole file (which replaces a partial one; its row list is removed last). One process
+    at a time writes a product file (a claim on it, :mod:`spxframe.fetcher.claims`)."""
+    if read_rows_record(path) is None and cache.is_verified(path, required=("PRIMARY",)):
+        return 0, "cached"
+    claim = claim_or_wait(path, done=lambda: False, watcher=Watcher(), timeout=CLAIM_WAIT_S, what="calibration")
+    try:
+        return _get_claimed(session, url, path, cache, policy, family=family, rows=rows, cost=cost)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _get_claimed(session: requests.Session, url: str, path: str, cache: CacheDir, policy: RetryPolicy, *,
+                 family: str, rows: Spans | None, cost: Any) -> tuple[int, str]:
+    """:func:`_get_product` once the claim on ``path`` is held."""
     have = read_rows_record(path)  # a partial product is never taken for a whole one
     if have is None and cache.is_verified(path, required=("PRIMARY",)):
         return 0, "cached"
-    spans = None
+    spans, spent = None, 0
     if rows and (have is not None or not os.path.exists(path)):
         names = RANGE_HDUS[family]
         spans = choose(rows, have or [], n_hdus=len(names), cost=cost,
@@ -174,9 +190,10 @@ def _get_product(session: requests.Session, url: str, path: str, cache: CacheDir
             return 0, "cached"
         try:
             return fetch_rows(session, url, path, RANGE_HDUS[family], spans, policy=policy), "ranges"
-        except RangesRefused as e:
+        except (RangesRefused, FileFormatError) as e:  # ranges refused, or headers not as expected
             log.info("%s: whole file instead of ranges", e)
-    nbytes = _fetch_one(session, url, path, cache, policy)
+            spent = getattr(e, "nbytes", 0)
+    nbytes = spent + _fetch_one(session, url, path, cache, policy)
     if os.path.exists(_ranges.rows_file(path)):
         os.unlink(_ranges.rows_file(path))
     return nbytes, "whole"

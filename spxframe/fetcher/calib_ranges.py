@@ -61,7 +61,9 @@ Spans = list[tuple[int, int]]
 
 class RangesRefused(Exception):
     """The archive did not answer a range request with the range (or the product's layout is
-    not the expected one): fetch the whole file instead."""
+    not the expected one): fetch the whole file instead. ``nbytes``: bytes transferred before."""
+
+    nbytes: int = 0
 
 
 def rows_file(path: str) -> str:
@@ -152,6 +154,7 @@ class _Remote:
 
     def __init__(self, session: requests.Session, url: str, policy: RetryPolicy) -> None:
         self.session, self.url, self.policy, self.size, self.nbytes = session, url, policy, None, 0
+        self._lock = threading.Lock()
 
     def get(self, start: int, stop: int) -> bytes:
         if self.size is not None:
@@ -171,8 +174,8 @@ class _Remote:
     def _once(self, start: int, stop: int) -> bytes:
         with self.session.get(self.url, headers={"Range": f"bytes={start}-{stop - 1}"}, timeout=TIMEOUT,
                               stream=True) as r:
-            if r.status_code == 200:
-                raise RangesRefused(f"{self.url}: the archive answered a range request with the whole file")
+            if r.status_code in (200, 416):  # the whole file, or a range it will not serve
+                raise RangesRefused(f"{self.url}: HTTP {r.status_code} to a range request")
             if r.status_code != 206:
                 transient = r.status_code >= 500 or r.status_code == 429
                 raise TransferError(f"HTTP {r.status_code} for {self.url}", transient=transient, status=r.status_code)
@@ -182,7 +185,8 @@ class _Remote:
             body = r.content
         if len(body) != stop - start:
             raise TransferError(f"{self.url}: {len(body)} bytes for range {start}-{stop - 1}", transient=True)
-        self.nbytes += len(body)
+        with self._lock:  # pieces run on several threads
+            self.nbytes += len(body)
         return body
 
 
@@ -243,9 +247,19 @@ def fetch_rows(session: requests.Session, url: str, path: str, names: Sequence[s
     """Fetch row ``spans`` of the image HDUs ``names`` of the product at ``url`` into the partial
     product ``path`` (created when absent); bytes transferred. Each span is listed in the sidecar
     once written in every HDU. :class:`RangesRefused` when the archive ignores ranges or the
-    product lacks the HDUs (nothing trusted was written: fetch the whole file)."""
+    product lacks the HDUs (nothing trusted was written: fetch the whole file); its ``nbytes``
+    says what was transferred before."""
     remote = _Remote(session, url, policy)
-    names = [n.upper() for n in names]
+    try:
+        return _fetch_rows(remote, path, [n.upper() for n in names], spans)
+    except RangesRefused as e:
+        e.nbytes = remote.nbytes
+        raise
+
+
+def _fetch_rows(remote: _Remote, path: str, names: list[str], spans: Spans) -> int:
+    """:func:`fetch_rows` with its range reader."""
+    url = remote.url
     have = read_rows_record(path)
     if have is None or not os.path.isfile(path):
         hdus, have = _create(remote, path, names), []

@@ -214,15 +214,15 @@ class Worker:
         md5: list[str | None] = [None]
 
         def attempt(n: int) -> Download:
-            dl = stream_to_file(self.session, url, tmp, timeout=self.timeout, stop=self.stop,
-                                on_bytes=on_bytes, headers=self.headers)
             try:
+                dl = stream_to_file(self.session, url, tmp, timeout=self.timeout, stop=self.stop,
+                                    on_bytes=on_bytes, headers=self.headers)
                 md5[0] = _check_body(task, target, tmp, dl)
-            except TransferError:  # an R7 cutout closed inside its EPSF table: complete it if we can
-                if not salvage_r7_cutout(self.cache, task, tmp):
+            except TransferError as e:  # an R7 cutout body that ends inside its EPSF table: complete it
+                if e.status is not None or not os.path.exists(tmp) or not salvage_r7_cutout(self.cache, task, tmp):
                     raise
-                _check_body(task, target, tmp, dl)  # records the served box
-                md5[0] = file_md5(tmp)
+                dl = Download(os.path.getsize(tmp), file_md5(tmp), None, {})
+                md5[0] = _check_body(task, target, tmp, dl)  # the structure again; records the served box
             return dl
 
         try:

@@ -50,6 +50,8 @@ QC_BITS: tuple[QcBit, ...] = (
     QcBit(9, "SATURATED", "an aperture pixel carries OVERFLOW (bit 1) or BLOOM (bit 26)"),
     QcBit(10, "NO_PSF", "no usable PSF zone; aperture correction is NaN and flux NaN"),
     QcBit(11, "READ_ERROR", "the file could not be read or is not a SPHEREx L2 file; flux is NaN"),
+    QcBit(12, "GAIN_UNCORRECTED", "a QR2 image measured without the QR2 -> R7 gain correction the run asked for "
+          "(the product lacks this detector or the pixels); gain_factor 1.0"),
 )
 QC: dict[str, int] = {q.name: q.value for q in QC_BITS}
 

@@ -34,6 +34,7 @@ from spxframe.fits.hdu import by_name, read_rows, scan_fits
 from spxframe.photometry import gains as _gains
 from spxframe.planner import plan
 from spxframe.planner.cost import CostModel
+from spxframe.schema import QC
 
 KEY = ["obs_id", "detector", "source_id"]
 GAIN, WAVE = spherex.GAIN_FAMILY, spherex.WAVE_FAMILY
@@ -160,6 +161,11 @@ def test_rows_not_fetched_are_never_used(sky, tmp_path):
     bare = spxframe.measure(s["got"], s["cat"], cache_dir=sky["cache"]).sort(KEY)
     assert ph.select(KEY).equals(bare.select(KEY))
     assert (ph["gain_factor"] == 1.0).all() and (ph["wave_source"] == "wcs-wave").all()
+    qr2 = ph.join(s["obs"].filter(pl.col("release") == "qr2").select("obs_id", "detector").unique(),
+                  on=["obs_id", "detector"], how="semi")
+    uncorrected = (ph["qc"] & QC["GAIN_UNCORRECTED"]) != 0
+    assert uncorrected.sum() == qr2.height > 0  # said, not silent: every QR2 row carries the bit
+    assert ((bare["qc"] & QC["GAIN_UNCORRECTED"]) == 0).all()  # no correction asked for: no bit
     for c in ("flux", "flux_err", "wavelength", "bandwidth"):
         np.testing.assert_array_equal(ph[c].to_numpy(), bare[c].to_numpy(), err_msg=c)
     assert np.isnan(_gains.load(got[GAIN].paths[min(got[GAIN].paths)])[100:]).all()

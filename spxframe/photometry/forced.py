@@ -409,17 +409,18 @@ def _one_file(path: str, cat: dict[str, np.ndarray], ids: np.ndarray, cvec: np.n
         pidx, cidx, qcs = _psf_models(info, fd, xp, yp, st)
         stamps, cx, cy = _cut(fd, info, x, y, st.half)
         gf = np.ones(len(x))
-        if info.format == "qr2" and gain_files and info.detector in gain_files:  # never on R7 files
-            gf = _gains.apply(_gains.load(gain_files[info.detector]), stamps, x, y, info.x0, info.y0, st.half)
+        if info.format == "qr2" and gain_files:  # never on R7 files; NaN: asked for, not applied
+            gf = (_gains.apply(_gains.load(gain_files[info.detector]), stamps, x, y, info.x0, info.y0, st.half)
+                  if info.detector in gain_files else np.full(len(x), np.nan))
     finally:
         os.close(fd)
     for k in range(len(x)):
-        q = int(qcs[k])
+        q = int(qcs[k]) | (schema.QC["GAIN_UNCORRECTED"] if np.isnan(gf[k]) else 0)
         if (x[k] - r_ap < -0.5) or (x[k] + r_ap > nx - 0.5) or (y[k] - r_ap < -0.5) or (y[k] + r_ap > ny - 0.5):
             q |= schema.QC["APERTURE_EDGE"]
         st.rows.append(dict(base, source_id=ids[want[k]], x=x[k], y=y[k], ra=ra[k], dec=dec[k], sc=sc,
                             wavelength=wave[k], bandwidth=bw[k], pixel_area=area[k], qc=q, _sat=masks[2],
-                            gain_factor=gf[k], wave_source=wsrc,
+                            gain_factor=1.0 if np.isnan(gf[k]) else gf[k], wave_source=wsrc,
                             _k=st.add(stamps, k, cx[k], cy[k], int(pidx[k]), int(cidx[k]), masks)))
 
 

@@ -145,7 +145,8 @@ def apply(f: np.ndarray, stamps: list[np.ndarray], x: np.ndarray, y: np.ndarray,
     rounded file pixels ``x``, ``y`` with ``half``) in place: × f and × f² at each stamp pixel's
     parent position (file pixel + ``x0``, ``y0``). Returns f at each source's own pixel.
     A source whose stamp needs a factor ``f`` lacks (NaN: a partial product) where IMAGE or
-    VARIANCE has data is not corrected at all (× 1, factor 1.0); see the module docstring."""
+    VARIANCE has data is not corrected at all (× 1; its factor is returned as NaN); see the module
+    docstring."""
     n = f.shape[0]
     ix, iy = np.rint(x).astype(np.int64) + int(x0), np.rint(y).astype(np.int64) + int(y0)
     off = np.arange(-half, half + 1)
@@ -158,7 +159,7 @@ def apply(f: np.ndarray, stamps: list[np.ndarray], x: np.ndarray, y: np.ndarray,
         skip = (unknown & (np.isfinite(stamps[0]) | np.isfinite(stamps[1]))).any(axis=(1, 2)) | np.isnan(own)
         g[unknown] = 1.0
         g[skip] = 1.0
-        own[skip] = 1.0
+        own[skip] = np.nan  # the caller writes factor 1.0 and the GAIN_UNCORRECTED bit
         if skip.any():
             log.warning("%d measurement(s) left without the gain correction: the partial gain product lacks "
                         "factors they need (fetch them, or the whole product)", int(skip.sum()))

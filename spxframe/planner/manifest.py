@@ -49,7 +49,7 @@ from spxframe.catalog import normalize_catalog
 from spxframe.errors import InputError
 from spxframe.planner.cost import LAYOUT_ROUNDS, CostModel
 from spxframe.planner.rows import build_rows
-from spxframe.sizes import CutoutSize, measurement_size, parse_cutout_center, parse_cutout_size
+from spxframe.sizes import MEASUREMENT_R_OUT_PX, CutoutSize, measurement_size, parse_cutout_center, parse_cutout_size
 
 __all__ = ["plan", "Plan", "summarize"]
 
@@ -128,6 +128,7 @@ def plan(
     margin_px: float = 2.0,
     cost: CostModel | None = None,
     image_access: pl.DataFrame | None = None,
+    annulus_r_out: float = MEASUREMENT_R_OUT_PX,
 ) -> Plan:
     """Plan the transfers for every (source, obs_id, detector) pair; no network traffic.
 
@@ -143,13 +144,15 @@ def plan(
     URL; ``matches`` candidate (source_id, obs_id, detector) pairs; ``margin_px`` keep sources
     this far outside the edge;
     ``image_access`` (obs_id, detector, access) fixes the access of those images under ``auto``
-    (e.g. to keep the choices of an earlier plan).
+    (e.g. to keep the choices of an earlier plan; also a method: ``shared``, ``columns``, ``rows``);
+    ``annulus_r_out`` the outer background radius (px) the measurement's box must hold when
+    ``cutout_size`` is None (``measure()``'s default annulus is (5, 9) px).
     """
     cat = normalize_catalog(catalog)
     if access not in ("auto", "cutout", "range", "full"):
         raise InputError(f"access={access!r}: expected one of 'auto', 'cutout', 'range', 'full'")
     try:
-        size = measurement_size() if cutout_size is None else parse_cutout_size(cutout_size)
+        size = measurement_size(r_out=annulus_r_out) if cutout_size is None else parse_cutout_size(cutout_size)
         center = None if cutout_center is None else parse_cutout_center(cutout_center)
     except ValueError as exc:
         raise InputError(str(exc)) from None

@@ -42,7 +42,7 @@ def _lightcurves_parser(sub) -> None:
                                     "optional pmra, pmdec (mas/yr), ref_epoch (Julian year)")
     lc.add_argument("--cutout-size", default="200px", metavar="SIZE",
                     help="cutout size, IRSA grammar: '200px', '3arcmin', '0.1' (deg), '200,400px'; "
-                         "'full' for whole images")
+                         "'none' fetches only what the measurement needs (a 25 px box); 'full' whole images")
     lc.add_argument("--cutout-center", default=None, metavar="CENTER", help="custom centre 'ra,dec' (deg) or 'x,y px'")
     lc.add_argument("--out", default="spxframe_out",
                     help="output folder or fsspec URL, e.g. s3://bucket/run (rerun the same one to resume)")
@@ -137,12 +137,13 @@ def _lightcurves(a: argparse.Namespace) -> int:
     import spxframe
 
     size = None if str(a.cutout_size).lower() in ("full", "none") else a.cutout_size
+    access = "full" if str(a.cutout_size).lower() == "full" else a.access
     time = _split("--time", a.time, float)
     if time is not None and len(time) != 2:
         raise ValueError(f"--time {a.time!r}: expected 'start,end' in MJD")
     releases = _split("--releases", a.releases)
     phot = spxframe.lightcurves(a.catalog, size, cutout_center=a.cutout_center, bands=_split("--bands", a.bands),
-                                time=tuple(time) if time else None, access=a.access, output_dir=a.out,
+                                time=tuple(time) if time else None, access=access, output_dir=a.out,
                                 releases=[r.lower() for r in releases] if releases else None, refresh=a.refresh,
                                 gain_correction=not a.no_gain_correction,
                                 cache_dir=a.cache_dir, archive=a.archive, progress=not a.no_progress,

@@ -302,3 +302,20 @@ def test_output_dir_that_is_a_file_is_refused(cat, archive, tmp_path):
     with pytest.raises(InputError, match="output_dir"):
         spxframe.lightcurves(cat, "200px", archive=archive, output_dir=f, progress=False)
     assert archive.log == []
+
+
+@pytest.mark.slow
+def test_the_run_measures_its_link_and_the_next_plan_uses_it(run, cat, archive):
+    """The fetch's bytes/s and per-request time go to cache/link.json; the next plan of this cache
+    assumes that link (run.json says which), not the documented defaults."""
+    from spxframe.planner.cost import CostModel
+
+    out = run["out"]
+    measured = json.loads((out / "link.json").read_text())  # (a rerun that moved nothing keeps it)
+    assert measured["bytes"] > 20e6 and measured["bandwidth_Bps"] > 0 and measured["request_s"] > 0
+    assert (measured["bandwidth_Bps"], measured["request_s"]) != (CostModel().bandwidth_Bps, CostModel().request_s)
+    dry = out / "dry"
+    spxframe.lightcurves(cat.head(5), "200px", archive=archive, output_dir=dry, cache_dir=out, progress=False,
+                         dry_run=True)
+    assumed = json.loads((dry / "run.json").read_text())["parameters"]["link_assumed"]
+    assert assumed == {"bandwidth_Bps": measured["bandwidth_Bps"], "request_s": measured["request_s"]}

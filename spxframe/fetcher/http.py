@@ -9,6 +9,7 @@ Times are in seconds, sizes in bytes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import hashlib
 import logging
@@ -234,6 +235,19 @@ def call_with_retries(fn: Callable[[int], Any], *, policy: RetryPolicy, limiter:
 # --------------------------------------------------------------------------------------
 
 
+#: seconds of recent latency probes (single small range reads, time to a whole file's headers):
+#: the link's time per request
+REQUEST_SECONDS: collections.deque = collections.deque(maxlen=2000)
+LATENCY_PROBE_BYTES = 64 * 1024
+
+
+def request_seconds(min_samples: int = 5) -> float | None:
+    """Median seconds of the recent single small range reads in this process (header reads: their
+    time is the request's round trip, not the bytes), None with fewer than ``min_samples``."""
+    s = sorted(REQUEST_SECONDS)
+    return float(s[len(s) // 2]) if len(s) >= min_samples else None
+
+
 @dataclass
 class Download:
     nbytes: int
@@ -244,13 +258,19 @@ class Download:
 
 def stream_to_file(session: requests.Session, url: str, tmp: str, *, timeout: tuple[float, float],
                    stop: threading.Event, on_bytes: Callable[[int], None] | None = None,
-                   chunk: int = 1 << 20, headers: dict[str, str] | None = None) -> Download:
+                   chunk: int = 1 << 20, headers: dict[str, str] | None = None,
+                   latency_probe: bool = False) -> Download:
     """One streamed GET of ``url`` into ``tmp`` (truncated first). Checks the status and that
-    the body length equals Content-Length; raises :class:`TransferError`."""
+    the body length equals Content-Length; raises :class:`TransferError`. ``latency_probe``: the
+    time to the response headers is the link's round trip (a file, not a cutout the server
+    builds first) and joins :data:`REQUEST_SECONDS`."""
     h = hashlib.md5()
     n = 0
+    t0 = time.perf_counter()
     try:
         with session.get(url, stream=True, timeout=timeout, headers=headers) as r:
+            if latency_probe and r.status_code == 200:
+                REQUEST_SECONDS.append(time.perf_counter() - t0)
             if r.status_code >= 400:
                 body = ""
                 try:
@@ -408,7 +428,12 @@ class RangeClient:
             return await asyncio.gather(*(one(r) for r in ranges), return_exceptions=True)
 
         try:  # a batch must never hang a fetch: past the bound its ranges count as a transient failure
-            return sync(self.fs.loop, batch, timeout=BATCH_TIMEOUT_S)
+            t0 = time.perf_counter()
+            res = sync(self.fs.loop, batch, timeout=BATCH_TIMEOUT_S)
+            if len(ranges) == 1 and ranges[0][1] - ranges[0][0] <= LATENCY_PROBE_BYTES \
+                    and not isinstance(res[0], BaseException):
+                REQUEST_SECONDS.append(time.perf_counter() - t0)
+            return res
         except FSTimeoutError:
             log.warning("%s: %d range request(s) still unanswered after %.0f s; retrying", url, len(ranges),
                         BATCH_TIMEOUT_S)

@@ -61,6 +61,7 @@ class Task:
     size: int | None = None
     md5: str | None = None
     need_psf: bool = False
+    max_gap: int | None = None  # range: byte ranges closer than this are read as one (None: fetch's max_gap)
     # results
     bytes: int = 0
     attempts: int = 0
@@ -84,7 +85,8 @@ class Task:
     def part(self, targets: list[Target]) -> Task:
         """A new transfer of the same URL for some of its targets (no results yet)."""
         return Task(self.access, self.url, self.obs_id, self.detector, list(targets), psf_key=self.psf_key,
-                    size=self.size, md5=self.md5, need_psf=self.need_psf, counted=self.counted)
+                    size=self.size, md5=self.md5, need_psf=self.need_psf, max_gap=self.max_gap,
+                    counted=self.counted)
 
 
 # --------------------------------------------------------------------------------------
@@ -359,7 +361,8 @@ def make_tasks(out: Outcome, cache: CacheDir, *, recenter: bool) -> list[Task]:
                 psf_key = r.get("psf_key") or (spherex.psf_key(f.url, f.detector) if f.access == "range" else None)
                 t = tasks[(f.access, f.url)] = Task(f.access, f.url, str(r["obs_id"]), f.detector, [],
                                                     psf_key=psf_key, size=_as_int(r.get("_size")),
-                                                    md5=(r.get("_md5") or None))
+                                                    md5=(r.get("_md5") or None),
+                                                    max_gap=_as_int(r.get("max_gap")) if f.access == "range" else None)
             request: dict[str, Any] = {"access": f.access, "url": f.url}
             if f.box is not None and f.access != "full":
                 request["box"] = [f.box.x0, f.box.y0, f.box.nx, f.box.ny]

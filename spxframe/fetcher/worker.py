@@ -216,7 +216,7 @@ class Worker:
         def attempt(n: int) -> Download:
             try:
                 dl = stream_to_file(self.session, url, tmp, timeout=self.timeout, stop=self.stop,
-                                    on_bytes=on_bytes, headers=self.headers)
+                                    on_bytes=on_bytes, headers=self.headers, latency_probe=task.access == "full")
                 md5[0] = _check_body(task, target, tmp, dl)
             except TransferError as e:  # an R7 cutout body that ends inside its EPSF table: complete it
                 if e.status is not None or not os.path.exists(tmp) or not salvage_r7_cutout(self.cache, task, tmp):
@@ -270,7 +270,8 @@ class Worker:
             self._layout_guess[task.psf_key] = {h.extname: h.header_size // BLOCK for h in layout[2:]}
         if not boxes:
             boxes.update(_resolved(task, rf, layout))
-        store = rf.read_boxes(layout, list(boxes.values()), max_gap=self.max_gap)
+        store = rf.read_boxes(layout, list(boxes.values()),
+                              max_gap=self.max_gap if task.max_gap is None else task.max_gap)
         lib = next((h for h in layout if h.extname in ("PSF", EPSF)), None)
         psf_rel = psf_name(task.psf_key) if task.psf_key else None
         if psf_rel is not None and lib is not None:

@@ -15,6 +15,7 @@ import polars as pl
 
 from spxframe import schema
 from spxframe.fetcher import CacheDir, fetch
+from spxframe.fetcher.http import request_seconds
 from spxframe.photometry import measure
 from spxframe.run.outputs import part_paths
 from spxframe.store import Store
@@ -128,7 +129,7 @@ def run_cell(task: CellTask) -> dict:
         "measured": int(phot.get_column("flux").is_not_nan().sum()) if phot.height else 0,
         "failed_transfers": n_failed, "cloud_fallback_rows": _cloud_fallbacks(task.manifest, fetched),
         "bytes": int(fetched.select(pl.col("bytes").fill_null(0).sum()).item() or 0),
-        "seconds_fetch": t1 - t0, "seconds_measure": t2 - t1,
+        "seconds_fetch": t1 - t0, "seconds_measure": t2 - t1, "request_s": request_seconds(),
         "plan_hash": task.plan_hash, "measure_hash": task.measure_hash,
         "complete": n_failed == 0, "plan": task.plan_summary, "parts_version": PARTS_VERSION,
     }

@@ -48,6 +48,7 @@ from spxframe.fetcher import CacheDir
 from spxframe.fetcher.calib import fetch_products
 from spxframe.fits import flagbits
 from spxframe.planner import plan as make_plan
+from spxframe.planner.cost import load_link, record_link
 from spxframe.planner.manifest import Plan, summarize
 from spxframe.progress import bar as progress_bar
 from spxframe.run import preview
@@ -84,7 +85,9 @@ def _catalog_hash(cat: pl.DataFrame) -> str:
 
 
 def _rows_hash(manifest: pl.DataFrame) -> str:
-    h = manifest.select("obs_id", "detector", pl.col("source_id").cast(pl.Utf8), "request_id").hash_rows(seed=0).sort()
+    """The planned (source, observation, detector) rows; not how they are fetched, which follows
+    the measured link and may change between runs without making a finished cell stale."""
+    h = manifest.select("obs_id", "detector", pl.col("source_id").cast(pl.Utf8)).hash_rows(seed=0).sort()
     return hashlib.sha256(h.to_numpy().tobytes()).hexdigest()[:16]
 
 
@@ -299,8 +302,10 @@ def lightcurves(
     timings["observations"] = _time.perf_counter() - t0
 
     t0 = _time.perf_counter()  # the catalog is planned once; each cell takes its slice
+    link = load_link(opts.cache.root)  # the link an earlier run into this cache measured, else the defaults
     the_plan = make_plan(cat, obs, cutout_size=opts.size, cutout_center=cutout_center, access=access,
-                         archive=resolve_archive(archive))
+                         archive=resolve_archive(archive), cost=link,
+                         annulus_r_out=float(opts.measure_options.get("annulus", (5.0, 9.0))[1]))
     timings["plan"] = _time.perf_counter() - t0
     expected = preview.totals(the_plan.manifest, the_plan.summary)
     log.info("%s", preview.report(expected))
@@ -310,7 +315,8 @@ def lightcurves(
         releases=opts.query["releases"], releases_used=_releases_used(obs), gain_correction=bool(gain_correction),
         access=access, archive=_archive_name(archive), aperture_radius=aperture_radius, bad_bits=bad_bits,
         cell_order=cell_order, dask=client is not None, observations_reused=reused, cache_dir=opts.cache.root,
-        dry_run=bool(dry_run), observations_query=query_report)
+        dry_run=bool(dry_run), observations_query=query_report,
+        link_assumed={"bandwidth_Bps": link.bandwidth_Bps, "request_s": link.request_s})
     if dry_run:
         the_plan.totals = expected
         write_dry_run_json(opts.store, parameters=parameters, expected=expected, timings=timings)
@@ -332,6 +338,11 @@ def lightcurves(
     timings["fetch_measure"] = _time.perf_counter() - t0
     for k in ("fetch", "measure"):
         timings[f"cells_{k}_s"] = sum(x.get(f"seconds_{k}", 0.0) for x in summaries)
+    if client is None:  # cells ran one after another here: their bytes over their fetch time is the link
+        rtt = [x["request_s"] for x in summaries if x.get("request_s")]
+        parameters["link_measured"] = record_link(opts.cache.root, nbytes=sum(x.get("bytes", 0) for x in summaries),
+                                                  seconds=timings["cells_fetch_s"],
+                                                  request_s=float(np.median(rtt)) if rtt else None)
 
     t0 = _time.perf_counter()  # merge parts into the final tables (streaming, one cell at a time)
     counts, sizes = merge(opts.store, cat, cat.schema["source_id"], cells)
@@ -365,7 +376,6 @@ def _calibration(obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptions, ar
     cost model of the cache's measured link (or the defaults) prefers: ``fetch_products(need=...)``."""
     from spxframe.fetcher.calib_ranges import rows_needed
     from spxframe.photometry.wave import WAVE_FAMILY, WAVE_RELEASE
-    from spxframe.planner.cost import load_link
 
     if not gain_correction or not manifest.height or "release" not in obs.columns:
         return []

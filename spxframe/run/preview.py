@@ -4,7 +4,8 @@ requests by method, bytes to move, the expected time and the disk space the cach
 :func:`lightcurves` logs :func:`report` after planning; with ``dry_run=True`` it stops there and
 writes only ``run.json`` (:func:`dry_run_record`). Bytes are the plan's predictions (exact for QR2
 files, estimates for QR3's compressed FLAGS); seconds come from the plan's cost model (the link
-it assumed or measured), as one transfer at a time — concurrency makes the real run faster.
+an earlier run into the same cache measured, else the documented defaults), allowing for the
+fetcher's concurrency.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ import polars as pl
 from spxframe.errors import InputError
 from spxframe.fetcher import claims
 from spxframe.fetcher.cache import CacheDir
-from spxframe.fetcher.http import CUTOUT_START, USER_AGENT, Limiters, RetryPolicy, default_session, http_fs
+from spxframe.fetcher.cloudfs import http_fs
+from spxframe.fetcher.http import CUTOUT_START, USER_AGENT, Limiters, RetryPolicy, default_session
 from spxframe.fetcher.tasks import Outcome, Task, make_tasks, manifest_frame, still_to_fetch, with_archive_info
 from spxframe.fetcher.worker import Worker
 from spxframe.progress import bar as progress_bar

@@ -473,17 +473,3 @@ def default_session(user_agent: str, pool: int) -> requests.Session:
     s.mount("https://", ad)
     s.headers["User-Agent"] = user_agent
     return s
-
-
-def http_fs(storage_options: dict[str, Any] | None, connect_s: float, read_s: float) -> Any:
-    """``fsspec.filesystem('http')`` with our User-Agent and timeouts as overridable defaults."""
-    import aiohttp
-    import fsspec
-
-    so = dict(storage_options or {})
-    headers = {"User-Agent": USER_AGENT}
-    headers.update(so.pop("headers", None) or {})
-    ck = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)}
-    ck.update(so.pop("client_kwargs", None) or {})
-    so.setdefault("skip_instance_cache", True)
-    return fsspec.filesystem("http", headers=headers, client_kwargs=ck, **so)

@@ -17,9 +17,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/spxframe demo
 
-# two pytest workers (pytest-xdist): the simulated archive and the client share the 2 cores better
+# three pytest workers (pytest-xdist) on 2 cores: much of a test is waiting on the simulated archive (latency, links)
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 3 tests
 
 # the inner loop while editing: everything but the end-to-end runs (under 2 minutes)
 test-fast: $(STAMP)

@@ -191,6 +191,9 @@ def test_planned_whole_files_come_from_the_cloud_copy(lag_arc, tmp_path):
     u = lag_arc.universe
     cat = _catalog(u, 1)
     obs = observations(cat, archive=lag_arc, bands=["D1"])
+    lag = pl.Series([k in _lagging(u) for k in obs["cloud_key"].to_list()])
+    obs = pl.concat([obs.filter(lag).head(2), obs.filter(~lag).head(2)])  # whole files are big: four
+    assert obs.height == 4
     man = plan(cat, obs, access="full", archive=lag_arc).manifest
     assert man.height > 0 and man["url"].str.starts_with(lag_arc.cloud_url + "/").all()
     lag_arc.clear_log()

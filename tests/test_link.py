@@ -103,18 +103,18 @@ def test_none_measures_as_well_as_a_big_box(universe, archive, few, tmp_path):
     """The 25-px measurement boxes (box columns, then full-width rows) give the fluxes of 64-px
     boxes of the same images, and those match the simulated truth."""
     cat, obs = few
-    obs = obs.sort("obs_id", "detector").head(40)
+    obs = obs.sort("obs_id", "detector").head(24)
     small = plan(cat, obs, cutout_size=None, archive=archive, cost=SLOW).manifest
     assert (small["max_gap"] == 0).all() and (small.filter(~pl.col("clipped"))["box_nx"] == 25).all()
     ref = _measure(universe, cat, plan(cat, obs, cutout_size="64px", access="range", archive=archive).manifest,
                    tmp_path / "big", 128 * 1024)
     for gap, where in ((0, "cols"), (8160, "rows")):
         got = _measure(universe, cat, small, tmp_path / where, gap)
-        assert got.height == ref.height > 30
+        assert got.height == ref.height > 18
         keep = ~QC["CUTOUT_CLIPPED"]  # a 64-px box reaches a detector edge sooner than a 25-px one
         assert ((got["qc"] & keep) == (ref["qc"] & keep)).all()
         ok = ref["flux"].is_not_nan().to_numpy()
-        assert ok.sum() > 20
+        assert ok.sum() > 12
         np.testing.assert_allclose(got["flux"].to_numpy()[ok], ref["flux"].to_numpy()[ok], rtol=1e-6)
     true = universe.truth_flux(ref["source_id"].to_numpy(), ref["wavelength"].to_numpy(), ref["mjd"].to_numpy())
     f, e = ref["flux"].to_numpy()[ok], ref["flux_err"].to_numpy()[ok]

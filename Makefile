@@ -23,7 +23,7 @@ test: $(STAMP) lint
 
 # the inner loop while editing: everything but the end-to-end runs (under 2 minutes)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 3 -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check spxframe tests benchmarks

@@ -99,6 +99,7 @@ def _measure(universe, cat, m, cache, max_gap):
     return spxframe.measure(files, cat, cache_dir=cache).sort("source_id", "obs_id", "detector")
 
 
+@pytest.mark.slow
 def test_none_measures_as_well_as_a_big_box(universe, archive, few, tmp_path):
     """The 25-px measurement boxes (box columns, then full-width rows) give the fluxes of 64-px
     boxes of the same images, and those match the simulated truth."""

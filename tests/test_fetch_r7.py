@@ -16,11 +16,11 @@ import numpy as np
 import polars as pl
 import pytest
 from accuracy import accuracy
+from test_fetch_dedup import _rows  # manifest rows: one box per observation and offset
 
 import spxframe
 from spxframe import schema, spherex
 from spxframe.fetcher import CacheDir
-from spxframe.fetcher import ranges as R
 from spxframe.fits.hdu import required_hdus, scan_fits
 from spxframe.planner import plan
 
@@ -52,27 +52,6 @@ def arc(sky):
 def _qr3(universe, n: int, dets=(1, 2)) -> list[dict]:
     o = universe.observations.filter((pl.col("release") == "qr3") & pl.col("cloud_available"))
     return pl.concat([o.filter(pl.col("detector") == d).head(n) for d in dets]).to_dicts()
-
-
-def _rows(arc, obs: list[dict], access: str, *, size_px: int, offsets=((0.0, 0.0),), source0: int = 0) -> list[dict]:
-    """Manifest rows: one box per observation and offset (deg) from the field centre."""
-    u = arc.universe
-    rows, k = [], source0
-    for o in obs:
-        for dra, ddec in offsets:
-            ra = o["s_ra"] + dra / max(np.cos(np.radians(o["s_dec"])), 0.1)
-            dec = o["s_dec"] + ddec
-            center, size = f"{ra:.7f},{dec:.7f}", f"{size_px}px"
-            box = R.Box(*u.cutout_box(o["cloud_key"], center, size))
-            url = (f"{arc.url}/{o['uri']}?center={center}&size={size}&gzip=false" if access == "cutout"
-                   else f"{arc.cloud_url}/{o['cloud_key']}")
-            rows.append(dict(source_id=str(k), obs_id=o["obs_id"], detector=int(o["detector"]),
-                             band=f"D{int(o['detector'])}", ra=ra, dec=dec, access=access,
-                             request_id=f"{o['obs_id']}D{o['detector']}:{access}:{k if access == 'cutout' else ''}",
-                             url=url, ranges="", box_x0=box.x0, box_y0=box.y0, box_nx=box.nx, box_ny=box.ny,
-                             clipped=False, psf_key=o.get("psf_key"), status="planned"))
-            k += 1
-    return rows
 
 
 def _fetch(rows: list[dict], cache) -> pl.DataFrame:

@@ -109,14 +109,26 @@ def file_key(path: str) -> tuple:
     return (path, os.stat(path).st_mtime_ns, side)
 
 
+def per_file(cache: dict, path: str, read):
+    """``read(path)``, cached in ``cache`` per process for as long as the file and its rows
+    sidecar are unchanged (:func:`file_key`)."""
+    key = file_key(path)
+    with _LOCK:
+        got = cache.get(key)
+    if got is None:
+        got = read(path)
+        with _LOCK:
+            cache[key] = got
+    return got
+
+
 def load(path: str) -> np.ndarray:
     """The factor map of a product file (float32, native order), cached per process; NaN at the
     rows a partial product lacks."""
-    key = file_key(path)
-    with _LOCK:
-        got = _MAPS.get(key)
-    if got is not None:
-        return got
+    return per_file(_MAPS, path, _read_map)
+
+
+def _read_map(path: str) -> np.ndarray:
     fd = os.open(path, os.O_RDONLY)
     try:
         hdus = scan(fd, path=path)
@@ -134,8 +146,6 @@ def load(path: str) -> np.ndarray:
                 f[a:b] = _clean(read_rows(fd, h, a, b).astype(np.float32))
     finally:
         os.close(fd)
-    with _LOCK:
-        _MAPS[key] = f
     return f
 
 

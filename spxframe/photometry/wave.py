@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import numpy as np
 
@@ -43,7 +42,6 @@ WAVE_RELEASE: str = spherex.WAVE_RELEASE  #: the release whose maps serve every 
 
 _TABLES: dict[bytes, mef.WaveTable] = {}  #: WCS-WAVE tables by content (one parse per process)
 _MAPS: dict[tuple, tuple[int, int, int]] = {}  #: (path, mtimes) -> CWAVE, CBAND offsets, width
-_LOCK = threading.Lock()
 log = logging.getLogger("spxframe.photometry")
 
 
@@ -54,11 +52,10 @@ def resolve(calibration) -> dict[int, str]:
 
 def _map_layout(path: str) -> tuple[int, int, int]:
     """(data offset of CWAVE, of CBAND, row length in pixels) of a product file, cached per process."""
-    key = _gains.file_key(path)
-    with _LOCK:
-        got = _MAPS.get(key)
-    if got is not None:
-        return got
+    return _gains.per_file(_MAPS, path, _read_layout)
+
+
+def _read_layout(path: str) -> tuple[int, int, int]:
     fd = os.open(path, os.O_RDONLY)
     try:
         named = by_name(scan(fd, path=path))
@@ -69,10 +66,7 @@ def _map_layout(path: str) -> tuple[int, int, int]:
         raise FileFormatError(f"{path}: no float32 {' and '.join(WAVE_HDUS)} images")
     if hdus[0].shape != hdus[1].shape:
         raise FileFormatError(f"{path}: {WAVE_HDUS[0]} and {WAVE_HDUS[1]} differ in shape")
-    got = (hdus[0].data_offset, hdus[1].data_offset, hdus[0].shape[1])
-    with _LOCK:
-        _MAPS[key] = got
-    return got
+    return hdus[0].data_offset, hdus[1].data_offset, hdus[0].shape[1]
 
 
 def covered(path: str, yp: np.ndarray) -> bool:

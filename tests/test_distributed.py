@@ -56,24 +56,65 @@ def test_threads_cluster_matches_local(archive, catalog, local_run, tmp_path, wh
 
 
 def _dies_once_mid_cell(task):
-    """Run the cell, but the first attempt's worker process dies while the cell is running."""
+    """Run the cell, but the first attempt's worker process dies while the cell is running.
+
+    The death comes at least 3 s into the worker process's life: a worker that dies within its
+    first second can leave a LocalCluster's nanny without any worker (a race in
+    ``distributed.nanny``, seen as a run waiting forever on a cluster with no workers)."""
+    import psutil
+
     sentinel = os.path.join(task.output_dir, f"died-{task.cell}")
     if not os.path.exists(sentinel):
         open(sentinel, "w").close()
+        time.sleep(max(0.0, 3.0 - (time.time() - psutil.Process().create_time())))
         threading.Timer(0.2, lambda: os._exit(17)).start()
         run_cell(task)
         time.sleep(5)  # the timer fires before we return
     return run_cell(task)
 
 
-def test_worker_death_is_retried_and_rows_are_unique(archive, catalog, local_run, tmp_path):
+def test_worker_death_is_retried_and_rows_are_unique(archive, catalog, local_run, tmp_path, caplog):
+    """Each cell's first worker dies mid-cell. With the scheduler told to give up on a task at
+    its first worker death (``KilledWorker``), the driver submits the cell again: nothing is
+    lost and no row is doubled."""
     import cloudpickle
+    import dask
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    # one task per worker at a time, so a death hits only the cell that caused it
+    config = {"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}
+    with dask.config.set(config), caplog.at_level("WARNING", logger="spxframe"), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                     dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         phot = spxframe.lightcurves(catalog, "200px", archive=archive, output_dir=tmp_path, progress=False,
                                     plots=0, cell_order=10, client=client, _cell_func=_dies_once_mid_cell)
-    assert list(tmp_path.glob("died-*"))  # workers really died
+    died = list(tmp_path.glob("died-*"))
+    assert died  # workers really died
+    again = [r for r in caplog.records if "submitting it again" in r.getMessage()]
+    assert len(again) == len(died)  # each killed cell went back to the cluster once
     assert phot.select("source_id", "obs_id", "detector").is_unique().all()
     assert _sorted(phot).equals(_sorted(local_run))
+
+
+def _summary(task):
+    return {"cell": task.cell}
+
+
+def test_a_cluster_without_workers_is_reported_and_the_run_goes_on_when_one_joins(caplog):
+    """No worker for ``idle_warn_s``: one warning in the log; the cells run once a worker joins."""
+    from types import SimpleNamespace
+
+    from spxframe.run.cluster import run_cells_dask
+
+    tasks = [SimpleNamespace(cell=c, plan_hash="p", measure_hash="m") for c in (3, 1, 2)]
+    with caplog.at_level("WARNING", logger="spxframe"), \
+            distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        def join_after_the_warning():
+            while not any("no Dask worker" in r.getMessage() for r in caplog.records):
+                time.sleep(0.2)
+            cluster.scale(1)
+        threading.Thread(target=join_after_the_warning, daemon=True).start()
+        summaries = run_cells_dask(client, tasks, progress=False, func=_summary, idle_warn_s=1.0)
+    assert [s["cell"] for s in summaries] == [1, 2, 3]
+    assert sum("no Dask worker" in r.getMessage() for r in caplog.records) == 1

@@ -98,9 +98,14 @@ def test_r7_range_cutouts_equal_the_ibe_cutouts(arc, tmp_path):
             assert A[0].header == B[0].header
             stub = B["EPSF"].header
             assert stub["NAXIS2"] == 0 and stub["EPSFFILE"] == f"psf/{r['psf_key']}.fits"
-            with _fits(str(tmp_path / "rng" / stub["EPSFFILE"])) as lib:
-                assert lib["EPSF"].data.tobytes() == A["EPSF"].data.tobytes()
-                assert lib["EPSF"].header == A["EPSF"].header
+            # the IBE side holds the table itself, or (a later cutout of the detector, its stream
+            # closed after ZODI) the same stub and a library kept from a whole IBE cutout
+            with _fits(str(tmp_path / "rng" / stub["EPSFFILE"])) as lib, \
+                    _fits(str(tmp_path / "ibe" / stub["EPSFFILE"])) as ibe_lib:
+                ibe_epsf = A["EPSF"] if A["EPSF"].header["NAXIS2"] else ibe_lib["EPSF"]
+                assert A["EPSF"].header["NAXIS2"] or A["EPSF"].header["EPSFFILE"] == stub["EPSFFILE"]
+                assert lib["EPSF"].data.tobytes() == ibe_epsf.data.tobytes()
+                assert lib["EPSF"].header == ibe_epsf.header
 
 
 def test_epsf_library_fetched_once_per_detector(arc, tmp_path):
@@ -253,3 +258,31 @@ def test_fetch_completes_cutouts_whose_stream_ends_inside_the_epsf_table(arc, tm
     b = spxframe.measure(got["path"].to_list(), cat, cache_dir=tmp_path / "cut").sort("source_id", "obs_id")
     assert a.height > 0 and a["source_id"].to_list() == b["source_id"].to_list()
     np.testing.assert_array_equal(a["flux"].to_numpy(), b["flux"].to_numpy())
+
+
+def test_r7_cutouts_stop_after_zodi_once_the_epsf_library_is_cached(arc, tmp_path):
+    """The EPSF table (~3.9 MB) is the same in every R7 cutout of a detector and version: once
+    one whole cutout has left it in the cache, later cutout streams are closed after ZODI and
+    completed from the library. Bytes fall several-fold, no request is repeated, and fluxes equal
+    those of whole cutouts fetched one by one."""
+    u = arc.universe
+    rows = _rows(arc, _qr3(u, 6, dets=(2,)), "cutout", size_px=64)
+    whole = [_fetch([r], tmp_path / f"whole{i}") for i, r in enumerate(rows)]  # each alone: no library
+    arc.clear_log()
+    first = _fetch(rows[:1], tmp_path / "one")  # whole: it leaves the detector's library in the cache
+    rest = _fetch(rows[1:], tmp_path / "one")
+    got = pl.concat([first, rest])
+    assert len([e for e in arc.log if e.get("endpoint") == "ibe_cutout"]) == len(rows)  # none fetched twice
+    per_whole = sum(int(w["bytes"].sum()) for w in whole) / len(rows)
+    assert per_whole > EPSF_MIN_BYTES and first["bytes"].sum() > EPSF_MIN_BYTES
+    assert (rest["bytes"] < per_whole / 10).all(), rest["bytes"].to_list()
+    for p in got["path"]:
+        names = [h.name for h in scan_fits(p)]
+        assert names == ["PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "EPSF", "WCS-WAVE"], names
+    cat = u.catalog()
+    a = pl.concat([spxframe.measure(w["path"].to_list(), cat, cache_dir=tmp_path / f"whole{i}")
+                   for i, w in enumerate(whole)]).sort("source_id", "obs_id")
+    b = spxframe.measure(got["path"].to_list(), cat, cache_dir=tmp_path / "one").sort("source_id", "obs_id")
+    assert a.height > 0 and a.select("source_id", "obs_id").equals(b.select("source_id", "obs_id"))
+    np.testing.assert_array_equal(a["flux"].to_numpy(), b["flux"].to_numpy())
+    np.testing.assert_array_equal(a["wavelength"].to_numpy(), b["wavelength"].to_numpy())

@@ -254,18 +254,26 @@ class Download:
     md5: str
     content_length: int | None
     headers: dict[str, str]
+    complete: bool = True  #: False when ``enough`` stopped the stream before its end
 
 
 def stream_to_file(session: requests.Session, url: str, tmp: str, *, timeout: tuple[float, float],
                    stop: threading.Event, on_bytes: Callable[[int], None] | None = None,
                    chunk: int = 1 << 20, headers: dict[str, str] | None = None,
-                   latency_probe: bool = False) -> Download:
+                   latency_probe: bool = False,
+                   enough: Callable[[bytearray], bool | None] | None = None) -> Download:
     """One streamed GET of ``url`` into ``tmp`` (truncated first). Checks the status and that
     the body length equals Content-Length; raises :class:`TransferError`. ``latency_probe``: the
     time to the response headers is the link's round trip (a file, not a cutout the server
-    builds first) and joins :data:`REQUEST_SECONDS`."""
+    builds first) and joins :data:`REQUEST_SECONDS`. ``enough``: called with the body so far
+    after each 64 KiB; once it answers True the connection is closed and the rest never
+    travels (the :class:`Download` is then not ``complete``; the caller completes the file);
+    None means never (it is not asked again)."""
     h = hashlib.md5()
     n = 0
+    head = bytearray() if enough is not None else None
+    if enough is not None:
+        chunk = min(chunk, 1 << 16)
     t0 = time.perf_counter()
     try:
         with session.get(url, stream=True, timeout=timeout, headers=headers) as r:
@@ -294,6 +302,13 @@ def stream_to_file(session: requests.Session, url: str, tmp: str, *, timeout: tu
                     n += len(block)
                     if on_bytes is not None:
                         on_bytes(len(block))
+                    if head is not None:
+                        head += block
+                        stop_here = enough(head)  # type: ignore[misc]
+                        if stop_here:
+                            return Download(n, h.hexdigest(), clen, dict(r.headers), complete=False)
+                        if stop_here is None:
+                            head = None
             if clen is not None and n != clen:
                 raise TransferError(f"short body from {url}: {n} of {clen} bytes", transient=True)
             return Download(n, h.hexdigest(), clen, dict(r.headers))

@@ -166,6 +166,23 @@ def complete_hdus(data: bytes) -> list[HDU]:
     return out
 
 
+#: the HDUs of an R7 cutout that carry its pixels, in file order; the rest (EPSF, WCS-WAVE) is per
+#: detector and version and comes from the cached library (:func:`salvage_cutout`)
+PIXEL_HDUS = ("PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI")
+
+
+def through_zodi(data: bytes | bytearray) -> bool | None:
+    """Whether the start of an L2 file or cutout stream holds a whole PRIMARY..ZODI of an R7
+    file (its end may then be dropped: :func:`salvage_cutout`): True; False while not yet; None
+    once it shows it is not an R7 body (FLAGS not tile-compressed, or other HDUs)."""
+    got = complete_hdus(data)[:len(PIXEL_HDUS)]
+    if tuple(h.name for h in got) != PIXEL_HDUS[:len(got)]:
+        return None
+    if len(got) >= 3 and not got[2].header.get("ZIMAGE", False):
+        return None
+    return len(got) == len(PIXEL_HDUS)
+
+
 def salvage_cutout(data: bytes, library: bytes, *, epsffile: str) -> bytes | None:
     """A complete local R7 cutout from an IBE cutout stream closed after ZODI (inside or before
     the EPSF table, spec §3.9: the service ignores Range, so closing is the only way to stop it):
@@ -178,7 +195,7 @@ def salvage_cutout(data: bytes, library: bytes, *, epsffile: str) -> bytes | Non
     L2 spectral WCS is a per-detector calibration of the processing version; UNCONFIRMED, spec
     §8); with the ``spectral_wcs`` product in use the maps decide anyway."""
     got = complete_hdus(data)
-    if [h.name for h in got[:5]] != ["PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI"]:
+    if tuple(h.name for h in got[:len(PIXEL_HDUS)]) != PIXEL_HDUS:
         return None
     lib = {h.name: h for h in complete_hdus(library)}
     ep, wave = lib.get(EPSF), lib.get("WCS-WAVE")

@@ -41,6 +41,7 @@ from spxframe.fetcher.ranges_r7 import (
     flags_image,
     library_from_file,
     salvage_cutout,
+    through_zodi,
 )
 from spxframe.fetcher.tasks import CLOUD_MISSES, CLOUD_MISSING_STATUS, Target, Task, ibe_fallback, ibe_url_of
 from spxframe.fits.hdu import HDU, scan_fits
@@ -213,10 +214,19 @@ class Worker:
         tmp = tmp_name(target.path)
         md5: list[str | None] = [None]
 
+        whole = [False]  # set once a stream stopped after ZODI could not be completed
+
         def attempt(n: int) -> Download:
             try:
                 dl = stream_to_file(self.session, url, tmp, timeout=self.timeout, stop=self.stop,
-                                    on_bytes=on_bytes, headers=self.headers, latency_probe=task.access == "full")
+                                    on_bytes=on_bytes, headers=self.headers, latency_probe=task.access == "full",
+                                    enough=None if whole[0] else stop_after_zodi(self.cache, task))
+                if not dl.complete:  # we closed it after ZODI: the cached library completes it
+                    if not salvage_r7_cutout(self.cache, task, tmp):
+                        whole[0] = True
+                        raise TransferError(f"{url}: cutout stopped after ZODI could not be completed from "
+                                            "the ePSF library; fetching it whole", transient=True)
+                    dl = Download(os.path.getsize(tmp), file_md5(tmp), None, {})
                 md5[0] = _check_body(task, target, tmp, dl)
             except TransferError as e:  # an R7 cutout body that ends inside its EPSF table: complete it
                 if e.status is not None or not os.path.exists(tmp) or not salvage_r7_cutout(self.cache, task, tmp):
@@ -336,6 +346,28 @@ def _resolved(task: Task, rf: RangeFile, layout: list[HDU]) -> dict[str, Box]:
     return out
 
 
+def stop_after_zodi(cache: CacheDir, task: Task) -> Callable[[bytearray], bool | None] | None:
+    """For a cutout task: the ``enough`` of :func:`~spxframe.fetcher.http.stream_to_file` that
+    closes an R7 cutout stream once PRIMARY..ZODI arrived, if by then its detector and version
+    have a cached ePSF library (another cutout may have kept it while this one streamed). The EPSF
+    table (~3.9 MB) then never travels; :func:`salvage_r7_cutout` completes the file."""
+    if task.access != "cutout" or not task.psf_key:
+        return None
+
+    def enough(body: bytearray) -> bool | None:
+        at = through_zodi(body)
+        return r7_library_cached(cache, task) if at else at
+    return enough
+
+
+def r7_library_cached(cache: CacheDir, task: Task) -> bool:
+    """Whether ``task`` is an R7 cutout whose detector and version have a verified ePSF library in
+    the cache: then its stream is closed once PRIMARY..ZODI arrived (the EPSF table, ~3.9 MB, is
+    never sent again) and :func:`salvage_r7_cutout` completes the file."""
+    return task.access == "cutout" and bool(task.psf_key) and \
+        cache.is_verified(cache.path(psf_name(task.psf_key)), required=EPSF_HDUS, cheap=True)
+
+
 def salvage_r7_cutout(cache: CacheDir, task: Task, tmp: str) -> bool:
     """An R7 IBE cutout body in ``tmp`` whose stream closed after ZODI (inside the EPSF table; the
     server stopped early, or the client stopped it because the ePSF is cached): rewritten in
@@ -344,12 +376,10 @@ def salvage_r7_cutout(cache: CacheDir, task: Task, tmp: str) -> bool:
     detector and version (:func:`spxframe.fetcher.ranges_r7.salvage_cutout`). False (nothing
     changed: the caller retries) when the task is not an R7 cutout with a cached library or the
     body lacks a whole PRIMARY..ZODI."""
-    if task.access != "cutout" or not task.psf_key:
+    if not r7_library_cached(cache, task):
         return False
     rel = psf_name(task.psf_key)
     lib = cache.path(rel)
-    if not cache.is_verified(lib, required=EPSF_HDUS, cheap=True):
-        return False
     with open(tmp, "rb") as f:
         data = f.read()
     with open(lib, "rb") as f:

@@ -167,16 +167,19 @@ def record_link(cache_dir: str | os.PathLike, *, nbytes: int, seconds: float, re
     return rec
 
 
-def cutout_bytes(nx, ny, r7=False):
+def cutout_bytes(nx, ny, r7=False, epsf_share=1.0):
     """Size in bytes of an IBE cutout of nx × ny pixels: QR2 (spec §3.8) four uncompressed planes
     and the PSF cube; R7 (``r7`` True, per element) three planes, FLAGS compressed (an estimate,
-    :data:`spxframe.spherex.R7_FLAGS_ROW_BYTES_EST` per full row scaled to the width) and the
-    EPSF table (:data:`spxframe.spherex.R7_EPSF_BYTES_EST`)."""
+    :data:`spxframe.spherex.R7_FLAGS_ROW_BYTES_EST` per full row scaled to the width) and
+    ``epsf_share`` of the EPSF table (:data:`spxframe.spherex.R7_EPSF_BYTES_EST`): the fetch
+    closes an R7 cutout stream after ZODI once the detector's ePSF library is cached, so among
+    n cutouts of one detector and version each carries about 1/n of it."""
     nx, ny = np.asarray(nx, np.int64), np.asarray(ny, np.int64)
     plane = (-(-4 * nx * ny // BLOCK)) * BLOCK
     qr2 = CUTOUT_HEADER_BYTES + 4 * plane + PSF_BYTES + BLOCK
     flags = (-(-(ny * (16 + spherex.R7_FLAGS_ROW_BYTES_EST * nx // NPIX)) // BLOCK)) * BLOCK
-    r7b = CUTOUT_HEADER_BYTES + 3 * plane + flags + spherex.R7_EPSF_BYTES_EST + BLOCK
+    epsf = np.rint(spherex.R7_EPSF_BYTES_EST * np.asarray(epsf_share, float)).astype(np.int64)
+    r7b = CUTOUT_HEADER_BYTES + 3 * plane + flags + epsf + BLOCK
     return np.where(np.asarray(r7, bool), r7b, qr2)
 
 

@@ -72,7 +72,8 @@ def _choose(df: pl.DataFrame, access: str, cost: CostModel, forced: np.ndarray |
              (pl.col("y1") - pl.col("y0")).sum().alias("colrows"),
              pl.first("_cloud"), pl.first("_psf"), pl.first("_r7")))
     n_key = g.filter("_cloud").group_by("_psf").agg(pl.len().alias("_nk"))
-    g = g.join(n_key, on="_psf", how="left").with_columns(pl.col("_nk").fill_null(1))
+    g = g.join(n_key, on="_psf", how="left").with_columns(pl.col("_nk").fill_null(1),
+                                                          pl.len().over("_psf").alias("_nkc"))
     base, over_cap = _method_seconds(g, cost)
     c = base.copy()
     c[over_cap, 2] = np.inf  # box columns beyond cost.max_range_requests: only when forced
@@ -109,7 +110,7 @@ def _method_seconds(g: pl.DataFrame, cost: CostModel) -> tuple[np.ndarray, np.nd
     r7 = g["_r7"].to_numpy()  # R7 (QR3): three float planes, FLAGS compressed rows, an EPSF table
     cloud = g["_cloud"].to_numpy()
     shared_bytes = cutout_bytes(g["bx1"].to_numpy() - g["bx0"].to_numpy(), g["by1"].to_numpy() - g["by0"].to_numpy(),
-                                r7)
+                                r7, 1.0 / g["_nkc"].to_numpy())  # R7: the EPSF table once per psf_key
     rows, colpix, colrows = g["rows"].to_numpy(), g["colpix"].to_numpy(), g["colrows"].to_numpy()
     psf = np.where(r7, spherex.R7_EPSF_BYTES_EST, PSF_BYTES) / g["_nk"].to_numpy()  # once per psf_key
     flags_rows = rows * spherex.R7_FLAGS_ROW_BYTES_EST  # R7 FLAGS: whole compressed row tiles
@@ -165,7 +166,8 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
         pl.Series("x0", x0), pl.Series("x1", x1), pl.Series("y0", y0), pl.Series("y1", y1),
         pl.Series("_cra", cra), pl.Series("_cdec", cdec), pl.Series("_ok", ok),
         pl.Series("clipped", (x1 - x0 != nx) | (y1 - y0 != ny)),
-        pl.Series("_cb", cutout_bytes(x1 - x0, y1 - y0, base["_r7"].to_numpy())),
+        pl.Series("_cb", cutout_bytes(x1 - x0, y1 - y0, base["_r7"].to_numpy(),
+                                      1.0 / base.select(pl.len().over("psf_key"))["len"].to_numpy())),
         (pl.col("_ckey") != "").alias("_cloud"), pl.col("psf_key").alias("_psf"))
     bad = base.filter(~pl.col("_ok")).with_columns(
         pl.lit("cutout").alias("access"), pl.lit("failed").alias("status"),
@@ -231,7 +233,7 @@ def _shared(df: pl.DataFrame, fp: Footprints) -> pl.DataFrame:
         pl.Series("clipped", clip),
         pl.Series("predicted_bytes",
                   cutout_bytes((df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy(),
-                               df["_r7"].to_numpy())),
+                               df["_r7"].to_numpy(), 1.0 / df.select(pl.len().over("psf_key"))["len"].to_numpy())),
         pl.lit("").alias("ranges"), pl.lit("planned").alias("status"))
 
 

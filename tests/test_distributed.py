@@ -56,16 +56,20 @@ def test_threads_cluster_matches_local(archive, catalog, local_run, tmp_path, wh
 
 
 def _dies_once_mid_cell(task):
-    """Run the cell, but the first attempt's worker process dies while the cell is running.
+    """Run the cell; the first cell to start kills its worker process while it runs.
 
-    The death comes at least 3 s into the worker process's life: a worker that dies within its
-    first second can leave a LocalCluster's nanny without any worker (a race in
-    ``distributed.nanny``, seen as a run waiting forever on a cluster with no workers)."""
+    One death only, at least 3 s into the worker process's life: a worker dying while its nanny
+    still restarts another can leave a LocalCluster without workers (seen in ``distributed``
+    2026.8 when every cell killed its worker: the run then waits forever on an empty cluster).
+    The other worker carries on meanwhile."""
     import psutil
 
-    sentinel = os.path.join(task.output_dir, f"died-{task.cell}")
-    if not os.path.exists(sentinel):
-        open(sentinel, "w").close()
+    try:  # the one cell that creates the sentinel dies
+        os.close(os.open(os.path.join(task.output_dir, "a-worker-died"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        first = True
+    except FileExistsError:
+        first = False
+    if first:
         time.sleep(max(0.0, 3.0 - (time.time() - psutil.Process().create_time())))
         threading.Timer(0.2, lambda: os._exit(17)).start()
         run_cell(task)
@@ -74,24 +78,23 @@ def _dies_once_mid_cell(task):
 
 
 def test_worker_death_is_retried_and_rows_are_unique(archive, catalog, local_run, tmp_path, caplog):
-    """Each cell's first worker dies mid-cell. With the scheduler told to give up on a task at
-    its first worker death (``KilledWorker``), the driver submits the cell again: nothing is
-    lost and no row is doubled."""
+    """A worker dies mid-cell. With the scheduler told to give up on a task at its first worker
+    death (``KilledWorker``), the driver submits the cell again: nothing is lost and no row is
+    doubled."""
     import cloudpickle
     import dask
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    # one task per worker at a time, so a death hits only the cell that caused it
+    # one task per worker at a time, so the death hits only the cell that caused it
     config = {"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}
     with dask.config.set(config), caplog.at_level("WARNING", logger="spxframe"), \
             distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         phot = spxframe.lightcurves(catalog, "200px", archive=archive, output_dir=tmp_path, progress=False,
                                     plots=0, cell_order=10, client=client, _cell_func=_dies_once_mid_cell)
-    died = list(tmp_path.glob("died-*"))
-    assert died  # workers really died
+    assert (tmp_path / "a-worker-died").exists()  # a worker really died
     again = [r for r in caplog.records if "submitting it again" in r.getMessage()]
-    assert len(again) == len(died)  # each killed cell went back to the cluster once
+    assert len(again) == 1  # the killed cell went back to the cluster
     assert phot.select("source_id", "obs_id", "detector").is_unique().all()
     assert _sorted(phot).equals(_sorted(local_run))
 

@@ -286,3 +286,27 @@ def test_r7_cutouts_stop_after_zodi_once_the_epsf_library_is_cached(arc, tmp_pat
     assert a.height > 0 and a.select("source_id", "obs_id").equals(b.select("source_id", "obs_id"))
     np.testing.assert_array_equal(a["flux"].to_numpy(), b["flux"].to_numpy())
     np.testing.assert_array_equal(a["wavelength"].to_numpy(), b["wavelength"].to_numpy())
+
+
+@pytest.mark.parametrize("convention", ["rebase", "resample"])
+def test_r7_cutouts_are_fetched_whole_when_their_wave_table_is_not_the_parents(arc, tmp_path, convention):
+    """If IRSA rebases or re-samples a cutout's WCS-WAVE for its box (spec §8: UNCONFIRMED), a
+    library table cannot stand in for it: no stream is closed early, and wavelengths equal those
+    the shift recipe gives (where they are)."""
+    u = arc.universe
+    rows = _rows(arc, _qr3(u, 3, dets=(2,)), "cutout", size_px=64, offsets=((0.0, 0.0), (0.3, -0.2)))
+    shift = [_fetch(rows[:1], tmp_path / "shift"), _fetch(rows[1:], tmp_path / "shift")]
+    assert (shift[1]["bytes"] < EPSF_MIN_BYTES).all()  # the shift recipe: closed after ZODI
+    saved = u.cutout_wave_convention
+    u.cutout_wave_convention = convention
+    try:
+        other = [_fetch(rows[:1], tmp_path / convention), _fetch(rows[1:], tmp_path / convention)]
+    finally:
+        u.cutout_wave_convention = saved
+    assert (other[1]["bytes"] > EPSF_MIN_BYTES).all()  # whole: their tables serve their own box only
+    cat = u.catalog()
+    a, b = (spxframe.measure(pl.concat(f)["path"].to_list(), cat, cache_dir=tmp_path / d).sort("source_id", "obs_id")
+            for f, d in ((shift, "shift"), (other, convention)))
+    assert a.height > 0 and a.select("source_id", "obs_id").equals(b.select("source_id", "obs_id"))
+    np.testing.assert_allclose(b["wavelength"].to_numpy(), a["wavelength"].to_numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(a["flux"].to_numpy(), b["flux"].to_numpy())

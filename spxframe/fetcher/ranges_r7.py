@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from spxframe import spherex
 from spxframe.errors import FileFormatError
 from spxframe.fits.cards import END_CARD, card_list, edit_header, format_card, padded
 from spxframe.fits.hdu import HDU, hdu_from
@@ -171,12 +172,25 @@ def complete_hdus(data: bytes) -> list[HDU]:
 PIXEL_HDUS = ("PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI")
 
 
+def w_in_parent_frame(header) -> bool:
+    """Whether an IMAGE header's spectral W system points into the parent file's WCS-WAVE table
+    unchanged: CRPIXnW = CRPIXnA − 1 on both axes (the parent has CRPIXnW = 0 and CRPIXnA = 1;
+    spec §3.6, §3.8). True for whole files and for cutouts cut by the CRPIXnW-shift recipe; False
+    for cutouts whose table IRSA rebased or re-sampled instead (spec §8: UNCONFIRMED which), whose
+    WCS-WAVE only serves their own box."""
+    w1, w2, a1, a2 = header.floats(["CRPIX1W", "CRPIX2W", "CRPIX1A", "CRPIX2A"], float("nan"))
+    return abs(w1 - (a1 - 1.0)) < 1e-6 and abs(w2 - (a2 - 1.0)) < 1e-6
+
+
 def through_zodi(data: bytes | bytearray) -> bool | None:
-    """Whether the start of an L2 file or cutout stream holds a whole PRIMARY..ZODI of an R7
-    file (its end may then be dropped: :func:`salvage_cutout`): True; False while not yet; None
-    once it shows it is not an R7 body (FLAGS not tile-compressed, or other HDUs)."""
+    """Whether the start of an R7 cutout stream holds a whole PRIMARY..ZODI that the cached ePSF
+    library can complete (:func:`salvage_cutout`): True; False while not yet; None once it shows
+    it cannot be (FLAGS not tile-compressed, other HDUs, or a W system that does not point into
+    the parent's WCS-WAVE table, :func:`w_in_parent_frame`)."""
     got = complete_hdus(data)[:len(PIXEL_HDUS)]
     if tuple(h.name for h in got) != PIXEL_HDUS[:len(got)]:
+        return None
+    if len(got) >= 2 and not w_in_parent_frame(got[1].header):
         return None
     if len(got) >= 3 and not got[2].header.get("ZIMAGE", False):
         return None
@@ -195,7 +209,7 @@ def salvage_cutout(data: bytes, library: bytes, *, epsffile: str) -> bytes | Non
     L2 spectral WCS is a per-detector calibration of the processing version; UNCONFIRMED, spec
     §8); with the ``spectral_wcs`` product in use the maps decide anyway."""
     got = complete_hdus(data)
-    if tuple(h.name for h in got[:len(PIXEL_HDUS)]) != PIXEL_HDUS:
+    if tuple(h.name for h in got[:len(PIXEL_HDUS)]) != PIXEL_HDUS or not w_in_parent_frame(got[1].header):
         return None
     lib = {h.name: h for h in complete_hdus(library)}
     ep, wave = lib.get(EPSF), lib.get("WCS-WAVE")
@@ -205,13 +219,24 @@ def salvage_cutout(data: bytes, library: bytes, *, epsffile: str) -> bytes | Non
             + library[wave.data_offset:wave.next_offset])
 
 
+def _parent_table(header) -> bool:
+    """Whether a file with this IMAGE header carries the parent's WCS-WAVE table: a whole file, or
+    a cutout by the shift recipe whose offsets on both axes are nonzero (at a zero offset a
+    rebased table is unchanged but a re-sampled one is not, and the header cannot tell them
+    apart)."""
+    x0, y0 = (1.0 - v for v in header.floats(["CRPIX1A", "CRPIX2A"], 1.0))
+    whole = x0 == 0 and y0 == 0 and header.get("NAXIS1") == header.get("NAXIS2") == spherex.NPIX
+    return w_in_parent_frame(header) and (whole or (x0 != 0 and y0 != 0))
+
+
 def library_from_file(data: bytes, key: str) -> bytes | None:
     """The ePSF library file (:func:`epsf_file_bytes`: EPSF table then WCS-WAVE) from the bytes of
     a whole R7 file or IBE cutout, so later cutouts of the same detector and version may stop
-    after ZODI (:func:`salvage_cutout`); None without a whole EPSF table and WCS-WAVE."""
+    after ZODI (:func:`salvage_cutout`); None without a whole EPSF table and WCS-WAVE, or when
+    the file's WCS-WAVE may not be the parent's table (:func:`_parent_table`)."""
     named = {h.name: h for h in complete_hdus(data)}
-    ep, wave = named.get(EPSF), named.get("WCS-WAVE")
-    if ep is None or wave is None or ep.data_size == 0:
+    ep, wave, img = named.get(EPSF), named.get("WCS-WAVE"), named.get("IMAGE")
+    if ep is None or wave is None or img is None or ep.data_size == 0 or not _parent_table(img.header):
         return None
     return epsf_file_bytes(ep, data[ep.data_offset:ep.next_offset], key,
                            wave=wave.header.raw + data[wave.data_offset:wave.next_offset])

@@ -7,7 +7,8 @@ archive with realistic latency and bandwidth; print bytes per measurement, reque
 
 ``--qr3`` measures QR3 (pipeline R7) files of a two-release sky instead: RICE-compressed FLAGS
 read as tile descriptors then heap bytes, the EPSF table (~3.9 MB) fetched once per detector by
-range reads but inside every IBE cutout (spec §3.9).
+range reads; IBE cutouts carry it too (spec §3.9), but once one has left the detector's ePSF
+library in the cache the fetch closes the later cutout streams after ZODI.
 
 Setting (defaults): every request waits ``--latency`` 0.2 s before its first byte (server time +
 round trip) and each response streams at ``--bandwidth`` 50 MB/s (per connection, as on a fast

@@ -17,7 +17,10 @@ IRSA); fetch() runs with its defaults (cutouts: 4 concurrent, adaptive; files/ra
 Boxes are ``--size`` px squares (default 64) at random positions on each file. The simulated files
 are generated before timing (the simulator's CPU cost to synthesise pixels is not transfer time).
 On this 2-core machine the simulator and the client share the CPU, so wall times of the
-byte-heavy methods are upper bounds; bytes and request counts are exact.
+byte-heavy methods are upper bounds; bytes and request counts are exact. ``MB`` is what the
+server wrote; ``read MB`` what the client read: they differ when the client closes a stream
+early (R7 cutouts after ZODI), the difference being what sat in socket buffers on 127.0.0.1 (on
+a real link, about one bandwidth-delay product per closed stream).
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
               f"cutout concurrency cap 4")
         if args.qr3:
             print(f"{man['range']['psf_key'].n_unique()} detector+version keys: as many ePSF libraries by range reads")
-        print(f"{'method':<8}{'requests':>10}{'MB':>10}{'MB/meas':>10}{'wall s':>9}{'failed':>8}{'503':>6}")
+        print(f"{'method':<8}{'requests':>10}{'MB':>10}{'MB/meas':>10}{'read MB':>9}{'wall s':>9}"
+              f"{'failed':>8}{'503':>6}")
         res = {}
         for method in args.methods.split(","):
             tmp = Path(tempfile.mkdtemp(prefix=f"bench_fetch_{method}_"))
@@ -122,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
                 n503 = sum(1 for e in log if e.get("status") == 503)
                 failed = int((out["status"] != "done").sum())
                 res[method] = (len(log), nbytes, wall)
-                print(f"{method:<8}{len(log):>10}{nbytes / 1e6:>10.1f}{nbytes / n / 1e6:>10.3f}{wall:>9.1f}"
-                      f"{failed:>8}{n503:>6}")
+                read = int(out["bytes"].fill_null(0).sum())  # what the client read (a closed stream stops here)
+                print(f"{method:<8}{len(log):>10}{nbytes / 1e6:>10.1f}{nbytes / n / 1e6:>10.3f}{read / 1e6:>9.1f}"
+                      f"{wall:>9.1f}{failed:>8}{n503:>6}")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         if "cutout" in res and "range" in res:

@@ -60,14 +60,14 @@ def test_unreachable_archive_exit_code(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_and_reports_truth(tmp_path):
-    r = sh("demo", "--sources", "12", "--out", str(tmp_path / "demo"))
+    r = sh("demo", "--sources", "6", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "recovered" in r.stdout and "measurements/s" in r.stdout
     assert (tmp_path / "demo" / "photometry.parquet").is_file()
     assert list((tmp_path / "demo" / "plots").glob("source_*.png"))
     assert "cache" in r.stdout and f"spxframe clean {tmp_path / 'demo'}" in r.stdout
     assert "previous run" not in r.stdout
-    r = sh("demo", "--sources", "12", "--out", str(tmp_path / "demo"))  # a rerun: rows reused, none new
+    r = sh("demo", "--sources", "6", "--out", str(tmp_path / "demo"))  # a rerun: rows reused, none new
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"of which\s+\d+ already in the previous run's output, 0 new", r.stdout), r.stdout
     assert "0.0 MB in 0 HTTP requests" in r.stdout

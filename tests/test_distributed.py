@@ -24,7 +24,7 @@ def _sorted(df: pl.DataFrame) -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def catalog(universe):
-    return patch_catalog(universe, 10)
+    return patch_catalog(universe, 6)
 
 
 @pytest.fixture(scope="module")

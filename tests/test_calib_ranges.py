@@ -245,16 +245,24 @@ def test_interrupted_ranged_fetch_is_not_trusted(sky, tmp_path):
 def test_lightcurves_fetch_ranges_and_record_their_bytes(sky, tmp_path):
     """lightcurves() with two isolated sources: run.json records both products as fetched by
     ranges with the bytes the archive sent, and the light curves equal photometry with the
-    whole products."""
+    whole products. The dry run before it predicted those bytes; one after it predicts none."""
     arc, s = sky["arc"], sky["a"]
+    opts = dict(archive=arc, output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
+                plots=0, access="cutout")
+    before = spxframe.lightcurves(s["cat"], "64px", dry_run=True, **opts).totals["calibration"]
     since = len(arc.log)
-    ph = spxframe.lightcurves(s["cat"], "64px", archive=arc, output_dir=tmp_path / "out",
-                              cache_dir=tmp_path / "cache", progress=False, plots=0, access="cutout")
+    ph = spxframe.lightcurves(s["cat"], "64px", **opts)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     recs = {c["family"]: c for c in run["calibration"]}
     for fam in (GAIN, WAVE):
         assert set(recs[fam]["access"].values()) == {"ranges"}, recs[fam]
         assert recs[fam]["bytes"] == _served(arc, fam, since) > 0
+    moved = sum(r["bytes"] for r in recs.values())
+    assert before["products"] == sum(len(r["access"]) for r in recs.values())
+    assert 0.8 * before["bytes"] < moved < 1.25 * before["bytes"], (moved, before)
+    assert run["expected"]["calibration"] == before
+    after = spxframe.lightcurves(s["cat"], "64px", dry_run=True, **opts).totals["calibration"]
+    assert after["bytes"] == after["products"] == 0  # every row is cached now
     ref = sky["ref"].join(ph.select(KEY), on=KEY, how="semi")
     assert ref.height == ph.filter(pl.col("flux").is_not_null()).height
     _same(ph.join(ref.select(KEY), on=KEY, how="semi").select(ref.columns), ref)

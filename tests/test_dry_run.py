@@ -41,7 +41,8 @@ def test_dry_run_returns_the_plan_and_writes_only_run_json(cat, archive, tmp_pat
     exp = run["expected"]
     assert exp["measurements"] == m.height
     assert exp["images"] == m.select(pl.struct("obs_id", "detector").n_unique()).item()
-    assert exp["bytes"] == int(p.summary["predicted_bytes"].sum()) > 0
+    assert exp["bytes"] == int(p.summary["predicted_bytes"].sum()) + exp["calibration"]["bytes"] > 0
+    assert exp["calibration"]["products"] > 0  # a first run into this cache: the products are counted
     assert exp["requests"] >= exp["images"] > 0 and exp["seconds"] > 0 and exp["disk_bytes"] > 0
     assert {r["access"] for r in exp["by_method"]} == set(m["access"])
     text = "\n".join(r.getMessage() for r in caplog.records)

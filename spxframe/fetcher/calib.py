@@ -243,3 +243,46 @@ def fetch_products(detectors, *, base_url: str, cache: CacheDir | str, family: s
         log.warning("no %s/%s product for detector(s) %s: those images are not %s", release, family,
                     out.missing, what)
     return out
+
+
+def estimate_products(detectors, *, cache: CacheDir | str, family: str, release: str,
+                      need: Mapping[int, Spans] | None, cost: Any) -> dict[str, float]:
+    """What :func:`fetch_products` would move for ``detectors``, predicted without a request:
+    ``bytes``, ``requests``, ``seconds`` on ``cost``'s link and ``disk_bytes`` new in the cache,
+    whole or by row ranges as it would choose. Uses the listing kept in the cache by an earlier run
+    (whatever its age) to see which products exist and which are cached whole or in part; without
+    one (a first run into this cache), every detector's product is assumed published and not
+    cached: an upper bound. Whole products count ``n`` image planes (:data:`RANGE_HDUS`), one
+    request."""
+    cache = CacheDir.of(cache)
+    out = {"bytes": 0, "requests": 0, "seconds": 0.0, "disk_bytes": 0, "products": 0}
+    names: dict[int, str] | None = None  # None: no listing kept, every product assumed published
+    try:
+        with open(cache.path(f"cal/{release}/{family}/{LISTING_FILE}"), encoding="utf-8") as f:
+            names = {int(d): str(n) for d, n in json.load(f)["names"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    n_hdus = len(RANGE_HDUS.get(family, ("",)))
+    whole = n_hdus * spherex.PLANE_BYTES
+    bw, lat = float(cost.bandwidth_Bps), float(cost.request_s)
+    for det in sorted({int(d) for d in detectors}):
+        if names is not None and det not in names:
+            continue  # the kept listing has no product for it: nothing to fetch
+        path = cache.path(f"cal/{release}/{family}/{os.path.basename(names[det])}") if names else None
+        have = read_rows_record(path) if path else None
+        if path and have is None and cache.is_verified(path, required=("PRIMARY",), cheap=True):
+            continue  # cached whole
+        rows = (need or {}).get(det) if family in RANGE_HDUS else None
+        spans = choose(rows, have or [], n_hdus=n_hdus, cost=cost, whole_bytes=whole) if rows else None
+        if spans == []:
+            continue  # the partial product holds every row needed
+        if spans is None:
+            nbytes, requests, seconds = whole, 1, whole / bw + lat
+        else:
+            nbytes, requests, seconds = _ranges.ranged_cost(spans, fresh=have is None, n_hdus=n_hdus, cost=cost)
+        out["bytes"] += nbytes
+        out["requests"] += requests
+        out["seconds"] += seconds
+        out["disk_bytes"] += whole if have is None else 0  # a partial product takes full size (NaN fill)
+        out["products"] += 1
+    return out

@@ -133,20 +133,28 @@ def choose(need: Spans, have: Spans, *, n_hdus: int, cost: Any, whole_bytes: int
            row_bytes: int = spherex.ROW_BYTES, parallel: int = PARALLEL) -> Spans | None:
     """The row spans to fetch, [] when the partial product has them all, or None when the whole
     file is quicker. Seconds on ``cost``'s link (``bandwidth_Bps`` bytes/s, ``request_s`` s per
-    request): the whole file, bytes / bandwidth + one request; ranges, bytes / bandwidth + latency
-    rounds × request time, rounds = the headers of a new partial product (``n_hdus`` + 1, one
-    after another) + requests / ``parallel`` (one per span and HDU, ``parallel`` in flight).
+    request): the whole file, bytes / bandwidth + one request; ranges, :func:`ranged_cost`.
     Spans closer than a request's worth of rows are merged."""
     missing = subtract(merge(need), merge(have))
     if not missing:
         return []
     bw, lat = float(cost.bandwidth_Bps), float(cost.request_s)
     spans = merge(missing, int(lat * bw / parallel // row_bytes))
-    heads = 0 if have else n_hdus + 1
+    _, _, ranged = ranged_cost(spans, fresh=not have, n_hdus=n_hdus, cost=cost, row_bytes=row_bytes,
+                               parallel=parallel)
+    return spans if ranged < whole_bytes / bw + lat else None
+
+
+def ranged_cost(spans: Spans, *, fresh: bool, n_hdus: int, cost: Any, row_bytes: int = spherex.ROW_BYTES,
+                parallel: int = PARALLEL) -> tuple[int, int, float]:
+    """(bytes, requests, seconds) of fetching ``spans`` of ``n_hdus`` image HDUs on ``cost``'s
+    link: one request per span and HDU, ``parallel`` in flight, after (for a ``fresh`` partial
+    product) the headers, ``n_hdus`` + 1 reads one after another."""
+    heads = n_hdus + 1 if fresh else 0
     requests = len(spans) * n_hdus
     nbytes = sum(b - a for a, b in spans) * row_bytes * n_hdus + heads * HEADER_READ_BLOCKS * BLOCK
-    ranged = nbytes / bw + (heads + math.ceil(requests / parallel)) * lat
-    return spans if ranged < whole_bytes / bw + lat else None
+    seconds = nbytes / float(cost.bandwidth_Bps) + (heads + math.ceil(requests / parallel)) * float(cost.request_s)
+    return nbytes, requests + heads, seconds
 
 
 class _Remote:

@@ -45,7 +45,7 @@ from spxframe.archive import observations as query_observations
 from spxframe.catalog import normalize_catalog
 from spxframe.errors import InputError
 from spxframe.fetcher import CacheDir
-from spxframe.fetcher.calib import fetch_products
+from spxframe.fetcher.calib import estimate_products, fetch_products
 from spxframe.fits import flagbits
 from spxframe.planner import plan as make_plan
 from spxframe.planner.cost import load_link, record_link
@@ -307,7 +307,10 @@ def lightcurves(
                          archive=resolve_archive(archive), cost=link,
                          annulus_r_out=float(opts.measure_options.get("annulus", (5.0, 9.0))[1]))
     timings["plan"] = _time.perf_counter() - t0
-    expected = preview.totals(the_plan.manifest, the_plan.summary)
+    needs = _calibration_needs(obs, the_plan.manifest, opts, gain_correction)
+    expected = preview.totals(the_plan.manifest, the_plan.summary, calibration=[
+        estimate_products(dets, cache=opts.cache, family=family, release=release, need=need, cost=link)
+        for family, release, dets, need in needs])
     log.info("%s", preview.report(expected))
     parameters = dict(
         catalog_rows=cat.height, cutout_size=None if opts.size is None else str(opts.size),
@@ -322,7 +325,7 @@ def lightcurves(
         write_dry_run_json(opts.store, parameters=parameters, expected=expected, timings=timings)
         return the_plan
     t0 = _time.perf_counter()
-    calibration = _calibration(obs, the_plan.manifest, opts, archive, gain_correction)
+    calibration = _calibration(needs, opts, archive)
     timings["calibration"] = _time.perf_counter() - t0
     fetch_options = {"max_concurrency": max_concurrency, "storage_options": cloud_options}
     tasks, skipped, cells = _cell_tasks(cat, obs, the_plan.manifest, opts, cell_order=cell_order,
@@ -363,17 +366,13 @@ def lightcurves(
     return phot
 
 
-def _calibration(obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptions, archive: Any,
-                 gain_correction: bool) -> list[dict]:
-    """The calibration products of the run, each fetched once per detector into the cache: the
-    gain correction (``l3_flux_corrections``) for detectors with QR2-format (pre-R7 gains) rows and
-    the wavelength maps (``spectral_wcs`` of ``WAVE_RELEASE``) for every detector measured. Sets
-    ``opts.measure_options['calibration']`` = family -> {detector: file} (so a change of product
-    re-measures). Returns run.json's records of the products (gains first).
-
-    Each product is fetched whole or as byte ranges of the rows the run reads it at (gains: each
-    QR2 measurement's box and stamp; wavelengths: the rows around each source), whichever the
-    cost model of the cache's measured link (or the defaults) prefers: ``fetch_products(need=...)``."""
+def _calibration_needs(obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptions,
+                       gain_correction: bool) -> list[tuple[str, str, list[int], dict]]:
+    """(family, release, detectors, rows needed per detector) of each calibration product the run
+    reads: the gain correction (``l3_flux_corrections``) for detectors with QR2-format (pre-R7
+    gains) rows, the wavelength maps (``spectral_wcs`` of ``WAVE_RELEASE``) for every detector
+    measured; the rows are those measurement reads them at (gains: each QR2 measurement's stamp;
+    wavelengths: the rows around each source)."""
     from spxframe.fetcher.calib_ranges import rows_needed
     from spxframe.photometry.wave import WAVE_FAMILY, WAVE_RELEASE
 
@@ -387,11 +386,18 @@ def _calibration(obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptions, ar
     wanted = ((spherex.GAIN_FAMILY, spherex.GAIN_RELEASE, imgs.filter(pl.col("release").is_in(pre)),
                rows_needed(qr2, half=half)),
               (WAVE_FAMILY, WAVE_RELEASE, imgs, rows_needed(manifest, half=0, point=True)))
+    return [(family, release, sorted(set(rows.get_column("detector").to_list())), need)
+            for family, release, rows, need in wanted if rows.height]
+
+
+def _calibration(needs: list[tuple[str, str, list[int], dict]], opts: RunOptions, archive: Any) -> list[dict]:
+    """The calibration products of the run (:func:`_calibration_needs`), each fetched once per
+    detector into the cache, whole or as byte ranges of the rows the run reads, whichever the cost
+    model of the cache's measured link (or the defaults) prefers (``fetch_products(need=...)``).
+    Sets ``opts.measure_options['calibration']`` = family -> {detector: file} (so a change of
+    product re-measures). Returns run.json's records of the products (gains first)."""
     url, records, chosen, cost = None, [], {}, load_link(opts.cache.root)
-    for family, release, rows, need in wanted:
-        dets = sorted(set(rows.get_column("detector").to_list()))
-        if not dets:
-            continue
+    for family, release, dets, need in needs:
         url = url or resolve_archive(archive).url
         got = fetch_products(dets, base_url=url, cache=opts.cache, family=family, release=release, need=need,
                              cost=cost)

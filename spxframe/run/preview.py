@@ -34,21 +34,27 @@ def disk_bytes(manifest: pl.DataFrame) -> int:
     return total
 
 
-def totals(manifest: pl.DataFrame, summary: pl.DataFrame) -> dict[str, Any]:
+def totals(manifest: pl.DataFrame, summary: pl.DataFrame, *,
+           calibration: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's predicted totals: sources, images, measurements, requests, bytes (moved and on
-    disk), seconds, and per access method the same figures (``by_method``)."""
+    disk), seconds, and per access method the same figures (``by_method``). ``calibration``: the
+    products' predictions (:func:`spxframe.fetcher.calib.estimate_products`, one per family),
+    summed into ``calibration`` and included in the totals."""
     m = manifest
     images = m.select(pl.struct("obs_id", "detector").n_unique()).item() if m.height else 0
+    cal = {k: sum(c[k] for c in calibration or []) for k in ("products", "bytes", "requests", "seconds",
+                                                             "disk_bytes")}
     return {
         "sources": m["source_id"].n_unique() if m.height else 0,
         "images": int(images),
         "measurements": m.height,
         "not_plannable": int((m["status"] != "planned").sum()) if m.height else 0,
-        "requests": int(summary["requests"].sum()) if summary.height else 0,
-        "bytes": int(summary["predicted_bytes"].sum()) if summary.height else 0,
-        "disk_bytes": disk_bytes(m),
-        "seconds": float(summary["predicted_seconds"].sum()) if summary.height else 0.0,
+        "requests": int(summary["requests"].sum() if summary.height else 0) + int(cal["requests"]),
+        "bytes": int(summary["predicted_bytes"].sum() if summary.height else 0) + int(cal["bytes"]),
+        "disk_bytes": disk_bytes(m) + int(cal["disk_bytes"]),
+        "seconds": float(summary["predicted_seconds"].sum() if summary.height else 0.0) + float(cal["seconds"]),
         "by_method": summary.to_dicts(),
+        "calibration": cal,
     }
 
 
@@ -61,6 +67,10 @@ def report(t: dict[str, Any]) -> str:
         lines.append(f"  {r['access']:<7} {r['images']:>7} images {r['rows']:>8} measurements "
                      f"{r['requests']:>8} requests {r['predicted_bytes'] / 1e6:>11,.1f} MB "
                      f"~{_duration(r['predicted_seconds'])}")
+    cal = t.get("calibration") or {}
+    if cal.get("products"):
+        lines.append(f"  {'calib.':<7} {cal['products']:>7} products {'':>21}{cal['requests']:>8} requests "
+                     f"{cal['bytes'] / 1e6:>11,.1f} MB ~{_duration(cal['seconds'])}")
     if t["not_plannable"]:
         lines.append(f"  {t['not_plannable']} measurement(s) cannot be made (no overlap): NaN rows")
     return "\n".join(lines)

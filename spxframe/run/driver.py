@@ -308,10 +308,7 @@ def lightcurves(
                          annulus_r_out=float(opts.measure_options.get("annulus", (5.0, 9.0))[1]))
     timings["plan"] = _time.perf_counter() - t0
     needs = _calibration_needs(obs, the_plan.manifest, opts, gain_correction)
-    expected = preview.totals(the_plan.manifest, the_plan.summary, calibration=[
-        estimate_products(dets, cache=opts.cache, family=family, release=release, need=need, cost=link)
-        for family, release, dets, need in needs])
-    log.info("%s", preview.report(expected))
+    expected = _expected(the_plan, needs, opts, link)
     parameters = dict(
         catalog_rows=cat.height, cutout_size=None if opts.size is None else str(opts.size),
         cutout_center=cutout_center, bands=opts.query["bands"], time=opts.query["time"], collection=collection,
@@ -364,6 +361,16 @@ def lightcurves(
                    calibration=calibration)
     write_query_summary(opts.store, sizes, obs, cat)
     return phot
+
+
+def _expected(the_plan: Any, needs: list[tuple[str, str, list[int], dict]], opts: RunOptions,
+              link: Any) -> dict[str, Any]:
+    """The run's predicted totals, calibration products included, logged (:mod:`.preview`)."""
+    expected = preview.totals(the_plan.manifest, the_plan.summary, calibration=[
+        estimate_products(dets, cache=opts.cache, family=family, release=release, need=need, cost=link)
+        for family, release, dets, need in needs])
+    log.info("%s", preview.report(expected))
+    return expected
 
 
 def _calibration_needs(obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptions,

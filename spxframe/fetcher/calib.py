@@ -73,6 +73,12 @@ class Products:
                 "access": {f"D{d}": a for d, a in sorted(self.access.items())}}
 
 
+def whole_bytes(family: str) -> int:
+    """Bytes of a whole product of ``family`` as the cost model counts them: one detector plane per
+    image HDU measurement reads (:data:`RANGE_HDUS`; one for other families)."""
+    return len(RANGE_HDUS.get(family, ("",))) * spherex.PLANE_BYTES
+
+
 def token_key(token: str) -> tuple[int, int, int]:
     """Order of product tokens: version, then year, then day of year."""
     m = spherex.CAL_TOKEN_RE.search(token)
@@ -183,8 +189,7 @@ def _get_claimed(session: requests.Session, url: str, path: str, cache: CacheDir
     spans, spent = None, 0
     if rows and (have is not None or not os.path.exists(path)):
         names = RANGE_HDUS[family]
-        spans = choose(rows, have or [], n_hdus=len(names), cost=cost,
-                       whole_bytes=len(names) * spherex.PLANE_BYTES)
+        spans = choose(rows, have or [], n_hdus=len(names), cost=cost, whole_bytes=whole_bytes(family))
     if spans is not None:
         if not spans:
             return 0, "cached"
@@ -262,8 +267,7 @@ def estimate_products(detectors, *, cache: CacheDir | str, family: str, release:
             names = {int(d): str(n) for d, n in json.load(f)["names"].items()}
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    n_hdus = len(RANGE_HDUS.get(family, ("",)))
-    whole = n_hdus * spherex.PLANE_BYTES
+    n_hdus, whole = len(RANGE_HDUS.get(family, ("",))), whole_bytes(family)
     bw, lat = float(cost.bandwidth_Bps), float(cost.request_s)
     for det in sorted({int(d) for d in detectors}):
         if names is not None and det not in names:

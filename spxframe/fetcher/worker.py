@@ -229,7 +229,8 @@ class Worker:
                     dl = Download(os.path.getsize(tmp), file_md5(tmp), None, {})
                 md5[0] = _check_body(task, target, tmp, dl)
             except TransferError as e:  # an R7 cutout body that ends inside its EPSF table: complete it
-                if e.status is not None or not os.path.exists(tmp) or not salvage_r7_cutout(self.cache, task, tmp):
+                if whole[0] or e.status is not None or not os.path.exists(tmp) \
+                        or not salvage_r7_cutout(self.cache, task, tmp):
                     raise
                 dl = Download(os.path.getsize(tmp), file_md5(tmp), None, {})
                 md5[0] = _check_body(task, target, tmp, dl)  # the structure again; records the served box

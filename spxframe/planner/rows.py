@@ -166,8 +166,7 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
         pl.Series("x0", x0), pl.Series("x1", x1), pl.Series("y0", y0), pl.Series("y1", y1),
         pl.Series("_cra", cra), pl.Series("_cdec", cdec), pl.Series("_ok", ok),
         pl.Series("clipped", (x1 - x0 != nx) | (y1 - y0 != ny)),
-        pl.Series("_cb", cutout_bytes(x1 - x0, y1 - y0, base["_r7"].to_numpy(),
-                                      1.0 / base.select(pl.len().over("psf_key"))["len"].to_numpy())),
+        pl.Series("_cb", cutout_bytes(x1 - x0, y1 - y0, base["_r7"].to_numpy(), _epsf_share(base, pl.len()))),
         (pl.col("_ckey") != "").alias("_cloud"), pl.col("psf_key").alias("_psf"))
     bad = base.filter(~pl.col("_ok")).with_columns(
         pl.lit("cutout").alias("access"), pl.lit("failed").alias("status"),
@@ -181,6 +180,12 @@ def build_rows(cat, obs, fp: Footprints, si, fi, ra, dec, x, y, *, size: CutoutS
              _ranges(good.filter(pl.col("method").is_in(["columns", "rows"])), cloud_url, cost),
              _full(good.filter(pl.col("method") == "full"), cloud_url), bad]
     return pl.concat([schema.conform(p, schema.MANIFEST, extra=False) for p in parts], how="vertical_relaxed")
+
+
+def _epsf_share(df: pl.DataFrame, cutouts: pl.Expr) -> np.ndarray:
+    """Per row, the share of its detector and version's EPSF table one R7 cutout carries: 1 over
+    ``cutouts`` (their count) per ``psf_key``; the fetch moves the table once per key."""
+    return 1.0 / df.select(cutouts.over("psf_key").alias("n"))["n"].to_numpy()
 
 
 def _is_r7(release: pl.Series) -> pl.Series:
@@ -233,7 +238,7 @@ def _shared(df: pl.DataFrame, fp: Footprints) -> pl.DataFrame:
         pl.Series("clipped", clip),
         pl.Series("predicted_bytes",
                   cutout_bytes((df["bx1"] - df["bx0"]).to_numpy(), (df["by1"] - df["by0"]).to_numpy(),
-                               df["_r7"].to_numpy(), 1.0 / df.select(pl.len().over("psf_key"))["len"].to_numpy())),
+                               df["_r7"].to_numpy(), _epsf_share(df, pl.col("_fi").n_unique()))),
         pl.lit("").alias("ranges"), pl.lit("planned").alias("status"))
 
 

@@ -322,7 +322,7 @@ def lightcurves(
         write_dry_run_json(opts.store, parameters=parameters, expected=expected, timings=timings)
         return the_plan
     t0 = _time.perf_counter()
-    calibration = _calibration(needs, opts, archive)
+    calibration = _calibration(needs, opts, archive, link)
     timings["calibration"] = _time.perf_counter() - t0
     fetch_options = {"max_concurrency": max_concurrency, "storage_options": cloud_options}
     tasks, skipped, cells = _cell_tasks(cat, obs, the_plan.manifest, opts, cell_order=cell_order,
@@ -397,13 +397,14 @@ def _calibration_needs(obs: pl.DataFrame, manifest: pl.DataFrame, opts: RunOptio
             for family, release, rows, need in wanted if rows.height]
 
 
-def _calibration(needs: list[tuple[str, str, list[int], dict]], opts: RunOptions, archive: Any) -> list[dict]:
+def _calibration(needs: list[tuple[str, str, list[int], dict]], opts: RunOptions, archive: Any,
+                 cost: Any) -> list[dict]:
     """The calibration products of the run (:func:`_calibration_needs`), each fetched once per
-    detector into the cache, whole or as byte ranges of the rows the run reads, whichever the cost
-    model of the cache's measured link (or the defaults) prefers (``fetch_products(need=...)``).
+    detector into the cache, whole or as byte ranges of the rows the run reads, whichever ``cost``
+    (the plan's link model, as in the estimate) prefers (``fetch_products(need=...)``).
     Sets ``opts.measure_options['calibration']`` = family -> {detector: file} (so a change of
     product re-measures). Returns run.json's records of the products (gains first)."""
-    url, records, chosen, cost = None, [], {}, load_link(opts.cache.root)
+    url, records, chosen = None, [], {}
     for family, release, dets, need in needs:
         url = url or resolve_archive(archive).url
         got = fetch_products(dets, base_url=url, cache=opts.cache, family=family, release=release, need=need,
